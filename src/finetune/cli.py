@@ -1,0 +1,101 @@
+"""`finetune` command line: the one place that turns FinetuneError into exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+from finetune.checkpoint import load_checkpoint
+from finetune.config import Config, load_config
+from finetune.data import load_data
+from finetune.errors import FinetuneError
+from finetune.hardware import resolve_runtime
+from finetune.models import build_model, check_model_config
+from finetune.rundir import create_run_dir, new_run_dir, resume_config
+from finetune.train import Interrupted, Trainer
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.formatwarning = lambda message, category, *rest: f"warning: {message}\n"
+    try:
+        return args.func(args)
+    except FinetuneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Interrupted as exc:
+        print(f"\nstopped by {exc}; resume with: finetune train --resume {exc.run_dir}", file=sys.stderr)
+        return 128 + exc.signum
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="finetune", description=__doc__)
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+    train = sub.add_parser("train", help="fine-tune a model from a YAML config")
+    train.add_argument("config", nargs="?", help="YAML config (optional with --resume)")
+    train.add_argument("--set", dest="overrides", action="append", default=[], nargs="+", metavar="KEY=VALUE")
+    train.add_argument("--run-dir", help="write the run here instead of <out_dir>/<name>")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last.pt")
+    train.set_defaults(func=cmd_train)
+    return parser
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    overrides = [item for group in args.overrides for item in group]
+    if args.resume:
+        cfg = resume_config(args.resume, overrides, args.config)
+        run_dir = Path(args.resume)
+    elif args.config is None:
+        raise FinetuneError("train: give a CONFIG file, or --resume RUN_DIR")
+    else:
+        cfg = load_config(args.config, overrides)
+        run_dir = new_run_dir(cfg, args.run_dir)
+    state = _resume_state(run_dir) if args.resume else None
+    trainer = _prepare(cfg, run_dir)
+    if state is not None:
+        trainer.restore(state)
+        print(f"resuming {run_dir} after epoch {trainer.progress.epoch}, step {trainer.progress.step}")
+    if trainer.progress.epoch >= cfg.train.epochs:
+        print(f"{run_dir} already finished {cfg.train.epochs} epochs; raise --set train.epochs=N to train longer")
+        return 0
+    summary = trainer.fit()
+    print(
+        f"done: best {summary['monitor']} {summary['best_value']:.4f} at epoch {summary['best_epoch']}, "
+        f"final val_acc {summary['final_val_acc']:.4f}, {summary['total_seconds']:.1f}s; files in {run_dir}"
+    )
+    return 0
+
+
+def _resume_state(run_dir: Path) -> dict | None:
+    """last.pt of the run, or None when it was stopped before its first checkpoint."""
+    last = run_dir / "last.pt"
+    if not last.exists():
+        print(f"{run_dir} has no last.pt yet: starting it from the beginning with its saved config")
+        return None
+    state = load_checkpoint(last)
+    if "progress" not in state:
+        raise FinetuneError(f"--resume: {last} holds no training state; it cannot be resumed")
+    return state
+
+
+def _prepare(cfg: Config, run_dir: Path) -> Trainer:
+    """Validate what is cheap to check, then load data and weights, then write the run dir."""
+    check_model_config(cfg.model)
+    runtime = resolve_runtime(cfg.device, cfg.precision)
+    torch.manual_seed(cfg.seed)
+    data = load_data(cfg.data, cfg.seed)
+    built = build_model(cfg.model, data.num_classes)
+    print(
+        f"{cfg.name}: {cfg.model.arch} on {len(data.train)} train / {len(data.val)} val images, "
+        f"{data.num_classes} classes, {runtime.describe()}, run dir {run_dir}"
+    )
+    create_run_dir(run_dir, cfg)
+    return Trainer(cfg, data, built, runtime, run_dir)
+
+
+def main_exit() -> None:
+    sys.exit(main())

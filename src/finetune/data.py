@@ -1,0 +1,253 @@
+"""Datasets decoded once into uint8 tensors, seeded subsets, class counts, batched transforms.
+
+Images are held as one (N, 3, H, W) uint8 tensor so resizing, flipping and normalizing
+happen on whole batches on the training device instead of per sample through PIL.
+"""
+
+from __future__ import annotations
+
+import os
+import urllib.error
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from finetune.config import DataConfig
+from finetune.errors import FinetuneError
+
+
+@dataclass
+class ImageSet:
+    """Decoded images (N, 3, H, W) uint8 with integer labels."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class DataSplits:
+    train: ImageSet
+    val: ImageSet
+    class_names: list[str]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def load_data(cfg: DataConfig, seed: int) -> DataSplits:
+    """Build the train and val sets the config asks for."""
+    loader = {"cifar10": _load_cifar10, "imagefolder": _load_imagefolder, "digits": _load_digits}
+    return loader[cfg.dataset](cfg, seed)
+
+
+def choose_subset(labels: np.ndarray, size: int | None, how: str, seed: int) -> np.ndarray:
+    """Sorted indices of a seeded subset; `stratified` keeps class proportions."""
+    n = len(labels)
+    if size is None or size >= n:
+        return np.arange(n)
+    if how == "first":
+        return np.arange(size)
+    order = np.random.default_rng(seed).permutation(n)
+    if how == "stratified":
+        shuffled = labels[order]
+        rank = pd.Series(shuffled).groupby(shuffled).cumcount().to_numpy()
+        counts = np.bincount(labels)[shuffled]
+        order = order[np.argsort((rank + 0.5) / counts, kind="stable")]
+    return np.sort(order[:size])
+
+
+def resolve_classes(requested: list[str | int] | None, class_names: list[str]) -> list[int]:
+    """Indices of the classes named (by name or index) in `data.train_classes`."""
+    if requested is None:
+        return list(range(len(class_names)))
+    indices = []
+    for item in requested:
+        if isinstance(item, int) and 0 <= item < len(class_names):
+            indices.append(item)
+        elif isinstance(item, str) and item in class_names:
+            indices.append(class_names.index(item))
+        else:
+            raise FinetuneError(
+                f"data.train_classes: {item!r} is not a class of this dataset; "
+                f"use names or indices 0-{len(class_names) - 1} of: {', '.join(class_names)}"
+            )
+    return sorted(set(indices))
+
+
+def _train_indices(labels: np.ndarray, cfg: DataConfig, class_names: list[str], seed: int) -> np.ndarray:
+    keep = np.flatnonzero(np.isin(labels, resolve_classes(cfg.train_classes, class_names)))
+    return keep[choose_subset(labels[keep], cfg.train_size, cfg.subset, seed)]
+
+
+def _val_indices(labels: np.ndarray, cfg: DataConfig, seed: int) -> np.ndarray:
+    return choose_subset(labels, cfg.val_size, cfg.subset, seed + 1)
+
+
+def _from_hwc(array: np.ndarray, labels: np.ndarray) -> ImageSet:
+    images = torch.from_numpy(np.ascontiguousarray(array)).permute(0, 3, 1, 2).contiguous()
+    return ImageSet(images, torch.as_tensor(labels, dtype=torch.long))
+
+
+def _load_cifar10(cfg: DataConfig, seed: int) -> DataSplits:
+    from torchvision.datasets import CIFAR10
+
+    try:
+        train = CIFAR10(cfg.root, train=True, download=cfg.download)
+        val = CIFAR10(cfg.root, train=False, download=cfg.download)
+    except (urllib.error.URLError, OSError, RuntimeError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+        raise FinetuneError(
+            f"CIFAR-10 is not in data.root={cfg.root} and could not be downloaded ({reason}); "
+            "point data.root at a copy of cifar-10-batches-py, or use data.dataset=imagefolder "
+            "with data.root=<dir holding train/ and test/>"
+        ) from None
+    train_labels, val_labels = np.array(train.targets), np.array(val.targets)
+    ti = _train_indices(train_labels, cfg, train.classes, seed)
+    vi = _val_indices(val_labels, cfg, seed)
+    return DataSplits(
+        _from_hwc(train.data[ti], train_labels[ti]), _from_hwc(val.data[vi], val_labels[vi]), train.classes
+    )
+
+
+def _load_digits(cfg: DataConfig, seed: int) -> DataSplits:
+    """scikit-learn's bundled 8x8 digits, split 80/20 by seed: real data with no network."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    pixels = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)
+    rgb = np.repeat(pixels[..., None], 3, axis=-1)
+    labels = digits.target
+    train_all, val_all = train_test_split(np.arange(len(labels)), test_size=0.2, random_state=seed, stratify=labels)
+    names = [str(i) for i in range(10)]
+    ti = train_all[_train_indices(labels[train_all], cfg, names, seed)]
+    vi = val_all[_val_indices(labels[val_all], cfg, seed)]
+    return DataSplits(_from_hwc(rgb[ti], labels[ti]), _from_hwc(rgb[vi], labels[vi]), names)
+
+
+def _load_imagefolder(cfg: DataConfig, seed: int) -> DataSplits:
+    root = Path(cfg.root)
+    if not root.is_dir():
+        raise FinetuneError(f"data.root={cfg.root} does not exist; point it at a dir holding train/ and val/")
+    val_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
+    if not (root / "train").is_dir() or val_dir is None:
+        raise FinetuneError(f"data.root={cfg.root} must hold train/ and val/ (or test/) folders of class folders")
+    class_names, train_files, train_labels = scan_folder(root / "train")
+    val_names, val_files, val_labels = scan_folder(val_dir)
+    if val_names != class_names:
+        differ = sorted(set(class_names) ^ set(val_names))
+        raise FinetuneError(
+            f"{root / 'train'} and {val_dir} have different class folders ({', '.join(differ)}); "
+            "give both the same classes"
+        )
+    ti = _train_indices(train_labels, cfg, class_names, seed)
+    vi = _val_indices(val_labels, cfg, seed)
+    size = cfg.image_size
+    workers = cfg.num_workers
+    train = decode_images([train_files[i] for i in ti], train_labels[ti], size, workers)
+    val = decode_images([val_files[i] for i in vi], val_labels[vi], size, workers)
+    _require_all_classes(train, class_names, ti, train_labels, root / "train")
+    return DataSplits(train, val, class_names)
+
+
+def scan_folder(folder: Path) -> tuple[list[str], list[Path], np.ndarray]:
+    """Class folders sorted as torchvision's ImageFolder does, and their image files."""
+    classes = sorted(e.name for e in os.scandir(folder) if e.is_dir())
+    if not classes:
+        raise FinetuneError(f"{folder} holds no class folders; put images in {folder}/<class>/")
+    files, labels = [], []
+    for index, name in enumerate(classes):
+        found = sorted(p for p in (folder / name).rglob("*") if p.suffix.lower() in IMG_EXTENSIONS)
+        if not found:
+            raise FinetuneError(f"class folder {folder / name} holds no images; add images or remove it")
+        files += found
+        labels += [index] * len(found)
+    return classes, files, np.array(labels)
+
+
+def _read_rgb(path: Path) -> np.ndarray | None:
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError):
+        return None
+
+
+def decode_images(files: list[Path], labels: np.ndarray, size: int, workers: int) -> ImageSet:
+    """Decode files to RGB once; unreadable files are skipped with one warning.
+
+    Images that all share one size are kept at it (CIFAR stays 32 px in memory); mixed
+    sizes are resized to `size` so they stack.
+    """
+    with ThreadPoolExecutor(max(1, workers or os.cpu_count() or 1)) as pool:
+        arrays = list(pool.map(_read_rgb, files))
+    bad = [str(f) for f, a in zip(files, arrays) if a is None]
+    if bad:
+        shown = ", ".join(bad[:3]) + (" ..." if len(bad) > 3 else "")
+        warnings.warn(f"skipped {len(bad)} unreadable image file(s): {shown}", stacklevel=2)
+    good = [i for i, a in enumerate(arrays) if a is not None]
+    arrays = [arrays[i] for i in good]
+    if len({a.shape for a in arrays}) > 1:
+        arrays = [np.asarray(Image.fromarray(a).resize((size, size), Image.BILINEAR)) for a in arrays]
+    stacked = np.stack(arrays) if arrays else np.zeros((0, size, size, 3), np.uint8)
+    return _from_hwc(stacked, labels[good])
+
+
+def _require_all_classes(
+    data: ImageSet, class_names: list[str], chosen: np.ndarray, all_labels: np.ndarray, folder: Path
+) -> None:
+    """A class that was chosen for training but lost every image to decoding errors is an error."""
+    wanted = set(all_labels[chosen].tolist())
+    left = set(data.labels.tolist())
+    lost = sorted(wanted - left)
+    if lost:
+        names = ", ".join(class_names[i] for i in lost)
+        raise FinetuneError(f"no readable images left for class(es) {names} in {folder}; replace the corrupt files")
+
+
+def class_counts(labels: torch.Tensor, num_classes: int) -> np.ndarray:
+    return np.bincount(labels.numpy(), minlength=num_classes)
+
+
+def epoch_plan(n: int, seed: int, epoch: int, hflip: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shuffle order and per-sample flips for one epoch, a pure function of (seed, epoch).
+
+    Deriving them from the epoch rather than a running generator is what lets a resumed run
+    replay or continue an epoch exactly, and lets cached and uncached paths draw the same flips.
+    """
+    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(n, generator=gen)
+    flips = torch.rand(n, generator=gen) < 0.5 if hflip else torch.zeros(n, dtype=torch.bool)
+    return order, flips
+
+
+class BatchTransform:
+    """uint8 batch -> resized, flipped, normalized float batch, all on the training device."""
+
+    def __init__(self, size: int, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device):
+        self.size = size
+        self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
+        self.device = device
+
+    def __call__(self, images: torch.Tensor, flips: torch.Tensor | None = None) -> torch.Tensor:
+        x = images.to(self.device, non_blocking=True)
+        if flips is not None and bool(flips.any()):
+            x = torch.where(flips.to(self.device).view(-1, 1, 1, 1), x.flip(-1), x)
+        x = x.float().div_(255.0)
+        if x.shape[-2:] != (self.size, self.size):
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
+        x = (x - self.mean) / self.std
+        return x.contiguous(memory_format=torch.channels_last)

@@ -1,0 +1,143 @@
+"""Build a torchvision classifier, load its weights, replace its head.
+
+The head is the model's last `nn.Linear` (resnet `fc`, mobilenet `classifier.1`, vit
+`heads.head` ...); everything else is the backbone.
+"""
+
+from __future__ import annotations
+
+import difflib
+import urllib.error
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.models import WeightsEnum
+
+from finetune.config import ModelConfig
+from finetune.errors import FinetuneError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class BuiltModel:
+    model: nn.Module
+    head_name: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+def available_archs() -> list[str]:
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+def check_model_config(cfg: ModelConfig) -> None:
+    """Fail on an unknown arch, weights name or missing weights file before any data loads."""
+    archs = available_archs()
+    if cfg.arch not in archs:
+        close = difflib.get_close_matches(cfg.arch, archs, n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]}?)" if close else "; see torchvision.models.list_models()"
+        raise FinetuneError(f"model.arch: unknown torchvision classifier {cfg.arch!r}{hint}")
+    _resolve_weights(cfg)
+
+
+def _is_none(weights: str | None) -> bool:
+    return weights is None or weights.lower() == "none"
+
+
+def _resolve_weights(cfg: ModelConfig) -> WeightsEnum | Path | None:
+    if _is_none(cfg.weights):
+        return None
+    enum = torchvision.models.get_model_weights(cfg.arch)
+    if cfg.weights == "DEFAULT":
+        return _default_or_cached(enum)
+    if cfg.weights in enum.__members__:
+        return enum[cfg.weights]
+    path = Path(cfg.weights)
+    if path.suffix in (".pt", ".pth", ".bin") or "/" in cfg.weights:
+        if not path.is_file():
+            raise FinetuneError(f"model.weights: file {path} not found; give an existing state_dict file")
+        return path
+    names = ", ".join(["DEFAULT", *enum.__members__, "none"])
+    raise FinetuneError(f"model.weights: {cfg.weights!r} is not a weights name for {cfg.arch}; use one of {names}")
+
+
+def _cached(weights: WeightsEnum) -> bool:
+    return (Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name).is_file()
+
+
+def _default_or_cached(enum: type[WeightsEnum]) -> WeightsEnum:
+    """torchvision's DEFAULT, unless only another ImageNet file of this arch is on disk.
+
+    Offline, an older weights file already in the hub cache beats a failed download.
+    """
+    if _cached(enum.DEFAULT):
+        return enum.DEFAULT
+    return next((w for w in enum if _cached(w)), enum.DEFAULT)
+
+
+def build_model(cfg: ModelConfig, num_classes: int) -> BuiltModel:
+    """The arch with pretrained weights loaded and a fresh head for `num_classes`."""
+    weights = _resolve_weights(cfg)
+    model = torchvision.models.get_model(cfg.arch, weights=None)
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
+    if isinstance(weights, WeightsEnum):
+        if cfg.weights == "DEFAULT" and weights != weights.__class__.DEFAULT:
+            print(f"model.weights DEFAULT: using {weights}, found in the torch hub cache")
+        model.load_state_dict(_download_state_dict(weights, cfg.arch))
+        preset = weights.transforms()
+        mean, std = tuple(preset.mean), tuple(preset.std)
+    elif isinstance(weights, Path):
+        _load_file(model, weights, cfg.arch)
+    head_name = replace_head(model, num_classes)
+    return BuiltModel(model, head_name, mean, std)
+
+
+def _download_state_dict(weights: WeightsEnum, arch: str) -> dict[str, torch.Tensor]:
+    """torchvision's own path: the hub cache first, then the download."""
+    try:
+        return weights.get_state_dict(progress=False, check_hash=True)
+    except (urllib.error.URLError, OSError, RuntimeError) as exc:
+        cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+        raise FinetuneError(
+            f"model.weights: could not get {arch} {weights} ({str(exc).splitlines()[0][:80]}); "
+            f"put {cache.name} at {cache}, set model.weights to a local file, or use model.weights=none"
+        ) from None
+
+
+def _load_file(model: nn.Module, path: Path, arch: str) -> None:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise FinetuneError(
+            f"model.weights: {path} is not a loadable state_dict ({exc.__class__.__name__}); "
+            "give a file saved with torch.save(model.state_dict())"
+        ) from None
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        detail = str(exc).splitlines()[0][:100]
+        raise FinetuneError(f"model.weights: {path} does not fit arch {arch} ({detail})") from None
+
+
+def replace_head(model: nn.Module, num_classes: int) -> str:
+    """Swap the last Linear for a new one with `num_classes` outputs; return its dotted name."""
+    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise FinetuneError("model.arch: this model has no Linear classification head to replace")
+    name = linears[-1]
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    old = getattr(parent, attr)
+    setattr(parent, attr, nn.Linear(old.in_features, num_classes))
+    return name
+
+
+def head_of(model: nn.Module, head_name: str) -> nn.Module:
+    return model.get_submodule(head_name)

@@ -1,0 +1,78 @@
+"""Run directories: a fresh one that never overwrites, or an existing one to resume."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from finetune.checkpoint import atomic_write_text
+from finetune.config import Config, apply_override, from_dict, read_yaml, to_yaml
+from finetune.errors import FinetuneError
+
+RESUMABLE_CHANGES = {"train.epochs"}
+
+
+def new_run_dir(cfg: Config, run_dir: str | None) -> Path:
+    """`run_dir` if given and unused, else `<out_dir>/<name>`, `-2`, `-3` ... whichever is free."""
+    if run_dir is not None:
+        path = Path(run_dir)
+        if (path / "config.yaml").exists():
+            raise FinetuneError(f"--run-dir {path} already holds a run; pick a new dir or use --resume {path}")
+        _check_writable(path)
+        return path
+    base = Path(cfg.out_dir) / cfg.name
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{cfg.name}-{n}")
+    _check_writable(path)
+    return path
+
+
+def _check_writable(path: Path) -> None:
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise FinetuneError(f"run dir {path}: {existing} is not writable; choose another out_dir or --run-dir")
+
+
+def create_run_dir(path: Path, cfg: Config) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path / "config.yaml", to_yaml(cfg))
+    except OSError as exc:
+        raise FinetuneError(f"run dir {path} cannot be written ({exc.strerror}); choose another --run-dir") from None
+
+
+def resume_config(run_dir: str, overrides: list[str], config_path: str | None) -> Config:
+    """The run's saved config; only `train.epochs` may change (and only upward)."""
+    path = Path(run_dir)
+    saved_file = path / "config.yaml"
+    if not saved_file.is_file():
+        raise FinetuneError(f"--resume {path}: no config.yaml there, so it holds no run to resume")
+    saved_raw = read_yaml(saved_file)
+    saved = from_dict(saved_raw, source=str(saved_file))
+    new_raw = read_yaml(Path(config_path)) if config_path else saved.to_dict()
+    for item in overrides:
+        apply_override(new_raw, item)
+    new = from_dict(new_raw, source=config_path or "--set")
+    changed = sorted(set(_flatten(saved.to_dict()).items()) ^ set(_flatten(new.to_dict()).items()))
+    keys = sorted({k for k, _ in changed} - RESUMABLE_CHANGES)
+    if keys:
+        raise FinetuneError(
+            f"--resume {path}: config differs from the run's in {', '.join(keys)}; "
+            "only train.epochs may change on resume (start a new run for the rest)"
+        )
+    if new.train.epochs < saved.train.epochs:
+        raise FinetuneError(f"--resume: train.epochs may only be raised (run has {saved.train.epochs})")
+    return new
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict) and key in ("data", "model", "train", "checkpoint"):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = repr(value)
+    return out

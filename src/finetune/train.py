@@ -1,0 +1,343 @@
+"""The Trainer: epoch loop, evaluation, precision, feature-cache use, resumable state.
+
+Every random draw of an epoch (order, flips) is a function of (seed, epoch), and the torch
+RNG (dropout) is saved with each checkpoint, so a resumed run continues bit-identically.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import balanced_accuracy_score
+from torch import nn
+from tqdm import tqdm
+
+from finetune.checkpoint import CheckpointSaver
+from finetune.config import Config
+from finetune.data import BatchTransform, DataSplits, class_counts, epoch_plan
+from finetune.errors import FinetuneError
+from finetune.features import FeatureCache
+from finetune.freezing import (
+    apply_phase,
+    build_optimizer,
+    group_lrs,
+    phase_for_epoch,
+    set_train_mode,
+    trainable_count,
+    unfreeze_into,
+)
+from finetune.hardware import Runtime
+from finetune.losses import class_weights
+from finetune.models import BuiltModel
+from finetune.results import EpochRecord, ResultsLog, write_summary
+
+CHECK_EVERY = 10  # steps between host syncs (progress bar, NaN check)
+
+
+class Interrupted(Exception):
+    """Training stopped on SIGINT/SIGTERM after writing a resumable last.pt."""
+
+    def __init__(self, signum: int, run_dir: Path):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.run_dir = run_dir
+
+
+@dataclass
+class Progress:
+    """Where training stands: completed epochs and, mid-epoch, the steps done so far."""
+
+    epoch: int = 0
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+    corrects: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    acc: float
+    balanced_acc: float
+    per_class: dict[str, float]
+
+
+class Trainer:
+    def __init__(self, cfg: Config, data: DataSplits, built: BuiltModel, runtime: Runtime, run_dir: Path):
+        self.cfg, self.data, self.runtime, self.run_dir = cfg, data, runtime, Path(run_dir)
+        self.device = runtime.device
+        self.model = built.model.to(self.device, memory_format=torch.channels_last)
+        self.built = built
+        self.head = self.model.get_submodule(built.head_name)
+        self.transform = BatchTransform(cfg.data.image_size, built.mean, built.std, self.device)
+        keep_on_device = self.device.type != "cpu"
+        self.train_images = data.train.images.to(self.device) if keep_on_device else data.train.images
+        self.val_images = data.val.images.to(self.device) if keep_on_device else data.val.images
+        self.train_labels = data.train.labels.to(self.device)
+        self.val_labels = data.val.labels
+        self.weights = class_weights(
+            cfg.train.class_weights, class_counts(data.train.labels, data.num_classes), data.class_names
+        )
+        weight = self.weights.to(self.device) if self.weights is not None else None
+        self.criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.train.label_smoothing)
+        self.progress = Progress()
+        self.phase = phase_for_epoch(cfg.train, 1)
+        apply_phase(self.model, built.head_name, self.phase)
+        self.optimizer = build_optimizer(cfg.train, self.model, built.head_name, self.phase)
+        self.scaler = runtime.grad_scaler()
+        self.saver = CheckpointSaver(self.run_dir, cfg.checkpoint.monitor)
+        self.log = ResultsLog(self.run_dir)
+        self.cache: FeatureCache | None = None
+        self.stop_signal: int | None = None
+        self.epoch_train = (math.nan, math.nan)
+
+    # ---- resume -------------------------------------------------------------------------
+    def restore(self, state: dict[str, Any]) -> None:
+        """Put model, optimizer (with its post-unfreeze groups), scaler, RNG and logs back."""
+        self.progress = Progress(**state["progress"])
+        resume_epoch = self.progress.epoch + 1
+        self.phase = phase_for_epoch(self.cfg.train, min(resume_epoch, self.cfg.train.epochs))
+        apply_phase(self.model, self.built.head_name, self.phase)
+        self.optimizer = build_optimizer(self.cfg.train, self.model, self.built.head_name, self.phase)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.saver = CheckpointSaver(self.run_dir, self.cfg.checkpoint.monitor, **state["saver"])
+        self.log = ResultsLog(self.run_dir, state["rows"])
+        self.log.write()
+        torch.set_rng_state(state["rng"]["cpu"])
+        if self.device.type == "cuda" and state["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+
+    def portable_state(self, metrics: dict[str, float]) -> dict[str, Any]:
+        """What best.pt holds: enough to rebuild and use the model with no config at hand."""
+        return {
+            "format": 1,
+            "arch": self.cfg.model.arch,
+            "head_name": self.built.head_name,
+            "class_names": list(self.data.class_names),
+            "image_size": self.cfg.data.image_size,
+            "mean": list(self.built.mean),
+            "std": list(self.built.std),
+            "epoch": self.progress.epoch,
+            "metrics": metrics,
+            "config": self.cfg.to_dict(),
+            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+        }
+
+    def resume_state(self, metrics: dict[str, float]) -> dict[str, Any]:
+        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        return {
+            **self.portable_state(metrics),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": {"cpu": torch.get_rng_state(), "cuda": cuda},
+            "progress": vars(self.progress).copy(),
+            "saver": self.saver.state(),
+            "rows": self.log.rows,
+        }
+
+    # ---- the loop -----------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        handlers = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            epochs = range(self.progress.epoch + 1, self.cfg.train.epochs + 1)
+            bar = tqdm(epochs, desc="epochs", disable=None, leave=False, total=self.cfg.train.epochs)
+            bar.update(self.progress.epoch)
+            for epoch in bar:
+                self.run_epoch(epoch)
+        finally:
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
+        return self.summary()
+
+    def _request_stop(self, signum: int, _frame: Any) -> None:
+        self.stop_signal = signum
+        signal.signal(signum, signal.SIG_DFL)  # a second Ctrl-C stops at once
+
+    def run_epoch(self, epoch: int) -> None:
+        phase = phase_for_epoch(self.cfg.train, epoch)
+        if phase != self.phase:
+            unfreeze_into(self.optimizer, self.cfg.train, self.model, self.built.head_name)
+            self.phase, self.cache = phase, None
+        started = time.perf_counter()
+        use_cache = self._cache_usable()
+        if use_cache and self.cache is None:
+            self.cache = self._build_cache()
+        set_train_mode(self.model, self.built.head_name, phase, self.cfg.train.freeze_bn)
+        self._train_steps(epoch, use_cache, started)
+        result = self.evaluate(use_cache)
+        self._finish_epoch(epoch, result, time.perf_counter() - started + self.progress.seconds)
+
+    def _cache_usable(self) -> bool:
+        t = self.cfg.train
+        return t.feature_cache == "auto" and self.phase == "frozen" and t.freeze_bn
+
+    def _build_cache(self) -> FeatureCache:
+        bs = self.cfg.data.batch_size
+
+        def batches(flip: bool | None):
+            images = self.val_images if flip is None else self.train_images
+            for chunk in images.split(bs):
+                flips = torch.full((len(chunk),), bool(flip)) if flip else None
+                yield self.transform(chunk, flips)
+
+        return FeatureCache.build(self.model, self.head, self.runtime, batches, self.cfg.data.hflip)
+
+    def _train_steps(self, epoch: int, use_cache: bool, started: float) -> None:
+        n = len(self.data.train)
+        order, flips = epoch_plan(n, self.cfg.seed, epoch, self.cfg.data.hflip)
+        batches = order.split(self.cfg.data.batch_size)
+        forward = self.head if use_cache else self.model
+        done = self.progress.step
+        losses = torch.zeros(len(batches), dtype=torch.float64, device=self.device)
+        corrects = torch.zeros(len(batches), dtype=torch.long, device=self.device)
+        losses[:done] = torch.tensor(self.progress.losses[:done], dtype=torch.float64)
+        corrects[:done] = torch.tensor(self.progress.corrects[:done], dtype=torch.long)
+        bar = tqdm(total=len(batches), initial=done, desc=f"epoch {epoch}", disable=None, leave=False)
+        for step in range(done, len(batches)):
+            index = batches[step]
+            if use_cache:
+                inputs = self.cache.train_inputs(index, flips[index])
+            else:
+                inputs = self.transform(self.train_images[index], flips[index])
+            losses[step], corrects[step] = self._step(forward, inputs, self.train_labels[index.to(self.device)])
+            bar.update()
+            last = step + 1 == len(batches)
+            if (step + 1) % CHECK_EVERY == 0 or last or self.stop_signal:
+                self._check_finite(losses, epoch, step)
+                bar.set_postfix(loss=f"{losses[step].item():.3f}", refresh=False)
+            if self.stop_signal and not last:
+                self._save_interrupted(epoch, step + 1, losses, corrects, started)
+        bar.close()
+        sizes = torch.tensor([len(b) for b in batches], dtype=torch.float64, device=self.device)
+        self.epoch_train = ((losses * sizes).sum().item() / n, corrects.sum().item() / n)
+
+    def _step(self, forward: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with self.runtime.autocast():
+            logits = forward(inputs)
+        loss = self.criterion(logits.float(), labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss.detach(), (logits.argmax(1) == labels).sum()
+
+    def _check_finite(self, losses: torch.Tensor, epoch: int, step: int) -> None:
+        bad = torch.nonzero(~torch.isfinite(losses[: step + 1]))
+        if len(bad):
+            first = int(bad[0])
+            raise FinetuneError(
+                f"loss became {losses[first].item()} at epoch {epoch}, step {first + 1}; lower train.lr_head / "
+                "train.lr_backbone or check the data (best.pt and last.pt were left as they were)"
+            )
+
+    def _save_interrupted(self, epoch: int, steps: int, losses: torch.Tensor, corrects: torch.Tensor, started: float):
+        self.progress = Progress(
+            epoch=epoch - 1,
+            step=steps,
+            losses=losses[:steps].tolist(),
+            corrects=corrects[:steps].tolist(),
+            seconds=self.progress.seconds + time.perf_counter() - started,
+        )
+        self.saver.save_last(self.resume_state(metrics={}))
+        raise Interrupted(self.stop_signal, self.run_dir)
+
+    @torch.inference_mode()
+    def evaluate(self, use_cache: bool) -> EvalResult:
+        self.model.eval()
+        chunks = []
+        with self.runtime.autocast():
+            if use_cache:
+                for feats in self.cache.val.split(self.cfg.data.batch_size * 4):
+                    chunks.append(self.head(feats).float())
+            else:
+                for images in self.val_images.split(self.cfg.data.batch_size * 2):
+                    chunks.append(self.model(self.transform(images)).float())
+        logits = torch.cat(chunks).cpu()
+        return score(logits, self.val_labels, self.data.class_names)
+
+    def _finish_epoch(self, epoch: int, result: EvalResult, seconds: float) -> None:
+        train_loss, train_acc = self.epoch_train
+        lrs = group_lrs(self.optimizer)
+        metrics = {"val_acc": result.acc, "val_loss": result.loss, "val_balanced_acc": result.balanced_acc}
+        self.progress = Progress(epoch=epoch)
+        is_best = self.saver.update(epoch, metrics, self.portable_state(metrics))
+        record = EpochRecord(
+            epoch=epoch,
+            phase=self.phase,
+            train_loss=train_loss,
+            train_acc=train_acc,
+            val_loss=result.loss,
+            val_acc=result.acc,
+            val_balanced_acc=result.balanced_acc,
+            lr_head=lrs["head"],
+            lr_backbone=lrs.get("backbone", 0.0),
+            trainable_params=trainable_count(self.model),
+            epoch_seconds=seconds,
+            val_acc_per_class=result.per_class,
+        )
+        self.log.append(record, self.saver.best_epoch)
+        self.saver.save_last(self.resume_state(metrics))
+        write_summary(self.run_dir, self.summary())
+        tqdm.write(_epoch_line(record, self.cfg.train.epochs, is_best))
+        if self.stop_signal:
+            raise Interrupted(self.stop_signal, self.run_dir)
+
+    def summary(self) -> dict[str, Any]:
+        rows = self.log.rows
+        seconds = [r["epoch_seconds"] for r in rows]
+        by_phase = {p: [r["epoch_seconds"] for r in rows if r["phase"] == p] for p in ("frozen", "unfrozen")}
+        return {
+            "name": self.cfg.name,
+            "epochs_completed": len(rows),
+            "epochs": self.cfg.train.epochs,
+            "monitor": self.cfg.checkpoint.monitor,
+            "best_epoch": self.saver.best_epoch,
+            "best_value": self.saver.best_value,
+            "best_val_acc": max((r["val_acc"] for r in rows), default=None),
+            "final_val_acc": rows[-1]["val_acc"] if rows else None,
+            "final_val_balanced_acc": rows[-1]["val_balanced_acc"] if rows else None,
+            "time_per_epoch": float(np.mean(seconds)) if seconds else None,
+            "time_per_epoch_frozen": float(np.mean(by_phase["frozen"])) if by_phase["frozen"] else None,
+            "time_per_epoch_unfrozen": float(np.mean(by_phase["unfrozen"])) if by_phase["unfrozen"] else None,
+            "total_seconds": float(sum(seconds)),
+            "class_weights": self.weights.tolist() if self.weights is not None else None,
+            "class_names": list(self.data.class_names),
+            "train_size": len(self.data.train),
+            "val_size": len(self.data.val),
+            "device": str(self.device),
+            "precision": self.runtime.precision,
+        }
+
+
+def score(logits: torch.Tensor, labels: torch.Tensor, class_names: list[str]) -> EvalResult:
+    """Loss (unweighted), accuracy, balanced accuracy and per-class accuracy on one split."""
+    preds = logits.argmax(1).numpy()
+    truth = labels.numpy()
+    per_class = {}
+    for index, name in enumerate(class_names):
+        mask = truth == index
+        per_class[name] = float((preds[mask] == index).mean()) if mask.any() else math.nan
+    return EvalResult(
+        loss=float(F.cross_entropy(logits, labels)),
+        acc=float((preds == truth).mean()),
+        balanced_acc=float(balanced_accuracy_score(truth, preds)),
+        per_class=per_class,
+    )
+
+
+def _epoch_line(r: EpochRecord, epochs: int, is_best: bool) -> str:
+    return (
+        f"epoch {r.epoch}/{epochs} {r.phase:8s} | train loss {r.train_loss:.4f} acc {r.train_acc:.3f} | "
+        f"val loss {r.val_loss:.4f} acc {r.val_acc:.3f} bal {r.val_balanced_acc:.3f} | "
+        f"{r.epoch_seconds:.1f}s" + (" | best" if is_best else "")
+    )
