@@ -99,3 +99,7 @@ def _prepare(cfg: Config, run_dir: Path) -> Trainer:
 
 def main_exit() -> None:
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    main_exit()

@@ -78,6 +78,7 @@ class Config:
 
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+FLOAT_PATTERN = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
@@ -159,7 +160,15 @@ def _suggest(key: str, names: list[str], prefix: str) -> str:
 
 
 def _check_type(value: Any, tp: Any, key: str, source: str) -> Any:
-    """Return `value` (ints widened to float where a float is expected) or raise naming the key."""
+    """Return `value` (ints widened to float where a float is expected) or raise naming the key.
+
+    PyYAML reads `3e-4` (no dot) as a string and `off` as false; where a number or the
+    word is expected they are taken as meant.
+    """
+    if tp is float and isinstance(value, str) and FLOAT_PATTERN.match(value):
+        value = float(value)
+    if isinstance(value, bool) and typing.get_origin(tp) is Literal and ("off" if not value else "on") in tp.__args__:
+        value = "on" if value else "off"
     if _matches(value, tp):
         return float(value) if tp is float and isinstance(value, int) else value
     raise FinetuneError(f"{source}: {key} = {value!r} is invalid; expected {_describe(tp)}")
@@ -185,9 +194,7 @@ def _matches(value: Any, tp: Any) -> bool:
     if origin is list:
         return isinstance(value, list) and all(_matches(v, args[0]) for v in value)
     if origin is dict:
-        return isinstance(value, dict) and all(
-            _matches(k, args[0]) and _matches(v, args[1]) for k, v in value.items()
-        )
+        return isinstance(value, dict) and all(_matches(k, args[0]) and _matches(v, args[1]) for k, v in value.items())
     raise TypeError(f"unsupported config type {tp}")
 
 
@@ -230,12 +237,11 @@ def validate(cfg: Config) -> None:
         raise FinetuneError(f"config: device = {cfg.device!r} is invalid; use auto, cpu, cuda, cuda:N or mps")
     if not cfg.name or "/" in cfg.name:
         raise FinetuneError(f"config: name = {cfg.name!r} must be a non-empty name without '/'")
-    if t.freeze_backbone and t.unfreeze_epoch is not None:
-        if not 0 <= t.unfreeze_epoch < t.epochs:
-            raise FinetuneError(
-                f"config: train.unfreeze_epoch = {t.unfreeze_epoch} must be between 0 and "
-                f"train.epochs - 1 = {t.epochs - 1}, or null to never unfreeze"
-            )
+    if t.freeze_backbone and t.unfreeze_epoch is not None and not 0 <= t.unfreeze_epoch < t.epochs:
+        raise FinetuneError(
+            f"config: train.unfreeze_epoch = {t.unfreeze_epoch} must be between 0 and "
+            f"train.epochs - 1 = {t.epochs - 1}, or null to never unfreeze"
+        )
     if isinstance(t.class_weights, list) and any(w < 0 for w in t.class_weights):
         raise FinetuneError("config: train.class_weights must not contain negative weights")
     if d.image_size < 16:

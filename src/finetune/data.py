@@ -193,7 +193,7 @@ def decode_images(files: list[Path], labels: np.ndarray, size: int, workers: int
     """
     with ThreadPoolExecutor(max(1, workers or os.cpu_count() or 1)) as pool:
         arrays = list(pool.map(_read_rgb, files))
-    bad = [str(f) for f, a in zip(files, arrays) if a is None]
+    bad = [str(f) for f, a in zip(files, arrays, strict=True) if a is None]
     if bad:
         shown = ", ".join(bad[:3]) + (" ..." if len(bad) > 3 else "")
         warnings.warn(f"skipped {len(bad)} unreadable image file(s): {shown}", stacklevel=2)

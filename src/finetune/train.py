@@ -221,7 +221,9 @@ class Trainer:
         sizes = torch.tensor([len(b) for b in batches], dtype=torch.float64, device=self.device)
         self.epoch_train = ((losses * sizes).sum().item() / n, corrects.sum().item() / n)
 
-    def _step(self, forward: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _step(
+        self, forward: nn.Module, inputs: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         with self.runtime.autocast():
             logits = forward(inputs)
         loss = self.criterion(logits.float(), labels)

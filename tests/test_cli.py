@@ -1,0 +1,84 @@
+import json
+import math
+import subprocess
+import sys
+
+import pandas as pd
+import torch
+import yaml
+
+from finetune.cli import main
+
+EXPECTED_COLUMNS = [
+    "epoch", "phase", "train_loss", "train_acc", "val_loss", "val_acc", "val_balanced_acc", "lr_head",
+    "lr_backbone", "trainable_params", "epoch_seconds", "is_best", "val_acc_cat", "val_acc_dog", "val_acc_frog",
+]  # fmt: skip
+
+
+def test_train_end_to_end_in_a_real_process(config_file, tmp_path):
+    path = config_file()
+    proc = subprocess.run(
+        [sys.executable, "-m", "finetune.cli", "train", str(path), "--set", "train.epochs=2", "seed=1"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    run = tmp_path / "runs" / "tiny"
+    assert sorted(p.name for p in run.iterdir()) == ["best.pt", "config.yaml", "last.pt", "results.csv", "summary.json"]
+    assert "epoch 2/2 unfrozen" in proc.stdout
+
+    resolved = yaml.safe_load((run / "config.yaml").read_text())
+    assert resolved["train"]["epochs"] == 2 and resolved["seed"] == 1
+    assert resolved["checkpoint"]["monitor"] == "val_acc"  # defaults are written out too
+
+    results = pd.read_csv(run / "results.csv")
+    assert list(results.columns) == EXPECTED_COLUMNS
+    assert results["epoch"].tolist() == [1, 2]
+    assert results["phase"].tolist() == ["frozen", "unfrozen"]
+
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["epochs_completed"] == 2 and summary["precision"] == "fp32"
+    assert summary["final_val_acc"] == results["val_acc"].iloc[-1]
+
+    best = torch.load(run / "best.pt", weights_only=True)
+    assert best["arch"] == "resnet18" and best["class_names"] == ["cat", "dog", "frog"]
+    assert best["image_size"] == 32 and len(best["mean"]) == 3
+    model = __import__("torchvision").models.resnet18(num_classes=3)
+    model.load_state_dict(best["model"])
+
+
+def test_best_checkpoint_is_the_epoch_with_the_best_monitored_value(config_file, tmp_path):
+    for monitor in ("val_loss", "val_acc"):
+        run_dir = tmp_path / monitor
+        args = ["train", str(config_file()), "--run-dir", str(run_dir), "--set", "train.epochs=4"]
+        assert main([*args, f"checkpoint.monitor={monitor}", "train.lr_head=0.05"]) == 0
+        results = pd.read_csv(run_dir / "results.csv")
+        column = results[monitor]
+        best_row = column.idxmin() if monitor == "val_loss" else column.idxmax()
+        expected_epoch = int(results.loc[best_row, "epoch"])
+        assert results["is_best"].tolist() == [e == expected_epoch for e in results["epoch"]]
+        best = torch.load(run_dir / "best.pt", weights_only=True)
+        assert best["epoch"] == expected_epoch
+        assert math.isclose(best["metrics"][monitor], column[best_row], rel_tol=1e-5)
+        last = torch.load(run_dir / "last.pt", weights_only=True)
+        assert last["epoch"] == 4
+
+
+def test_an_existing_run_is_never_overwritten(config_file, tmp_path, capsys):
+    path = config_file(train={"epochs": 1, "unfreeze_epoch": None})
+    assert main(["train", str(path)]) == 0
+    first = (tmp_path / "runs" / "tiny" / "results.csv").read_bytes()
+    assert main(["train", str(path)]) == 0
+    assert (tmp_path / "runs" / "tiny-2" / "results.csv").exists()
+    assert (tmp_path / "runs" / "tiny" / "results.csv").read_bytes() == first
+    assert main(["train", str(path), "--run-dir", str(tmp_path / "runs" / "tiny")]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+
+
+def test_same_config_and_seed_give_the_same_numbers(config_file, tmp_path):
+    path = config_file(train={"epochs": 2})
+    for run in ("a", "b"):
+        assert main(["train", str(path), "--run-dir", str(tmp_path / run)]) == 0
+    a, b = (pd.read_csv(tmp_path / run / "results.csv").drop(columns="epoch_seconds") for run in ("a", "b"))
+    pd.testing.assert_frame_equal(a, b)

@@ -1,0 +1,97 @@
+import numpy as np
+import pytest
+import torch
+from conftest import CLASSES, make_imagefolder, write_image
+
+from finetune.config import DataConfig
+from finetune.data import BatchTransform, choose_subset, epoch_plan, load_data
+from finetune.errors import FinetuneError
+
+
+def test_stratified_subset_keeps_proportions_and_is_seeded():
+    labels = np.repeat(np.arange(4), [400, 300, 200, 100])
+    a = choose_subset(labels, 100, "stratified", seed=1)
+    assert np.bincount(labels[a]).tolist() == [40, 30, 20, 10]
+    assert np.array_equal(a, choose_subset(labels, 100, "stratified", seed=1))
+    assert not np.array_equal(a, choose_subset(labels, 100, "stratified", seed=2))
+
+
+def test_first_and_random_subsets():
+    labels = np.arange(50) % 5
+    assert choose_subset(labels, 7, "first", seed=0).tolist() == list(range(7))
+    r = choose_subset(labels, 7, "random", seed=0)
+    assert len(set(r.tolist())) == 7
+    assert choose_subset(labels, None, "random", seed=0).tolist() == list(range(50))
+
+
+def test_imagefolder_reads_classes_sorted_and_every_image_mode(tmp_path):
+    root = make_imagefolder(tmp_path, classes=("b", "a"), train_per_class=2, val_per_class=1)
+    rng = np.random.default_rng(0)
+    write_image(root / "train" / "a" / "gray.png", 0, rng, mode="L")
+    write_image(root / "train" / "a" / "rgba.png", 0, rng, mode="RGBA")
+    write_image(root / "train" / "b" / "big.jpg", 1, rng, size=50)
+    data = load_data(DataConfig(dataset="imagefolder", root=str(root), image_size=40), seed=0)
+    assert data.class_names == ["a", "b"]
+    assert len(data.train) == 7 and len(data.val) == 2
+    # mixed sizes are resized to image_size so they stack; all are 3-channel uint8
+    assert data.train.images.shape == (7, 3, 40, 40) and data.train.images.dtype == torch.uint8
+    assert data.train.labels.tolist().count(0) == 4
+
+
+def test_uniform_images_stay_at_their_own_size(imagefolder):
+    data = load_data(DataConfig(dataset="imagefolder", root=str(imagefolder), image_size=224), seed=0)
+    assert data.train.images.shape[-2:] == (24, 24)
+
+
+def test_train_classes_restrict_training_only(imagefolder):
+    cfg = DataConfig(dataset="imagefolder", root=str(imagefolder), train_classes=["cat", 2])
+    data = load_data(cfg, seed=0)
+    assert set(data.train.labels.tolist()) == {0, 2}
+    assert set(data.val.labels.tolist()) == {0, 1, 2}
+
+
+def test_train_classes_naming_a_missing_class(imagefolder):
+    cfg = DataConfig(dataset="imagefolder", root=str(imagefolder), train_classes=["cow"])
+    with pytest.raises(FinetuneError, match=r"data\.train_classes: 'cow' is not a class .*cat, dog, frog"):
+        load_data(cfg, seed=0)
+
+
+def test_corrupt_and_empty_files_are_skipped_with_one_warning(imagefolder):
+    (imagefolder / "train" / "cat" / "zero.png").write_bytes(b"")
+    (imagefolder / "train" / "dog" / "junk.jpg").write_bytes(b"not an image")
+    with pytest.warns(UserWarning, match=r"skipped 2 unreadable image file\(s\): .*zero.png.*junk.jpg"):
+        data = load_data(DataConfig(dataset="imagefolder", root=str(imagefolder)), seed=0)
+    assert len(data.train) == 8 * len(CLASSES)
+
+
+def test_digits_needs_no_network_and_splits_by_seed():
+    cfg = DataConfig(dataset="digits", train_size=None, val_size=None)
+    a, b = load_data(cfg, seed=3), load_data(cfg, seed=3)
+    assert len(a.train) + len(a.val) == 1797
+    assert torch.equal(a.val.labels, b.val.labels)
+    assert a.train.images.shape[1:] == (3, 8, 8)
+
+
+def test_cifar10_offline_says_how_to_use_a_local_copy(tmp_path):
+    cfg = DataConfig(dataset="cifar10", root=str(tmp_path / "nothing"), download=False)
+    with pytest.raises(FinetuneError, match=r"CIFAR-10 is not in data.root=.* data\.dataset=imagefolder"):
+        load_data(cfg, seed=0)
+
+
+def test_epoch_plan_is_a_pure_function_of_seed_and_epoch():
+    o1, f1 = epoch_plan(100, seed=1, epoch=2, hflip=True)
+    o2, f2 = epoch_plan(100, seed=1, epoch=2, hflip=True)
+    o3, _ = epoch_plan(100, seed=1, epoch=3, hflip=True)
+    assert torch.equal(o1, o2) and torch.equal(f1, f2) and not torch.equal(o1, o3)
+    assert 30 < int(f1.sum()) < 70
+    assert not epoch_plan(100, seed=1, epoch=2, hflip=False)[1].any()
+
+
+def test_batch_transform_resizes_flips_and_normalizes():
+    images = torch.zeros(2, 3, 4, 4, dtype=torch.uint8)
+    images[:, :, :, 0] = 255  # left column white
+    t = BatchTransform(8, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), device=torch.device("cpu"))
+    out = t(images, torch.tensor([False, True]))
+    assert out.shape == (2, 3, 8, 8)
+    assert out[0, 0, 0, 0] > 0.9 and out[0, 0, 0, -1] < -0.9
+    assert out[1, 0, 0, -1] > 0.9 and out[1, 0, 0, 0] < -0.9

@@ -1,0 +1,86 @@
+import torch
+
+from finetune.config import TrainConfig
+from finetune.freezing import phase_for_epoch, split_parameters
+
+
+def snapshot(trainer):
+    return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+
+
+def changed(before, after, keys):
+    return {k for k in keys if not torch.equal(before[k], after[k])}
+
+
+def names(trainer):
+    head = {k for k in trainer.model.state_dict() if k.startswith(trainer.built.head_name + ".")}
+    bn_stats = {k for k in trainer.model.state_dict() if k.endswith(("running_mean", "running_var"))}
+    params = {n for n, _ in trainer.model.named_parameters()}
+    return head, params - head, bn_stats
+
+
+def test_phase_schedule():
+    cfg = TrainConfig(epochs=4, unfreeze_epoch=2)
+    assert [phase_for_epoch(cfg, e) for e in (1, 2, 3, 4)] == ["frozen", "frozen", "unfrozen", "unfrozen"]
+    assert phase_for_epoch(TrainConfig(unfreeze_epoch=None), 9) == "frozen"
+    assert phase_for_epoch(TrainConfig(freeze_backbone=False), 1) == "unfrozen"
+
+
+def test_only_head_trains_while_frozen_then_everything_with_its_own_lr(make_trainer):
+    trainer = make_trainer("train.epochs=2", "train.unfreeze_epoch=1", "train.feature_cache=off")
+    head, backbone, bn_stats = names(trainer)
+    assert [g["name"] for g in trainer.optimizer.param_groups] == ["head"]
+    assert trainer.optimizer.param_groups[0]["lr"] == 1e-3
+
+    before = snapshot(trainer)
+    trainer.run_epoch(1)
+    after = snapshot(trainer)
+    assert changed(before, after, head) == head
+    assert changed(before, after, backbone) == set()
+    assert changed(before, after, bn_stats) == set(), "freeze_bn keeps BatchNorm statistics fixed"
+
+    trainer.run_epoch(2)
+    groups = {g["name"]: g for g in trainer.optimizer.param_groups}
+    assert list(groups) == ["head", "backbone"]
+    assert (groups["head"]["lr"], groups["backbone"]["lr"]) == (1e-3, 1e-4)
+    head_params, backbone_params = split_parameters(trainer.model, trainer.built.head_name)
+    assert {id(p) for p in groups["backbone"]["params"]} == {id(p) for p in backbone_params}
+    final = snapshot(trainer)
+    assert changed(after, final, backbone) == backbone
+    assert changed(after, final, bn_stats) == bn_stats
+
+    rows = trainer.log.rows
+    assert [r["phase"] for r in rows] == ["frozen", "unfrozen"]
+    assert [r["lr_backbone"] for r in rows] == [0.0, 1e-4]
+    total = sum(p.numel() for p in trainer.model.parameters())
+    assert rows[0]["trainable_params"] == sum(p.numel() for p in head_params) < total
+    assert rows[1]["trainable_params"] == total
+
+
+def test_without_freeze_bn_batchnorm_statistics_adapt_while_frozen(make_trainer):
+    trainer = make_trainer("train.epochs=1", "train.unfreeze_epoch=null", "train.freeze_bn=false")
+    _, backbone, bn_stats = names(trainer)
+    before = snapshot(trainer)
+    trainer.run_epoch(1)
+    after = snapshot(trainer)
+    assert changed(before, after, backbone) == set()
+    assert changed(before, after, bn_stats) == bn_stats
+
+
+def test_finetune_all_trains_everything_from_the_start(make_trainer):
+    trainer = make_trainer("train.freeze_backbone=false", "train.epochs=1")
+    assert [g["name"] for g in trainer.optimizer.param_groups] == ["head", "backbone"]
+    assert all(p.requires_grad for p in trainer.model.parameters())
+
+
+def test_head_trained_on_cached_features_matches_uncached(make_trainer):
+    """The cache draws the same flips in the same order: same head weights."""
+    heads = []
+    for cache in ("auto", "off"):
+        trainer = make_trainer("train.epochs=2", "train.unfreeze_epoch=null", f"train.feature_cache={cache}")
+        trainer.run_epoch(1)
+        trainer.run_epoch(2)
+        assert (trainer.cache is not None) == (cache == "auto")
+        heads.append([p.detach().clone() for p in trainer.head.parameters()])
+    for cached, uncached in zip(*heads, strict=True):
+        torch.testing.assert_close(cached, uncached, rtol=1e-4, atol=1e-5)
