@@ -15,7 +15,7 @@ from finetune.data import load_data
 from finetune.errors import FinetuneError
 from finetune.hardware import resolve_runtime
 from finetune.models import build_model, check_model_config
-from finetune.rundir import create_run_dir, new_run_dir, resume_config
+from finetune.rundir import create_run_dir, new_run_dir, remove_stale_temp_files, resume_config
 from finetune.train import Interrupted, Trainer
 
 
@@ -49,6 +49,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         cfg = resume_config(args.resume, overrides, args.config)
         run_dir = Path(args.resume)
+        remove_stale_temp_files(run_dir)
     elif args.config is None:
         raise FinetuneError("train: give a CONFIG file, or --resume RUN_DIR")
     else:

@@ -45,10 +45,10 @@ class ResultsLog:
         self.rows = list(rows or [])
 
     def append(self, record: EpochRecord, best_epoch: int | None) -> None:
+        """Add a row in memory; `write` puts it on disk once last.pt holds it too."""
         self.rows.append(record.to_row())
         for row in self.rows:
             row["is_best"] = row["epoch"] == best_epoch
-        self.write()
 
     def write(self) -> None:
         atomic_write_text(self.path, pd.DataFrame(self.rows).to_csv(index=False, float_format="%.6g"))

@@ -68,6 +68,12 @@ def resume_config(run_dir: str, overrides: list[str], config_path: str | None) -
     return new
 
 
+def remove_stale_temp_files(run_dir: Path) -> None:
+    """Temp files of writes that a kill interrupted; the files they were to replace are intact."""
+    for leftover in Path(run_dir).glob(".*.tmp"):
+        leftover.unlink()
+
+
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
     out = {}
     for key, value in d.items():

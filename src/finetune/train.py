@@ -101,10 +101,14 @@ class Trainer:
 
     # ---- resume -------------------------------------------------------------------------
     def restore(self, state: dict[str, Any]) -> None:
-        """Put model, optimizer (with its post-unfreeze groups), scaler, RNG and logs back."""
+        """Put model, optimizer, scaler, RNG and logs back.
+
+        The optimizer is rebuilt with the groups the checkpoint names, so a run saved just
+        before the unfreeze gets it in `run_epoch`, like the uninterrupted run did.
+        """
         self.progress = Progress(**state["progress"])
-        resume_epoch = self.progress.epoch + 1
-        self.phase = phase_for_epoch(self.cfg.train, min(resume_epoch, self.cfg.train.epochs))
+        saved_groups = [g["name"] for g in state["optimizer"]["param_groups"]]
+        self.phase = "unfrozen" if "backbone" in saved_groups else "frozen"
         apply_phase(self.model, self.built.head_name, self.phase)
         self.optimizer = build_optimizer(self.cfg.train, self.model, self.built.head_name, self.phase)
         self.model.load_state_dict(state["model"])
@@ -289,9 +293,10 @@ class Trainer:
         )
         self.log.append(record, self.saver.best_epoch)
         self.saver.save_last(self.resume_state(metrics))
+        self.log.write()
         write_summary(self.run_dir, self.summary())
         tqdm.write(_epoch_line(record, self.cfg.train.epochs, is_best))
-        if self.stop_signal:
+        if self.stop_signal and epoch < self.cfg.train.epochs:
             raise Interrupted(self.stop_signal, self.run_dir)
 
     def summary(self) -> dict[str, Any]:

@@ -1,0 +1,146 @@
+"""Fault tests with real processes: kill training at chosen moments, resume, compare.
+
+A resumed run must end with weights bit-identical to an uninterrupted run of the same
+config, and the same results.csv apart from timing.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+from conftest import make_imagefolder, tiny_config
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A config with enough steps per epoch to be stopped mid-epoch, and its reference run."""
+    root = tmp_path_factory.mktemp("resume")
+    data = make_imagefolder(root / "data", train_per_class=40, val_per_class=10)
+    cfg = tiny_config(data, root / "runs", data={"batch_size": 4}, train={"epochs": 3, "unfreeze_epoch": 1})
+    config = root / "config.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    reference = root / "reference"
+    proc = Finetune("train", config, "--run-dir", reference)
+    proc.finish()
+    assert proc.returncode == 0
+    return config, reference
+
+
+class Finetune(subprocess.Popen):
+    """`finetune ARGS` in a real process; its stdout lines are collected as they come."""
+
+    def __init__(self, *args):
+        cmd = [sys.executable, "-m", "finetune.cli", *map(str, args)]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        super().__init__(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=lambda: self.lines.extend(self.stdout), daemon=True)
+        self.reader.start()
+
+    def printed(self, text: str) -> bool:
+        return any(text in line for line in self.lines)
+
+    def finish(self) -> tuple[str, str]:
+        err = self.stderr.read()
+        self.wait()
+        self.reader.join()
+        return "".join(self.lines), err
+
+
+def csv_rows(run: Path) -> int:
+    try:
+        return len(pd.read_csv(run / "results.csv"))
+    except (FileNotFoundError, pd.errors.EmptyDataError):
+        return 0
+
+
+def temp_files(run: Path) -> list[str]:
+    return [name for name in os.listdir(run) if name.endswith(".tmp")] if run.exists() else []
+
+
+def stop_when(proc: subprocess.Popen, condition: Callable[[], bool], sig: int, delay: float = 0.0) -> int:
+    deadline = time.monotonic() + 60
+    while not condition():
+        assert proc.poll() is None, f"training ended before the kill point: {proc.finish()}"
+        assert time.monotonic() < deadline, "kill point never reached"
+        time.sleep(0.0005)
+    time.sleep(delay)
+    proc.send_signal(sig)
+    proc.finish()
+    return proc.returncode
+
+
+def assert_same_as_reference(run: Path, reference: Path) -> None:
+    ours = torch.load(run / "last.pt", weights_only=True)
+    theirs = torch.load(reference / "last.pt", weights_only=True)
+    assert ours["model"].keys() == theirs["model"].keys()
+    for key, value in theirs["model"].items():
+        assert torch.equal(ours["model"][key], value), f"{key} differs after resume"
+    for name in ("last.pt", "best.pt"):
+        assert torch.load(run / name, weights_only=True)["epoch"] == torch.load(reference / name)["epoch"]
+    timing = ["epoch_seconds"]
+    pd.testing.assert_frame_equal(
+        pd.read_csv(run / "results.csv").drop(columns=timing),
+        pd.read_csv(reference / "results.csv").drop(columns=timing),
+    )
+    assert not temp_files(run)
+
+
+def resume(run: Path) -> str:
+    proc = Finetune("train", "--resume", run)
+    out, err = proc.finish()
+    assert proc.returncode == 0, err
+    return out
+
+
+def test_sigkill_at_four_points_then_resume_is_bit_identical(setup, tmp_path):
+    config, reference = setup
+    run = tmp_path / "run"
+
+    # 1. before the first checkpoint: resumes from the start with the saved config
+    proc = Finetune("train", config, "--run-dir", run)
+    assert stop_when(proc, lambda: (run / "config.yaml").exists(), signal.SIGKILL) == -signal.SIGKILL
+    assert not (run / "last.pt").exists()
+
+    # 2. right after epoch 1 (frozen) ends, i.e. at the unfreeze
+    proc = Finetune("train", "--resume", run)
+    stop_when(proc, lambda: csv_rows(run) == 1, signal.SIGKILL)
+    assert csv_rows(run) == 1
+
+    # 3. in the middle of epoch 2, the first unfrozen epoch
+    proc = Finetune("train", "--resume", run)
+    stop_when(proc, lambda: proc.printed("resuming"), signal.SIGKILL, delay=1.0)
+    assert csv_rows(run) == 1, "the kill should land inside epoch 2"
+
+    # 4. while a checkpoint is being written: the old one must stay valid
+    proc = Finetune("train", "--resume", run)
+    stop_when(proc, lambda: any(".pt." in name for name in temp_files(run)), signal.SIGKILL)
+    assert temp_files(run), "the kill should land during a checkpoint write"
+    torch.load(run / "last.pt", weights_only=True)
+
+    resume(run)
+    assert_same_as_reference(run, reference)
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_sigterm_and_ctrl_c_save_mid_epoch_and_resume_exactly(setup, tmp_path, sig, code):
+    config, reference = setup
+    run = tmp_path / "run"
+    proc = Finetune("train", config, "--run-dir", run)
+    assert stop_when(proc, lambda: csv_rows(run) == 1, sig, delay=1.0) == code
+    state = torch.load(run / "last.pt", weights_only=True)
+    assert state["progress"]["epoch"] == 1 and state["progress"]["step"] > 0, "stopped mid-epoch 2"
+    out = resume(run)
+    assert f"after epoch 1, step {state['progress']['step']}" in out
+    assert_same_as_reference(run, reference)
