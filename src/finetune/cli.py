@@ -94,8 +94,9 @@ def _prepare(cfg: Config, run_dir: Path) -> Trainer:
         f"{cfg.name}: {cfg.model.arch} on {len(data.train)} train / {len(data.val)} val images, "
         f"{data.num_classes} classes, {runtime.describe()}, run dir {run_dir}"
     )
+    trainer = Trainer(cfg, data, built, runtime, run_dir)
     create_run_dir(run_dir, cfg)
-    return Trainer(cfg, data, built, runtime, run_dir)
+    return trainer
 
 
 def main_exit() -> None:
