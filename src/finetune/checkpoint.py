@@ -56,7 +56,7 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
+def load_checkpoint(path: Path, required: str = "model") -> dict[str, Any]:
     """Load with weights_only=True: a checkpoint can never run code on load."""
     path = Path(path)
     if not path.is_file():
@@ -68,7 +68,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             f"checkpoint {path} is corrupt or not a plain-tensor checkpoint "
             f"({exc.__class__.__name__}); it was not loaded"
         ) from None
-    if not isinstance(payload, dict) or "model" not in payload:
+    if not isinstance(payload, dict) or required not in payload:
         raise FinetuneError(f"checkpoint {path} is not a finetune checkpoint (no model state)")
     return payload
 

@@ -1,46 +1,62 @@
 """Frozen-feature cache: backbone outputs computed once per image and flip variant.
 
 While the backbone is frozen and in eval mode its output depends only on the image and the
-flip, so the head can train on stored features. Features are captured as the head's input
-(a forward pre-hook), which holds for any torchvision classifier whose head is its last
-Linear.
+flip, so the head can train on stored features. Since each epoch's flips are a function of
+(seed, epoch), the variants the frozen phase will use are known up front: exactly those are
+computed, in the first frozen epoch, and later frozen epochs cost almost nothing. Features
+are captured as the head's input (a forward pre-hook), which holds for any torchvision
+classifier whose head is its last Linear. A disk store keyed by everything that determines
+the features lets later runs and other configs reuse them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import hashlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from finetune.checkpoint import load_checkpoint, save_checkpoint
+from finetune.data import epoch_plan
+from finetune.errors import FinetuneError
 from finetune.hardware import Runtime
 
+Batches = Callable[[torch.Tensor, bool], Iterator[torch.Tensor]]
 
+
+@dataclass
 class FeatureCache:
-    def __init__(self, train: torch.Tensor, val: torch.Tensor):
-        self.train = train  # (variants, N, D): variant 1 is the flipped image
-        self.val = val  # (N, D)
+    train: torch.Tensor  # (2, N, D): variant 1 is the flipped image
+    have: torch.Tensor  # (2, N) bool: which variants are computed
+    val: torch.Tensor  # (M, D)
 
     def train_inputs(self, index: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
-        variant = flips.long() if self.train.shape[0] > 1 else torch.zeros_like(index)
-        return self.train[variant.to(self.train.device), index.to(self.train.device)]
+        return self.train[flips.long().to(self.train.device), index.to(self.train.device)]
 
-    @classmethod
-    def build(
-        cls,
-        model: nn.Module,
-        head: nn.Module,
-        runtime: Runtime,
-        batches: Callable[[bool | None], Iterator[torch.Tensor]],
-        hflip: bool,
-    ) -> FeatureCache:
-        """`batches(flip)` yields transformed train batches (flip True/False) or val (None)."""
-        variants = [False, True] if hflip else [False]
-        train = torch.stack([extract(model, head, runtime, batches(flip)) for flip in variants])
-        return cls(train, extract(model, head, runtime, batches(None)))
+    def fill(self, needed: torch.Tensor, compute: Callable[[torch.Tensor, bool], torch.Tensor]) -> bool:
+        """Compute the needed variants not yet held; return whether anything was computed."""
+        missing = needed & ~self.have
+        for variant in (0, 1):
+            index = missing[variant].nonzero().flatten()
+            if len(index):
+                self.train[variant, index.to(self.train.device)] = compute(index, bool(variant))
+                self.have[variant, index] = True
+        return bool(missing.any())
 
 
-def extract(model: nn.Module, head: nn.Module, runtime: Runtime, batches: Iterator[torch.Tensor]) -> torch.Tensor:
+def needed_variants(n: int, seed: int, epochs: Iterable[int], hflip: bool) -> torch.Tensor:
+    """(2, N) mask of the (flip, image) pairs that these epochs will draw."""
+    needed = torch.zeros(2, n, dtype=torch.bool)
+    for epoch in epochs:
+        flips = epoch_plan(n, seed, epoch, hflip)[1]
+        needed[flips.long(), torch.arange(n)] = True
+    return needed
+
+
+def extract(model: nn.Module, head: nn.Module, runtime: Runtime, batches: Iterable[torch.Tensor]) -> torch.Tensor:
     """The head's inputs for every batch; leaves the model in eval mode."""
     captured: list[torch.Tensor] = []
     hook = head.register_forward_pre_hook(lambda _module, args: captured.append(args[0].detach()))
@@ -52,3 +68,37 @@ def extract(model: nn.Module, head: nn.Module, runtime: Runtime, batches: Iterat
     finally:
         hook.remove()
     return torch.cat(captured)
+
+
+def cache_key(model: nn.Module, head_name: str, images: Iterable[torch.Tensor], settings: str) -> str:
+    """Digest of the backbone weights, the decoded images and the transform/precision settings."""
+    digest = hashlib.sha256(settings.encode())
+    for name, tensor in model.state_dict().items():
+        if not name.startswith(head_name + "."):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    for tensor in images:
+        digest.update(tensor.contiguous().numpy().tobytes())
+    return digest.hexdigest()[:24]
+
+
+class FeatureStore:
+    """Feature caches on disk, one file per key, shared by every run under `folder`."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+
+    def load(self, key: str, device: torch.device) -> FeatureCache | None:
+        path = self.folder / f"{key}.pt"
+        if not path.is_file():
+            return None
+        try:
+            state = load_checkpoint(path, required="train")
+        except FinetuneError:
+            return None  # an unreadable cache is recomputed, never fatal
+        return FeatureCache(state["train"].to(device), state["have"], state["val"].to(device))
+
+    def save(self, key: str, cache: FeatureCache) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        state = {"train": cache.train.cpu(), "have": cache.have, "val": cache.val.cpu()}
+        save_checkpoint(self.folder / f"{key}.pt", state)

@@ -24,7 +24,7 @@ from finetune.checkpoint import CheckpointSaver
 from finetune.config import Config
 from finetune.data import BatchTransform, DataSplits, class_counts, epoch_plan
 from finetune.errors import FinetuneError
-from finetune.features import FeatureCache
+from finetune.features import FeatureCache, FeatureStore, cache_key, extract, needed_variants
 from finetune.freezing import (
     apply_phase,
     build_optimizer,
@@ -96,6 +96,7 @@ class Trainer:
         self.saver = CheckpointSaver(self.run_dir, cfg.checkpoint.monitor)
         self.log = ResultsLog(self.run_dir)
         self.cache: FeatureCache | None = None
+        self.store = FeatureStore(Path(cfg.out_dir) / ".feature_cache")
         self.stop_signal: int | None = None
         self.epoch_train = (math.nan, math.nan)
 
@@ -175,7 +176,7 @@ class Trainer:
         started = time.perf_counter()
         use_cache = self._cache_usable()
         if use_cache and self.cache is None:
-            self.cache = self._build_cache()
+            self.cache = self._build_cache(epoch)
         set_train_mode(self.model, self.built.head_name, phase, self.cfg.train.freeze_bn)
         self._train_steps(epoch, use_cache, started)
         result = self.evaluate(use_cache)
@@ -185,16 +186,31 @@ class Trainer:
         t = self.cfg.train
         return t.feature_cache == "auto" and self.phase == "frozen" and t.freeze_bn
 
-    def _build_cache(self) -> FeatureCache:
-        bs = self.cfg.data.batch_size
+    def _build_cache(self, epoch: int) -> FeatureCache:
+        """Features for the (image, flip) pairs the rest of the frozen phase draws."""
+        bs, n = self.cfg.data.batch_size, len(self.data.train)
 
-        def batches(flip: bool | None):
-            images = self.val_images if flip is None else self.train_images
-            for chunk in images.split(bs):
-                flips = torch.full((len(chunk),), bool(flip)) if flip else None
-                yield self.transform(chunk, flips)
+        def features(images: torch.Tensor, flip: bool) -> torch.Tensor:
+            batches = (
+                self.transform(c, torch.ones(len(c), dtype=torch.bool) if flip else None) for c in images.split(bs)
+            )
+            return extract(self.model, self.head, self.runtime, batches)
 
-        return FeatureCache.build(self.model, self.head, self.runtime, batches, self.cfg.data.hflip)
+        settings = (
+            f"{self.cfg.model.arch}|{self.transform.size}|{self.built.mean}|{self.built.std}|{self.runtime.describe()}"
+        )
+        key = cache_key(self.model, self.built.head_name, [self.data.train.images, self.data.val.images], settings)
+        cache = self.store.load(key, self.device)
+        if cache is None:
+            val = features(self.val_images, False)
+            train = torch.zeros(2, n, val.shape[1], dtype=val.dtype, device=self.device)
+            cache = FeatureCache(train, torch.zeros(2, n, dtype=torch.bool), val)
+        t = self.cfg.train
+        last_frozen = t.epochs if t.unfreeze_epoch is None else t.unfreeze_epoch
+        needed = needed_variants(n, self.cfg.seed, range(epoch, last_frozen + 1), self.cfg.data.hflip)
+        if cache.fill(needed, lambda index, flip: features(self.train_images[index.to(self.device)], flip)):
+            self.store.save(key, cache)
+        return cache
 
     def _train_steps(self, epoch: int, use_cache: bool, started: float) -> None:
         n = len(self.data.train)

@@ -1,0 +1,294 @@
+"""Benchmark `finetune train` against the seed notebook's training loop on the same data.
+
+Runs the seed's three setups (feature extract, early unfreeze at 1, fine-tune from start)
+with both, each in its own process (so peak RSS is per run), then measures the model's raw
+train-step throughput and the memory of the full CIFAR-10 training set held in memory.
+
+    .venv/bin/python scripts/bench.py --arch mobilenet_v2 --size 128
+    .venv/bin/python scripts/bench.py --arch resnet18 --size 224 --weights none --train 1000 --val 400
+
+Prints a table and writes bench.md / bench.csv to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SETUPS = {
+    "feature_extract": {"freeze_backbone": True, "unfreeze_epoch": None},
+    "early_unfreeze": {"freeze_backbone": True, "unfreeze_epoch": 1},
+    "finetune_all": {"freeze_backbone": False, "unfreeze_epoch": None},
+}
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "cifar10"))
+    p.add_argument("--arch", default="mobilenet_v2", choices=["resnet18", "mobilenet_v2"])
+    p.add_argument("--weights", default="DEFAULT")
+    p.add_argument("--train", type=int, default=3000)
+    p.add_argument("--val", type=int, default=800)
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS))
+    p.add_argument("--out", default="bench_results")
+    p.add_argument("--reference-run", help=argparse.SUPPRESS)  # internal: one reference setup
+    p.add_argument("--memory-run", action="store_true", help=argparse.SUPPRESS)  # internal
+    return p.parse_args()
+
+
+# ---- the reference: the seed notebook's loop, fp32, per-sample PIL transforms --------------
+def reference_run(args: argparse.Namespace, setup: str) -> dict:
+    from torch.utils.data import DataLoader, Subset
+    from torchvision import datasets, transforms
+
+    from finetune.config import ModelConfig
+    from finetune.data import choose_subset
+    from finetune.models import build_model
+
+    torch.manual_seed(args.seed)
+    started = time.perf_counter()
+    built = build_model(ModelConfig(arch=args.arch, weights=args.weights), 10)
+    model, head_name = built.model, built.head_name
+    tf = transforms.Compose(
+        [
+            transforms.Resize((args.size, args.size)),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize(built.mean, built.std),
+        ]
+    )
+    val_tf = transforms.Compose([transforms.Resize((args.size, args.size)), transforms.ToTensor(), tf.transforms[-1]])
+    train_full = datasets.ImageFolder(f"{args.data}/train", tf)
+    val_full = datasets.ImageFolder(f"{args.data}/test", val_tf)
+    # the same stratified subsets finetune draws, so both train and score on the same images
+    train_idx = choose_subset(torch.tensor(train_full.targets).numpy(), args.train, "stratified", args.seed)
+    val_idx = choose_subset(torch.tensor(val_full.targets).numpy(), args.val, "stratified", args.seed + 1)
+    trainloader = DataLoader(Subset(train_full, train_idx.tolist()), batch_size=32, shuffle=True)
+    valloader = DataLoader(Subset(val_full, val_idx.tolist()), batch_size=64)
+
+    cfg = SETUPS[setup]
+    head = [p for n, p in model.named_parameters() if n.startswith(head_name + ".")]
+    backbone = [p for n, p in model.named_parameters() if not n.startswith(head_name + ".")]
+
+    def make_opt() -> torch.optim.Optimizer:
+        groups = [{"params": [p for p in backbone if p.requires_grad], "lr": 1e-4}] if backbone[0].requires_grad else []
+        return torch.optim.Adam([*groups, {"params": head, "lr": 1e-3}])
+
+    for p in backbone:
+        p.requires_grad = not cfg["freeze_backbone"]
+    opt = make_opt()
+    crit = torch.nn.CrossEntropyLoss()
+    epochs = []
+    for ep in range(1, args.epochs + 1):
+        t0 = time.perf_counter()
+        model.train()
+        for x, y in trainloader:
+            opt.zero_grad()
+            crit(model(x), y).backward()
+            opt.step()
+        if cfg["unfreeze_epoch"] is not None and ep == cfg["unfreeze_epoch"]:
+            for p in model.parameters():
+                p.requires_grad = True
+            opt = make_opt()
+        model.eval()
+        correct = total = 0
+        with torch.inference_mode():
+            for x, y in valloader:
+                correct += (model(x).argmax(1) == y).sum().item()
+                total += len(y)
+        epochs.append({"epoch": ep, "epoch_seconds": time.perf_counter() - t0, "val_acc": correct / total})
+        print(f"reference {setup} epoch {ep}: {epochs[-1]}", file=sys.stderr)
+    return {"epochs": epochs, "seconds": time.perf_counter() - started}
+
+
+# ---- running both tools in child processes -----------------------------------------------
+def run_child(cmd: list[str]) -> tuple[float, float]:
+    """Run a command; return (wall seconds, peak RSS in MB) of that process alone."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"benchmark step failed ({proc.returncode}): {' '.join(cmd)}")
+    return time.perf_counter() - started, usage.ru_maxrss / 1024
+
+
+def finetune_run(args: argparse.Namespace, setup: str, out_dir: Path) -> dict:
+    cfg = SETUPS[setup]
+    overrides = [
+        "data.dataset=imagefolder",
+        f"data.root={args.data}",
+        f"data.train_size={args.train}",
+        f"data.val_size={args.val}",
+        f"data.image_size={args.size}",
+        f"model.arch={args.arch}",
+        f"model.weights={args.weights}",
+        f"train.epochs={args.epochs}",
+        f"seed={args.seed}",
+        f"out_dir={out_dir}",
+        f"train.freeze_backbone={str(cfg['freeze_backbone']).lower()}",
+        f"train.unfreeze_epoch={'null' if cfg['unfreeze_epoch'] is None else cfg['unfreeze_epoch']}",
+    ]
+    run_dir = out_dir / setup
+    finetune = [sys.executable, "-m", "finetune.cli", "train", f"configs/{setup}.yaml", "--run-dir", str(run_dir)]
+    wall, rss = run_child([*finetune, "--set", *overrides])
+    results = pd.read_csv(run_dir / "results.csv")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    epochs = results[["epoch", "epoch_seconds", "val_acc", "phase"]].to_dict("records")
+    return {"epochs": epochs, "wall": wall, "rss_mb": rss, "precision": summary["precision"]}
+
+
+def reference_child(args: argparse.Namespace, setup: str, out_dir: Path) -> dict:
+    result_file = out_dir / f"reference_{setup}.json"
+    cmd = [sys.executable, __file__, *sys.argv[1:], "--reference-run", setup, "--out", str(out_dir)]
+    wall, rss = run_child(cmd)
+    return {**json.loads(result_file.read_text()), "wall": wall, "rss_mb": rss}
+
+
+def row(setup: str, tool: str, result: dict) -> dict:
+    epochs = result["epochs"]
+    later = [e["epoch_seconds"] for e in epochs[1:]]
+    return {
+        "setup": setup,
+        "tool": tool,
+        "s/epoch first": epochs[0]["epoch_seconds"],
+        "s/epoch later": sum(later) / len(later) if later else float("nan"),
+        "epochs s": sum(e["epoch_seconds"] for e in epochs),
+        "total s": result["wall"],
+        "final val acc": epochs[-1]["val_acc"],
+        "best val acc": max(e["val_acc"] for e in epochs),
+        "peak RSS MB": result["rss_mb"],
+    }
+
+
+# ---- raw throughput and memory ----------------------------------------------------------
+def raw_throughput(args: argparse.Namespace, precision: str) -> dict:
+    """img/s of the bare model: a train step of the whole network, and inference."""
+    import torchvision
+
+    from finetune.hardware import Runtime
+
+    torch.manual_seed(0)
+    runtime = Runtime(torch.device("cpu"), precision)
+    model = torchvision.models.get_model(args.arch, num_classes=10).to(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(model.parameters())
+    x = torch.randn(32, 3, args.size, args.size).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (32,))
+
+    def step() -> None:
+        with runtime.autocast():
+            loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def infer() -> None:
+        with torch.inference_mode(), runtime.autocast():
+            model(x)
+
+    def rate(fn: Callable[[], None], steps: int = 6) -> float:
+        fn()  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        return 32 * steps / (time.perf_counter() - t0)
+
+    model.train()
+    train = rate(step)
+    model.eval()
+    return {"train": train, "eval": rate(infer)}
+
+
+def memory_run(args: argparse.Namespace, out_dir: Path) -> None:
+    """RSS added by holding the whole CIFAR-10 training set (50,000 images) in memory."""
+    import resource
+
+    from finetune.config import DataConfig
+    from finetune.data import load_data
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    t0 = time.perf_counter()
+    data = load_data(DataConfig(dataset="imagefolder", root=args.data, train_size=None, val_size=800), seed=0)
+    seconds = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result = {"images": len(data.train), "tensor_mb": data.train.images.nbytes / 2**20}
+    result.update({"rss_added_mb": after - before, "load_seconds": seconds})
+    (out_dir / "memory.json").write_text(json.dumps(result))
+
+
+def main() -> None:
+    args = parse_args()
+    out_dir = Path(args.out).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(os.cpu_count() or 1)
+    if args.reference_run:
+        result = reference_run(args, args.reference_run)
+        (out_dir / f"reference_{args.reference_run}.json").write_text(json.dumps(result))
+        return
+    if args.memory_run:
+        memory_run(args, out_dir)
+        return
+
+    rows, ours = [], {}
+    with tempfile.TemporaryDirectory(dir=out_dir) as runs:
+        for setup in args.setups:
+            ours[setup] = finetune_run(args, setup, Path(runs))
+            reference = reference_child(args, setup, out_dir)
+            mine, theirs = row(setup, "finetune", ours[setup]), row(setup, "reference", reference)
+            mine["speedup"] = theirs["total s"] / mine["total s"]
+            rows += [theirs, mine]
+    table = pd.DataFrame(rows)
+    totals = table.groupby("tool")["total s"].sum()
+    precision = next(iter(ours.values()))["precision"]
+    rates = raw_throughput(args, precision)
+    run_child([sys.executable, __file__, *sys.argv[1:], "--memory-run", "--out", str(out_dir)])
+    memory = json.loads((out_dir / "memory.json").read_text())
+    report = render(args, table, totals, rates, ours, memory, precision)
+    print(report)
+    (out_dir / "bench.md").write_text(report)
+    table.to_csv(out_dir / "bench.csv", index=False, float_format="%.4g")
+
+
+def trainer_rate(ours: dict, args: argparse.Namespace, rates: dict) -> float:
+    """Train img/s the trainer reached on unfrozen epochs, its evaluation (at the raw rate) taken out."""
+    unfrozen = [e for r in ours.values() for e in r["epochs"] if e["phase"] == "unfrozen"]
+    if not unfrozen:
+        return float("nan")
+    seconds = sum(e["epoch_seconds"] - args.val / rates["eval"] for e in unfrozen)
+    return args.train * len(unfrozen) / seconds
+
+
+def render(args, table, totals, rates, ours, memory, precision) -> str:
+    achieved = trainer_rate(ours, args, rates)
+    lines = [
+        f"# finetune vs the seed's loop: {args.arch}, {args.size} px, weights {args.weights}, "
+        f"{args.train} train / {args.val} val CIFAR-10 images, {args.epochs} epochs, {os.cpu_count()} CPU cores",
+        "",
+        table.to_markdown(index=False, floatfmt=".3g"),
+        "",
+        f"- 3-config total: reference {totals['reference']:.0f} s, finetune {totals['finetune']:.0f} s, "
+        f"speedup {totals['reference'] / totals['finetune']:.2f}x",
+        f"- raw model at {precision}: train step {rates['train']:.1f} img/s, inference {rates['eval']:.1f} img/s; "
+        f"trainer on unfrozen epochs {achieved:.1f} img/s ({achieved / rates['train']:.0%} of raw)",
+        f"- full CIFAR-10 training set in memory: {memory['images']} images, {memory['tensor_mb']:.0f} MB tensor, "
+        f"{memory['rss_added_mb']:.0f} MB RSS added, decoded in {memory['load_seconds']:.1f} s",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
