@@ -6,6 +6,7 @@ import sys
 import pandas as pd
 import torch
 import yaml
+from conftest import tiny_config
 
 from finetune.cli import main
 
@@ -81,4 +82,18 @@ def test_same_config_and_seed_give_the_same_numbers(config_file, tmp_path):
     for run in ("a", "b"):
         assert main(["train", str(path), "--run-dir", str(tmp_path / run)]) == 0
     a, b = (pd.read_csv(tmp_path / run / "results.csv").drop(columns="epoch_seconds") for run in ("a", "b"))
+    pd.testing.assert_frame_equal(a, b)
+
+
+def test_streamed_dataset_trains_like_the_in_memory_one(tmp_path):
+    """Over data.memory_budget_mb the images stream from disk through DataLoader workers."""
+    from test_data import mixed_size_folder
+
+    root = mixed_size_folder(tmp_path)
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(root, tmp_path / "runs", train={"epochs": 2})))
+    for run, budget in (("memory", 4096), ("streamed", 0)):
+        sets = [f"data.memory_budget_mb={budget}", "data.num_workers=2"]
+        assert main(["train", str(config), "--run-dir", str(tmp_path / run), "--set", *sets]) == 0
+    a, b = (pd.read_csv(tmp_path / run / "results.csv").drop(columns="epoch_seconds") for run in ("memory", "streamed"))
     pd.testing.assert_frame_equal(a, b)

@@ -95,3 +95,28 @@ def test_batch_transform_resizes_flips_and_normalizes():
     assert out.shape == (2, 3, 8, 8)
     assert out[0, 0, 0, 0] > 0.9 and out[0, 0, 0, -1] < -0.9
     assert out[1, 0, 0, -1] > 0.9 and out[1, 0, 0, 0] < -0.9
+
+
+def mixed_size_folder(tmp_path):
+    root = make_imagefolder(tmp_path / "mixed")
+    rng = np.random.default_rng(3)
+    for split in ("train", "val"):
+        for label, name in enumerate(CLASSES):
+            write_image(root / split / name / "large.png", label, rng, size=40)
+    return root
+
+
+def test_over_budget_images_stream_from_files_decoded_like_in_memory(tmp_path):
+    root = mixed_size_folder(tmp_path)
+    (root / "train" / "cat" / "zero.png").write_bytes(b"")
+    cfg = DataConfig(dataset="imagefolder", root=str(root), image_size=32, num_workers=2)
+    with pytest.warns(UserWarning, match="skipped 1 unreadable"):
+        memory = load_data(cfg, seed=0)
+    with pytest.warns(UserWarning, match="skipped 1 unreadable"):
+        streamed = load_data(DataConfig(**{**vars(cfg), "memory_budget_mb": 0}), seed=0)
+    assert streamed.train.images is None and len(streamed.train.files) == len(memory.train) == 27
+    assert torch.equal(streamed.train.labels, memory.train.labels)
+    index = [torch.tensor([5, 0, 26]), torch.tensor([3])]
+    for a, b in zip(streamed.train.batches(index), memory.train.batches(index), strict=True):
+        assert torch.equal(a, b)
+    assert streamed.train.fingerprint() != memory.train.fingerprint()

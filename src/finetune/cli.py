@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import warnings
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 from finetune.checkpoint import load_checkpoint
+from finetune.compare import compare
 from finetune.config import Config, load_config
 from finetune.data import load_data
 from finetune.errors import FinetuneError
 from finetune.hardware import resolve_runtime
+from finetune.inference import evaluate_checkpoint, predict
 from finetune.models import build_model, check_model_config
 from finetune.rundir import create_run_dir, new_run_dir, remove_stale_temp_files, resume_config
 from finetune.train import Interrupted, Trainer
@@ -33,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="finetune", description=__doc__)
+    parser = argparse.ArgumentParser(prog="finetune", description="Fine-tune pretrained image classifiers.")
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
     train = sub.add_parser("train", help="fine-tune a model from a YAML config")
     train.add_argument("config", nargs="?", help="YAML config (optional with --resume)")
@@ -41,6 +45,25 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--run-dir", help="write the run here instead of <out_dir>/<name>")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last.pt")
     train.set_defaults(func=cmd_train)
+
+    compare = sub.add_parser("compare", help="compare runs: table, curves.png, per_class.png")
+    compare.add_argument("runs", nargs="+", help="run dirs, globs, or folders of runs")
+    compare.add_argument("--out", default="comparison", help="where to write tables and plots")
+    compare.add_argument("--sort", default="best_val_acc", help="column to sort by")
+    compare.set_defaults(func=cmd_compare)
+
+    evaluate = sub.add_parser("eval", help="score a checkpoint: metrics, per-class report, confusion matrix")
+    evaluate.add_argument("checkpoint")
+    evaluate.add_argument("--set", dest="overrides", action="append", default=[], nargs="+", metavar="data.KEY=VALUE")
+    evaluate.add_argument("--out", help="output dir (default: eval-<checkpoint name> beside the checkpoint)")
+    evaluate.set_defaults(func=cmd_eval)
+
+    pred = sub.add_parser("predict", help="top-k classes for image files")
+    pred.add_argument("checkpoint")
+    pred.add_argument("images", nargs="+", help="image files or folders")
+    pred.add_argument("--top-k", type=int, default=3)
+    pred.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    pred.set_defaults(func=cmd_predict)
     return parser
 
 
@@ -68,6 +91,40 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"done: best {summary['monitor']} {summary['best_value']:.4f} at epoch {summary['best_epoch']}, "
         f"final val_acc {summary['final_val_acc']:.4f}, {summary['total_seconds']:.1f}s; files in {run_dir}"
     )
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    table = compare(args.runs, out, args.sort)
+    print(table.to_markdown(index=False, floatfmt=".4g", missingval="-"))
+    print(f"wrote {out}/comparison.csv, comparison.md, per_class.csv, curves.png, per_class.png")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    overrides = [item for group in args.overrides for item in group]
+    report = evaluate_checkpoint(args.checkpoint, overrides, Path(args.out) if args.out else None)
+    print(
+        f"{report['images']} images: accuracy {report['accuracy']:.4f}, balanced accuracy "
+        f"{report['balanced_accuracy']:.4f}, macro F1 {report['macro_f1']:.4f}"
+    )
+    per_class = pd.DataFrame(report["per_class"]).T
+    print(per_class.to_markdown(floatfmt=".3f"))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    results = predict(args.checkpoint, args.images, args.top_k)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    rows = []
+    for r in results:
+        top = r.get("top", [])
+        cells = {f"top{i + 1}": f"{t['class']} {t['probability']:.3f}" for i, t in enumerate(top)}
+        rows.append({"file": r["file"], **cells, **({"error": r["error"]} if "error" in r else {})})
+    print(pd.DataFrame(rows).to_markdown(index=False))
     return 0
 
 

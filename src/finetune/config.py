@@ -33,6 +33,7 @@ class DataConfig:
     batch_size: int = 32
     num_workers: int = 0
     hflip: bool = True
+    memory_budget_mb: int = 4096
 
 
 @dataclass
@@ -228,7 +229,9 @@ def validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value is not None and value <= 0:
             raise FinetuneError(f"config: {key} = {value} must be greater than 0")
-    for key, value in {"train.weight_decay": t.weight_decay, "data.num_workers": d.num_workers}.items():
+    non_negative = {"train.weight_decay": t.weight_decay, "data.num_workers": d.num_workers}
+    non_negative["data.memory_budget_mb"] = d.memory_budget_mb
+    for key, value in non_negative.items():
         if value < 0:
             raise FinetuneError(f"config: {key} = {value} must not be negative")
     if not 0.0 <= t.label_smoothing < 1.0:

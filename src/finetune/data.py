@@ -6,9 +6,11 @@ happen on whole batches on the training device instead of per sample through PIL
 
 from __future__ import annotations
 
+import hashlib
 import os
 import urllib.error
 import warnings
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +20,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from finetune.config import DataConfig
@@ -26,13 +29,65 @@ from finetune.errors import FinetuneError
 
 @dataclass
 class ImageSet:
-    """Decoded images (N, 3, H, W) uint8 with integer labels."""
+    """Labels and their images: decoded once into memory as (N, 3, H, W) uint8, or, for a
+    dataset over `data.memory_budget_mb`, image files decoded batch by batch by DataLoader
+    workers (each resized to `size` as it is decoded)."""
 
-    images: torch.Tensor
     labels: torch.Tensor
+    images: torch.Tensor | None = None
+    files: list[Path] | None = None
+    size: int = 0
+    workers: int = 0
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def to(self, device: torch.device) -> ImageSet:
+        """In-memory images move to the device once; streamed files stay files."""
+        if self.images is None:
+            return self
+        return ImageSet(self.labels, self.images.to(device), self.files, self.size, self.workers)
+
+    def batches(self, index_batches: Sequence[torch.Tensor]) -> Iterator[torch.Tensor]:
+        """uint8 image batches for these index batches, in order."""
+        if self.images is not None:
+            for index in index_batches:
+                yield self.images[index.to(self.images.device)]
+            return
+        sampler = [index.tolist() for index in index_batches]
+        dataset = _ImageFiles(self.files, self.size)
+        yield from DataLoader(dataset, batch_sampler=sampler, num_workers=self.workers, collate_fn=torch.stack)
+
+    def in_order(self, batch_size: int) -> Iterator[torch.Tensor]:
+        return self.batches(torch.arange(len(self)).split(batch_size))
+
+    def fingerprint(self) -> str:
+        """Digest of the pixels (in memory) or of the files' paths, sizes and times (streamed)."""
+        digest = hashlib.sha256(self.labels.numpy().tobytes())
+        if self.images is not None:
+            digest.update(self.images.cpu().contiguous().numpy().tobytes())
+        else:
+            for f in self.files:
+                stat = f.stat()
+                digest.update(f"{f}|{stat.st_size}|{stat.st_mtime_ns}|{self.size}".encode())
+        return digest.hexdigest()
+
+
+class _ImageFiles(Dataset):
+    def __init__(self, files: list[Path], size: int):
+        self.files, self.size = files, size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        array = _read_rgb(self.files[i])
+        if array is None:  # passed the header check at scan time, failed to decode now
+            warnings.warn(f"{self.files[i]} could not be decoded; a black image stands in", stacklevel=1)
+            return torch.zeros(3, self.size, self.size, dtype=torch.uint8)
+        if array.shape[:2] != (self.size, self.size):
+            array = np.asarray(Image.fromarray(array).resize((self.size, self.size), Image.BILINEAR))
+        return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
 @dataclass
@@ -97,7 +152,7 @@ def _val_indices(labels: np.ndarray, cfg: DataConfig, seed: int) -> np.ndarray:
 
 def _from_hwc(array: np.ndarray, labels: np.ndarray) -> ImageSet:
     images = torch.from_numpy(np.ascontiguousarray(array)).permute(0, 3, 1, 2).contiguous()
-    return ImageSet(images, torch.as_tensor(labels, dtype=torch.long))
+    return ImageSet(torch.as_tensor(labels, dtype=torch.long), images)
 
 
 def _load_cifar10(cfg: DataConfig, seed: int) -> DataSplits:
@@ -154,12 +209,24 @@ def _load_imagefolder(cfg: DataConfig, seed: int) -> DataSplits:
         )
     ti = _train_indices(train_labels, cfg, class_names, seed)
     vi = _val_indices(val_labels, cfg, seed)
-    size = cfg.image_size
-    workers = cfg.num_workers
-    train = decode_images([train_files[i] for i in ti], train_labels[ti], size, workers)
-    val = decode_images([val_files[i] for i in vi], val_labels[vi], size, workers)
+    files = [train_files[i] for i in ti] + [val_files[i] for i in vi]
+    read = decode_images if _fits_in_memory(files, cfg) else stream_images
+    train = read([train_files[i] for i in ti], train_labels[ti], cfg.image_size, cfg.num_workers)
+    val = read([val_files[i] for i in vi], val_labels[vi], cfg.image_size, cfg.num_workers)
     _require_all_classes(train, class_names, ti, train_labels, root / "train")
     return DataSplits(train, val, class_names)
+
+
+def _fits_in_memory(files: list[Path], cfg: DataConfig) -> bool:
+    """Estimate the decoded size from the first readable header (uniform sizes stay as they are)."""
+    pixels = cfg.image_size**2
+    for path in files[:10]:
+        if _header_ok(path):
+            with Image.open(path) as img:
+                pixels = img.size[0] * img.size[1]
+            break
+    estimate_mb = len(files) * 3 * pixels / 2**20
+    return estimate_mb <= cfg.memory_budget_mb
 
 
 def scan_folder(folder: Path) -> tuple[list[str], list[Path], np.ndarray]:
@@ -193,16 +260,37 @@ def decode_images(files: list[Path], labels: np.ndarray, size: int, workers: int
     """
     with ThreadPoolExecutor(max(1, workers or os.cpu_count() or 1)) as pool:
         arrays = list(pool.map(_read_rgb, files))
-    bad = [str(f) for f, a in zip(files, arrays, strict=True) if a is None]
-    if bad:
-        shown = ", ".join(bad[:3]) + (" ..." if len(bad) > 3 else "")
-        warnings.warn(f"skipped {len(bad)} unreadable image file(s): {shown}", stacklevel=2)
+    _warn_skipped([f for f, a in zip(files, arrays, strict=True) if a is None])
     good = [i for i, a in enumerate(arrays) if a is not None]
     arrays = [arrays[i] for i in good]
     if len({a.shape for a in arrays}) > 1:
         arrays = [np.asarray(Image.fromarray(a).resize((size, size), Image.BILINEAR)) for a in arrays]
     stacked = np.stack(arrays) if arrays else np.zeros((0, size, size, 3), np.uint8)
     return _from_hwc(stacked, labels[good])
+
+
+def _header_ok(path: Path) -> bool:
+    try:
+        with Image.open(path):
+            return True
+    except (UnidentifiedImageError, OSError, ValueError):
+        return False
+
+
+def stream_images(files: list[Path], labels: np.ndarray, size: int, workers: int) -> ImageSet:
+    """Files decoded per batch later; unreadable headers are skipped now with one warning."""
+    with ThreadPoolExecutor(max(1, workers or os.cpu_count() or 1)) as pool:
+        ok = list(pool.map(_header_ok, files))
+    _warn_skipped([f for f, good in zip(files, ok, strict=True) if not good])
+    keep = [i for i, good in enumerate(ok) if good]
+    labels = torch.as_tensor(labels[keep], dtype=torch.long)
+    return ImageSet(labels, files=[files[i] for i in keep], size=size, workers=workers)
+
+
+def _warn_skipped(bad: list[Path]) -> None:
+    if bad:
+        shown = ", ".join(map(str, bad[:3])) + (" ..." if len(bad) > 3 else "")
+        warnings.warn(f"skipped {len(bad)} unreadable image file(s): {shown}", stacklevel=3)
 
 
 def _require_all_classes(

@@ -70,15 +70,13 @@ def extract(model: nn.Module, head: nn.Module, runtime: Runtime, batches: Iterab
     return torch.cat(captured)
 
 
-def cache_key(model: nn.Module, head_name: str, images: Iterable[torch.Tensor], settings: str) -> str:
-    """Digest of the backbone weights, the decoded images and the transform/precision settings."""
-    digest = hashlib.sha256(settings.encode())
+def cache_key(model: nn.Module, head_name: str, data_fingerprints: list[str], settings: str) -> str:
+    """Digest of the backbone weights, the images and the transform/precision settings."""
+    digest = hashlib.sha256("|".join([settings, *data_fingerprints]).encode())
     for name, tensor in model.state_dict().items():
         if not name.startswith(head_name + "."):
             digest.update(name.encode())
             digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    for tensor in images:
-        digest.update(tensor.contiguous().numpy().tobytes())
     return digest.hexdigest()[:24]
 
 

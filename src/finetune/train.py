@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,9 +79,7 @@ class Trainer:
         self.built = built
         self.head = self.model.get_submodule(built.head_name)
         self.transform = BatchTransform(cfg.data.image_size, built.mean, built.std, self.device)
-        keep_on_device = self.device.type != "cpu"
-        self.train_images = data.train.images.to(self.device) if keep_on_device else data.train.images
-        self.val_images = data.val.images.to(self.device) if keep_on_device else data.val.images
+        self.train_set, self.val_set = data.train.to(self.device), data.val.to(self.device)
         self.train_labels = data.train.labels.to(self.device)
         self.val_labels = data.val.labels
         self.weights = class_weights(
@@ -190,25 +189,25 @@ class Trainer:
         """Features for the (image, flip) pairs the rest of the frozen phase draws."""
         bs, n = self.cfg.data.batch_size, len(self.data.train)
 
-        def features(images: torch.Tensor, flip: bool) -> torch.Tensor:
-            batches = (
-                self.transform(c, torch.ones(len(c), dtype=torch.bool) if flip else None) for c in images.split(bs)
-            )
-            return extract(self.model, self.head, self.runtime, batches)
+        def features(images: Iterator[torch.Tensor], flip: bool) -> torch.Tensor:
+            flips = (lambda c: torch.ones(len(c), dtype=torch.bool)) if flip else (lambda c: None)
+            return extract(self.model, self.head, self.runtime, (self.transform(c, flips(c)) for c in images))
 
         settings = (
             f"{self.cfg.model.arch}|{self.transform.size}|{self.built.mean}|{self.built.std}|{self.runtime.describe()}"
         )
-        key = cache_key(self.model, self.built.head_name, [self.data.train.images, self.data.val.images], settings)
+        key = cache_key(
+            self.model, self.built.head_name, [self.train_set.fingerprint(), self.val_set.fingerprint()], settings
+        )
         cache = self.store.load(key, self.device)
         if cache is None:
-            val = features(self.val_images, False)
+            val = features(self.val_set.in_order(bs), False)
             train = torch.zeros(2, n, val.shape[1], dtype=val.dtype, device=self.device)
             cache = FeatureCache(train, torch.zeros(2, n, dtype=torch.bool), val)
         t = self.cfg.train
         last_frozen = t.epochs if t.unfreeze_epoch is None else t.unfreeze_epoch
         needed = needed_variants(n, self.cfg.seed, range(epoch, last_frozen + 1), self.cfg.data.hflip)
-        if cache.fill(needed, lambda index, flip: features(self.train_images[index.to(self.device)], flip)):
+        if cache.fill(needed, lambda index, flip: features(self.train_set.batches(index.split(bs)), flip)):
             self.store.save(key, cache)
         return cache
 
@@ -223,12 +222,15 @@ class Trainer:
         losses[:done] = torch.tensor(self.progress.losses[:done], dtype=torch.float64)
         corrects[:done] = torch.tensor(self.progress.corrects[:done], dtype=torch.long)
         bar = tqdm(total=len(batches), initial=done, desc=f"epoch {epoch}", disable=None, leave=False)
-        for step in range(done, len(batches)):
+        todo = batches[done:]
+        if use_cache:
+            inputs_per_step = (self.cache.train_inputs(i, flips[i]) for i in todo)
+        else:
+            inputs_per_step = (
+                self.transform(x, flips[i]) for i, x in zip(todo, self.train_set.batches(todo), strict=True)
+            )
+        for step, inputs in enumerate(inputs_per_step, start=done):
             index = batches[step]
-            if use_cache:
-                inputs = self.cache.train_inputs(index, flips[index])
-            else:
-                inputs = self.transform(self.train_images[index], flips[index])
             losses[step], corrects[step] = self._step(forward, inputs, self.train_labels[index.to(self.device)])
             bar.update()
             last = step + 1 == len(batches)
@@ -282,7 +284,7 @@ class Trainer:
                 for feats in self.cache.val.split(self.cfg.data.batch_size * 4):
                     chunks.append(self.head(feats).float())
             else:
-                for images in self.val_images.split(self.cfg.data.batch_size * 2):
+                for images in self.val_set.in_order(self.cfg.data.batch_size * 2):
                     chunks.append(self.model(self.transform(images)).float())
         logits = torch.cat(chunks).cpu()
         return score(logits, self.val_labels, self.data.class_names)

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Regenerate docs/example/: the seed's three setups on real CIFAR-10 (mobilenet_v2, 64 px,
+# 1000 train / 400 val images), compared with `finetune compare`. The README embeds the result.
+# Usage: scripts/readme_example.sh [CIFAR10_IMAGEFOLDER_ROOT]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=${1:-../shared/data/cifar10}
+runs=$(mktemp -d)
+trap 'rm -rf "$runs"' EXIT
+for setup in feature_extract early_unfreeze finetune_all; do
+  .venv/bin/finetune train "configs/$setup.yaml" --run-dir "$runs/$setup" --set \
+    data.dataset=imagefolder "data.root=$root" model.arch=mobilenet_v2 \
+    data.image_size=64 data.train_size=1000 data.val_size=400 "out_dir=$runs"
+done
+.venv/bin/finetune compare "$runs" --out docs/example

@@ -1,0 +1,184 @@
+"""`finetune compare`: which run balanced speed and accuracy best, as tables and plots.
+
+The config keys that differ between the runs are found from each run's config.yaml, so
+the table shows `train.unfreeze_epoch` or `train.lr_backbone` without being told.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+from matplotlib.figure import Figure
+
+from finetune.checkpoint import atomic_write_text
+from finetune.errors import FinetuneError
+
+IGNORED_KEYS = {"name", "out_dir"}
+
+
+@dataclass
+class Run:
+    name: str
+    path: Path
+    config: dict[str, Any]  # flattened: {"train.lr_head": 0.001, ...}
+    results: pd.DataFrame
+    summary: dict[str, Any]
+
+    @property
+    def finished(self) -> bool:
+        return len(self.results) >= self.config["train.epochs"]
+
+    @property
+    def class_columns(self) -> list[str]:
+        return [c for c in self.results.columns if c.startswith("val_acc_")]
+
+
+def find_runs(patterns: list[str]) -> list[Run]:
+    """Run dirs from paths or globs; a folder of runs stands for every run inside it."""
+    dirs: list[Path] = []
+    for pattern in patterns:
+        matches = [Path(p) for p in sorted(glob.glob(pattern))] or [Path(pattern)]
+        for path in matches:
+            if (path / "config.yaml").is_file():
+                dirs.append(path)
+            elif path.is_dir():
+                dirs += sorted(p.parent for p in path.glob("*/config.yaml"))
+    runs = [load_run(d) for d in dict.fromkeys(dirs)]
+    runs = [r for r in runs if r is not None]
+    if not runs:
+        raise FinetuneError(f"compare: no runs with results in {' '.join(patterns)}; give run dirs or their parent")
+    return runs
+
+
+def load_run(path: Path) -> Run | None:
+    results_file = path / "results.csv"
+    if not results_file.is_file():
+        print(f"compare: skipping {path}: no epoch finished yet")
+        return None
+    config = _flatten(yaml.safe_load((path / "config.yaml").read_text()))
+    summary_file = path / "summary.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    return Run(path.name, path, config, pd.read_csv(results_file), summary)
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        if isinstance(value, dict) and not prefix:
+            out.update(_flatten(value, f"{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def differing_keys(runs: list[Run]) -> list[str]:
+    keys = sorted({k for r in runs for k in r.config} - IGNORED_KEYS)
+    return [k for k in keys if len({repr(r.config.get(k)) for r in runs}) > 1]
+
+
+def _phase_mean(results: pd.DataFrame, phase: str) -> float | None:
+    seconds = results.loc[results["phase"] == phase, "epoch_seconds"]
+    return float(seconds.mean()) if len(seconds) else None
+
+
+def comparison_table(runs: list[Run], sort: str = "best_val_acc") -> pd.DataFrame:
+    keys = differing_keys(runs)
+    rows = []
+    for run in runs:
+        r = run.results
+        best = r.loc[r["val_acc"].idxmax()]
+        row = {"run": run.name, **{k: _cell(run.config.get(k)) for k in keys}}
+        row.update(
+            {
+                "final_val_acc": r["val_acc"].iloc[-1],
+                "best_val_acc": best["val_acc"],
+                "final_val_balanced_acc": r["val_balanced_acc"].iloc[-1],
+                "best_epoch": int(best["epoch"]),
+                "s_per_epoch_frozen": _phase_mean(r, "frozen"),
+                "s_per_epoch_unfrozen": _phase_mean(r, "unfrozen"),
+                "total_s": float(r["epoch_seconds"].sum()),
+                "epochs": f"{len(r)}/{run.config['train.epochs']}" + ("" if run.finished else " (stopped)"),
+                "device": f"{run.summary.get('device', '?')} {run.summary.get('precision', '?')}",
+            }
+        )
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    if sort not in table.columns:
+        raise FinetuneError(f"compare --sort {sort}: not a column; use one of {', '.join(table.columns)}")
+    ascending = sort in ("run", "total_s", "s_per_epoch_frozen", "s_per_epoch_unfrozen") or sort in keys
+    return table.sort_values(sort, ascending=ascending, kind="stable").reset_index(drop=True)
+
+
+def _cell(value: Any) -> Any:
+    """Lists and null as text, so a column reads `null` rather than NaN."""
+    return json.dumps(value) if isinstance(value, (list, dict)) or value is None else value
+
+
+def common_classes(runs: list[Run]) -> list[str]:
+    """Per-class columns every run has, in the first run's order."""
+    shared = set.intersection(*(set(r.class_columns) for r in runs))
+    return [c for c in runs[0].class_columns if c in shared]
+
+
+def per_class_table(runs: list[Run]) -> pd.DataFrame:
+    columns = common_classes(runs)
+    table = pd.DataFrame({r.name: r.results[columns].iloc[-1].to_numpy() for r in runs}, index=columns)
+    table.index = [c.removeprefix("val_acc_") for c in columns]
+    table.index.name = "class"
+    return table
+
+
+def plot_curves(runs: list[Run]) -> Figure:
+    """Val accuracy and loss per epoch, one line per run, its unfreeze marked."""
+    fig = Figure(figsize=(12, 4.5), layout="tight")
+    acc_ax, loss_ax = fig.subplots(1, 2)
+    for run in runs:
+        r = run.results
+        (line,) = acc_ax.plot(r["epoch"], r["val_acc"], marker="o", label=run.name)
+        loss_ax.plot(r["epoch"], r["val_loss"], marker="o", color=line.get_color(), label=run.name)
+        unfrozen = r.loc[r["phase"] == "unfrozen", "epoch"]
+        if (r["phase"] == "frozen").any() and len(unfrozen):
+            for ax in (acc_ax, loss_ax):
+                ax.axvline(unfrozen.iloc[0] - 0.5, color=line.get_color(), linestyle=":", alpha=0.7)
+    for ax, title in ((acc_ax, "Validation accuracy"), (loss_ax, "Validation loss")):
+        ax.set(title=title, xlabel="epoch", ylabel=title.split()[-1])
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+    acc_ax.legend(title="run (dotted: unfreeze)", fontsize="small")
+    return fig
+
+
+def plot_per_class(table: pd.DataFrame) -> Figure:
+    """Grouped bars: final accuracy per class, one bar per run."""
+    fig = Figure(figsize=(max(8, 0.9 * len(table) * max(1, len(table.columns) / 2)), 4.5), layout="tight")
+    ax = fig.subplots()
+    table.plot.bar(ax=ax, width=0.8, rot=30)
+    ax.set(title="Final validation accuracy per class", xlabel="class", ylabel="accuracy", ylim=(0, 1.05))
+    ax.legend(title="run", fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
+def compare(patterns: list[str], out: Path, sort: str = "best_val_acc") -> pd.DataFrame:
+    """Write comparison.csv/.md, per_class.csv, curves.png and per_class.png; return the table."""
+    runs = find_runs(patterns)
+    for run in runs:
+        if not run.finished:
+            print(f"compare: {run.name} finished {len(run.results)}/{run.config['train.epochs']} epochs; using those")
+    if len({tuple(r.class_columns) for r in runs}) > 1:
+        print("compare: the runs have different classes; per-class results cover only the classes they share")
+    table = comparison_table(runs, sort)
+    per_class = per_class_table(runs)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "comparison.csv", table.to_csv(index=False))
+    atomic_write_text(out / "comparison.md", table.to_markdown(index=False, floatfmt=".4g", missingval="-") + "\n")
+    atomic_write_text(out / "per_class.csv", per_class.to_csv())
+    for name, fig in (("curves.png", plot_curves(runs)), ("per_class.png", plot_per_class(per_class))):
+        fig.savefig(out / name, dpi=110)
+    return table

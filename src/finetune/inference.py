@@ -1,0 +1,165 @@
+"""Use a trained checkpoint: rebuild its model, evaluate it on data, predict image files.
+
+A checkpoint is self-describing (arch, classes, image size, normalization), so images are
+preprocessed exactly as in training: decoded to RGB uint8, then resized and normalized as
+a batch by the same BatchTransform.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torchvision
+from matplotlib.figure import Figure
+from sklearn import metrics
+from torch import nn
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from finetune.checkpoint import atomic_write_text, load_checkpoint
+from finetune.config import apply_override, from_dict
+from finetune.data import BatchTransform, ImageSet, decode_images, load_data
+from finetune.errors import FinetuneError
+from finetune.hardware import Runtime, resolve_runtime
+from finetune.models import replace_head
+
+
+@dataclass
+class Predictor:
+    model: nn.Module
+    class_names: list[str]
+    transform: BatchTransform
+    runtime: Runtime
+
+    @torch.inference_mode()
+    def probabilities(self, batches: Iterable[torch.Tensor]) -> torch.Tensor:
+        """Class probabilities for uint8 image batches."""
+        chunks = []
+        for chunk in batches:
+            with self.runtime.autocast():
+                chunks.append(self.model(self.transform(chunk)).float().softmax(1).cpu())
+        return torch.cat(chunks) if chunks else torch.zeros(0, len(self.class_names))
+
+
+def load_predictor(path: str | Path, device: str = "auto", precision: str = "auto") -> Predictor:
+    return predictor_from(load_checkpoint(Path(path)), device, precision)
+
+
+def predictor_from(ckpt: dict[str, Any], device: str, precision: str) -> Predictor:
+    model = torchvision.models.get_model(ckpt["arch"], weights=None)
+    replace_head(model, len(ckpt["class_names"]))
+    model.load_state_dict(ckpt["model"])
+    runtime = resolve_runtime(device, precision)
+    model = model.to(runtime.device, memory_format=torch.channels_last).eval()
+    transform = BatchTransform(ckpt["image_size"], tuple(ckpt["mean"]), tuple(ckpt["std"]), runtime.device)
+    return Predictor(model, list(ckpt["class_names"]), transform, runtime)
+
+
+# ---- eval --------------------------------------------------------------------------------
+def evaluate_checkpoint(path: str | Path, overrides: list[str], out: Path | None) -> dict[str, Any]:
+    """Score a checkpoint on its run's validation data (or the data given by `--set data.*`)."""
+    for item in overrides:
+        if not item.startswith(("data.", "device=", "precision=")):
+            raise FinetuneError(f"eval --set {item}: only data.*, device and precision can be changed")
+    ckpt_path = Path(path)
+    ckpt = load_checkpoint(ckpt_path)
+    raw = ckpt["config"]
+    for item in overrides:
+        apply_override(raw, item)
+    cfg = from_dict(raw, source=f"{ckpt_path} config")
+    predictor = predictor_from(ckpt, cfg.device, cfg.precision)
+    data = load_data(cfg.data, cfg.seed)
+    if data.class_names != predictor.class_names:
+        raise FinetuneError(
+            f"eval: the data's classes ({', '.join(data.class_names)}) are not the checkpoint's "
+            f"({', '.join(predictor.class_names)}); point data.root at data with the same class folders"
+        )
+    preds = predictor.probabilities(data.val.in_order(64)).argmax(1).numpy()
+    report = scores(data.val.labels.numpy(), preds, predictor.class_names)
+    out = out or ckpt_path.parent / f"eval-{ckpt_path.stem}"
+    write_report(report, out)
+    return report
+
+
+def scores(truth: np.ndarray, preds: np.ndarray, class_names: list[str]) -> dict[str, Any]:
+    labels = list(range(len(class_names)))
+    per_class = metrics.classification_report(
+        truth, preds, labels=labels, target_names=class_names, output_dict=True, zero_division=0
+    )
+    return {
+        "images": len(truth),
+        "accuracy": metrics.accuracy_score(truth, preds),
+        "balanced_accuracy": metrics.balanced_accuracy_score(truth, preds),
+        "macro_f1": metrics.f1_score(truth, preds, labels=labels, average="macro", zero_division=0),
+        "per_class": {name: per_class[name] for name in class_names},
+        "confusion_matrix": metrics.confusion_matrix(truth, preds, labels=labels).tolist(),
+        "class_names": class_names,
+    }
+
+
+def write_report(report: dict[str, Any], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    names = report["class_names"]
+    summary = {k: report[k] for k in ("images", "accuracy", "balanced_accuracy", "macro_f1")}
+    atomic_write_text(out / "metrics.json", json.dumps(summary, indent=2) + "\n")
+    per_class = pd.DataFrame(report["per_class"]).T.rename_axis("class")
+    atomic_write_text(out / "per_class.csv", per_class.to_csv(float_format="%.4f"))
+    matrix = pd.DataFrame(report["confusion_matrix"], index=names, columns=names)
+    atomic_write_text(out / "confusion_matrix.csv", matrix.rename_axis("true \\ predicted").to_csv())
+    confusion_figure(np.array(report["confusion_matrix"]), names).savefig(out / "confusion_matrix.png", dpi=110)
+
+
+def confusion_figure(matrix: np.ndarray, class_names: list[str]) -> Figure:
+    size = max(5.0, 0.6 * len(class_names) + 2)
+    fig = Figure(figsize=(size, size), layout="tight")
+    ax = fig.subplots()
+    metrics.ConfusionMatrixDisplay(matrix, display_labels=class_names).plot(
+        ax=ax, colorbar=False, xticks_rotation=45, values_format="d"
+    )
+    ax.set_title("Confusion matrix (rows: true class)")
+    return fig
+
+
+# ---- predict -----------------------------------------------------------------------------
+def image_files(paths: list[str]) -> list[Path]:
+    files = []
+    for name in paths:
+        path = Path(name)
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FinetuneError(f"predict: {path} does not exist; give image files or folders of images")
+    if not files:
+        raise FinetuneError(f"predict: no image files in {' '.join(paths)}")
+    return files
+
+
+def predict(path: str | Path, inputs: list[str], top_k: int) -> list[dict[str, Any]]:
+    """Top-k classes and probabilities per image file."""
+    predictor = load_predictor(path)
+    if top_k < 1:
+        raise FinetuneError(f"predict --top-k {top_k}: must be at least 1")
+    top_k = min(top_k, len(predictor.class_names))
+    files = image_files(inputs)
+    results = []
+    for file in files:
+        decoded = decode_images([file], np.zeros(1, dtype=np.int64), predictor.transform.size, workers=1)
+        results.append(_top_k(file, decoded, predictor, top_k))
+    return results
+
+
+def _top_k(file: Path, decoded: ImageSet, predictor: Predictor, k: int) -> dict[str, Any]:
+    if len(decoded) == 0:
+        return {"file": str(file), "error": "unreadable image"}
+    probs, index = predictor.probabilities([decoded.images])[0].topk(k)
+    pairs = zip(probs.tolist(), index.tolist(), strict=True)
+    top = [{"class": predictor.class_names[i], "probability": round(p, 6)} for p, i in pairs]
+    return {"file": str(file), "top": top}

@@ -1,0 +1,85 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from conftest import make_imagefolder, tiny_config, write_image
+from PIL import Image
+
+from finetune.cli import main
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("infer")
+    data = make_imagefolder(root / "data")
+    config = root / "config.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(data, root / "runs", train={"epochs": 2})))
+    assert main(["train", str(config), "--run-dir", str(root / "run"), "--set", "train.lr_head=0.01"]) == 0
+    return root / "run", data
+
+
+def test_eval_reproduces_the_training_metrics_and_writes_reports(run, tmp_path, capsys):
+    run_dir, _ = run
+    out = tmp_path / "eval"
+    assert main(["eval", str(run_dir / "best.pt"), "--out", str(out)]) == 0
+    assert "accuracy" in capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    results = pd.read_csv(run_dir / "results.csv")
+    best = results.loc[results["is_best"]].iloc[0]
+    assert metrics["accuracy"] == pytest.approx(best["val_acc"])
+    assert metrics["balanced_accuracy"] == pytest.approx(best["val_balanced_acc"])
+    matrix = pd.read_csv(out / "confusion_matrix.csv", index_col=0)
+    assert list(matrix.columns) == ["cat", "dog", "frog"]
+    assert matrix.to_numpy().sum() == metrics["images"] == 12
+    assert np.trace(matrix.to_numpy()) / 12 == pytest.approx(metrics["accuracy"])
+    per_class = pd.read_csv(out / "per_class.csv", index_col="class")
+    assert {"precision", "recall", "f1-score", "support"} <= set(per_class.columns)
+    with Image.open(out / "confusion_matrix.png") as img:
+        assert img.format == "PNG"
+
+
+def test_eval_default_output_beside_checkpoint_and_data_override(run, tmp_path):
+    run_dir, _ = run
+    other = make_imagefolder(tmp_path / "other", val_per_class=2, seed=5)
+    assert main(["eval", str(run_dir / "last.pt"), "--set", f"data.root={other}"]) == 0
+    assert json.loads((run_dir / "eval-last" / "metrics.json").read_text())["images"] == 6
+
+
+def test_eval_refuses_data_with_other_classes(run, tmp_path, capsys):
+    run_dir, _ = run
+    other = make_imagefolder(tmp_path / "other", classes=("a", "b", "c"))
+    assert main(["eval", str(run_dir / "best.pt"), "--set", f"data.root={other}"]) == 2
+    assert "are not the checkpoint's (cat, dog, frog)" in capsys.readouterr().err
+
+
+def test_predict_top_k_for_any_image_mode_and_size(run, tmp_path, capsys):
+    run_dir, data = run
+    rng = np.random.default_rng(1)
+    write_image(tmp_path / "imgs" / "gray.png", 0, rng, size=50, mode="L")
+    write_image(tmp_path / "imgs" / "rgba.png", 1, rng, size=17, mode="RGBA")
+    assert main(["predict", str(run_dir / "best.pt"), str(tmp_path / "imgs"), "--top-k", "2", "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert [r["file"].rsplit("/", 1)[-1] for r in results] == ["gray.png", "rgba.png"]
+    for r in results:
+        probs = [t["probability"] for t in r["top"]]
+        assert len(probs) == 2 and probs == sorted(probs, reverse=True) and sum(probs) <= 1.0 + 1e-6
+        assert {t["class"] for t in r["top"]} <= {"cat", "dog", "frog"}
+
+
+def test_predict_agrees_with_eval_on_the_val_images(run, tmp_path, capsys):
+    run_dir, data = run
+    assert main(["predict", str(run_dir / "best.pt"), str(data / "val"), "--json", "--top-k", "1"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    correct = [r["top"][0]["class"] == r["file"].split("/")[-2] for r in results]
+    assert main(["eval", str(run_dir / "best.pt"), "--out", str(tmp_path / "e")]) == 0
+    assert np.mean(correct) == pytest.approx(json.loads((tmp_path / "e" / "metrics.json").read_text())["accuracy"])
+
+
+def test_predict_table_and_missing_input(run, tmp_path, capsys):
+    run_dir, data = run
+    assert main(["predict", str(run_dir / "best.pt"), str(data / "val" / "cat" / "0000.png")]) == 0
+    assert "top1" in capsys.readouterr().out
+    assert main(["predict", str(run_dir / "best.pt"), str(tmp_path / "nope.png")]) == 2
+    assert "nope.png does not exist" in capsys.readouterr().err
