@@ -12,7 +12,7 @@ import pandas as pd
 import torch
 
 from finetune.checkpoint import load_checkpoint
-from finetune.compare import compare
+from finetune.compare import compare, markdown
 from finetune.config import Config, load_config
 from finetune.data import load_data
 from finetune.errors import FinetuneError
@@ -97,7 +97,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     out = Path(args.out)
     table = compare(args.runs, out, args.sort)
-    print(table.to_markdown(index=False, floatfmt=".4g", missingval="-"))
+    print(markdown(table))
     print(f"wrote {out}/comparison.csv, comparison.md, per_class.csv, curves.png, per_class.png")
     return 0
 

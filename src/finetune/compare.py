@@ -165,6 +165,12 @@ def plot_per_class(table: pd.DataFrame) -> Figure:
     return fig
 
 
+def markdown(table: pd.DataFrame) -> str:
+    """The table as markdown, empty cells (a phase a run never had) shown as `-`."""
+    cells = table.astype(object).where(table.notna(), None)
+    return cells.to_markdown(index=False, floatfmt=".4g", missingval="-")
+
+
 def compare(patterns: list[str], out: Path, sort: str = "best_val_acc") -> pd.DataFrame:
     """Write comparison.csv/.md, per_class.csv, curves.png and per_class.png; return the table."""
     runs = find_runs(patterns)
@@ -177,7 +183,7 @@ def compare(patterns: list[str], out: Path, sort: str = "best_val_acc") -> pd.Da
     per_class = per_class_table(runs)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "comparison.csv", table.to_csv(index=False))
-    atomic_write_text(out / "comparison.md", table.to_markdown(index=False, floatfmt=".4g", missingval="-") + "\n")
+    atomic_write_text(out / "comparison.md", markdown(table) + "\n")
     atomic_write_text(out / "per_class.csv", per_class.to_csv())
     for name, fig in (("curves.png", plot_curves(runs)), ("per_class.png", plot_per_class(per_class))):
         fig.savefig(out / name, dpi=110)
