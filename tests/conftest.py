@@ -55,14 +55,17 @@ def tiny_config(data_root: Path, out_dir: Path, **sections) -> dict:
     return cfg
 
 
+def write_config(path: Path, data_root: Path, out_dir: Path, **sections) -> Path:
+    path.write_text(yaml.safe_dump(tiny_config(data_root, out_dir, **sections)))
+    return path
+
+
 @pytest.fixture
 def config_file(tmp_path: Path, imagefolder: Path):
     """Write a tiny config (with optional section overrides) and return its path."""
 
     def write(**sections) -> Path:
-        path = tmp_path / "config.yaml"
-        path.write_text(yaml.safe_dump(tiny_config(imagefolder, tmp_path / "runs", **sections)))
-        return path
+        return write_config(tmp_path / "config.yaml", imagefolder, tmp_path / "runs", **sections)
 
     return write
 

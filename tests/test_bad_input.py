@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-import yaml
-from conftest import make_imagefolder, tiny_config
+from conftest import make_imagefolder, write_config
 
 from finetune.cli import main
 
@@ -25,9 +24,7 @@ class Env:
     existing: Path
 
     def config(self, **sections) -> str:
-        path = self.tmp / "config.yaml"
-        path.write_text(yaml.safe_dump(tiny_config(self.data, self.runs, **sections)))
-        return str(path)
+        return str(write_config(self.tmp / "config.yaml", self.data, self.runs, **sections))
 
     def text_config(self, text: str) -> str:
         path = self.tmp / "raw.yaml"
@@ -59,8 +56,7 @@ class Exploit:
 def existing_run(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("existing")
     data = make_imagefolder(root / "data")
-    config = root / "config.yaml"
-    config.write_text(yaml.safe_dump(tiny_config(data, root / "runs", train={"epochs": 2})))
+    config = write_config(root / "config.yaml", data, root / "runs", train={"epochs": 2})
     assert main(["train", str(config)]) == 0
     return data, root / "runs" / "tiny"
 
@@ -231,6 +227,14 @@ CASES = {
     "resume pickle exploit": (make_resume_pickle, r"last\.pt is corrupt or not a plain-tensor checkpoint"),
     "resume changed config": (make_resume_changed, r"differs .* in data\.batch_size, train\.lr_head"),
     "resume fewer epochs": (make_resume_fewer_epochs, r"differs .* in train\.unfreeze_epoch"),
+    "resume with run dir": (
+        lambda e: ["train", "--resume", str(e.run_copy()), "--run-dir", str(e.tmp / "x")],
+        r"drop --run-dir",
+    ),
+    "negative memory budget": (
+        lambda e: ["train", e.config(), "--set", "data.memory_budget_mb=-1"],
+        r"data\.memory_budget_mb = -1 must not be negative",
+    ),
 }
 
 

@@ -6,7 +6,7 @@ import sys
 import pandas as pd
 import torch
 import yaml
-from conftest import tiny_config
+from conftest import write_config
 
 from finetune.cli import main
 
@@ -90,8 +90,7 @@ def test_streamed_dataset_trains_like_the_in_memory_one(tmp_path):
     from test_data import mixed_size_folder
 
     root = mixed_size_folder(tmp_path)
-    config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump(tiny_config(root, tmp_path / "runs", train={"epochs": 2})))
+    config = write_config(tmp_path / "c.yaml", root, tmp_path / "runs", train={"epochs": 2})
     for run, budget in (("memory", 4096), ("streamed", 0)):
         sets = [f"data.memory_budget_mb={budget}", "data.num_workers=2"]
         assert main(["train", str(config), "--run-dir", str(tmp_path / run), "--set", *sets]) == 0

@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import make_imagefolder, tiny_config
+from conftest import make_imagefolder, write_config
 from PIL import Image
 
 from finetune.cli import main
@@ -14,8 +14,7 @@ def runs(tmp_path_factory):
     """Two finished runs that differ in schedule and backbone LR, and one stopped after epoch 1."""
     root = tmp_path_factory.mktemp("compare")
     data = make_imagefolder(root / "data")
-    config = root / "config.yaml"
-    config.write_text(yaml.safe_dump(tiny_config(data, root / "runs", train={"epochs": 2})))
+    config = write_config(root / "config.yaml", data, root / "runs", train={"epochs": 2})
     for name, sets in {
         "frozen": ["train.unfreeze_epoch=null"],
         "early": ["train.unfreeze_epoch=1", "train.lr_backbone=3e-4"],
@@ -81,8 +80,7 @@ def test_per_class_plot_has_a_bar_group_per_run(runs):
 
 def test_runs_with_different_classes_compare_on_common_columns(runs, tmp_path, capsys):
     data = make_imagefolder(tmp_path / "other", classes=("cat", "dog", "owl"))
-    config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump(tiny_config(data, tmp_path, train={"epochs": 1, "unfreeze_epoch": None})))
+    config = write_config(tmp_path / "c.yaml", data, tmp_path, train={"epochs": 1, "unfreeze_epoch": None})
     assert main(["train", str(config), "--run-dir", str(tmp_path / "owls")]) == 0
     out = tmp_path / "cmp"
     assert main(["compare", str(runs / "frozen"), str(tmp_path / "owls"), "--out", str(out)]) == 0

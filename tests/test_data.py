@@ -120,3 +120,10 @@ def test_over_budget_images_stream_from_files_decoded_like_in_memory(tmp_path):
     for a, b in zip(streamed.train.batches(index), memory.train.batches(index), strict=True):
         assert torch.equal(a, b)
     assert streamed.train.fingerprint() != memory.train.fingerprint()
+
+
+def test_cifar10_download_failure_is_one_clear_line(tmp_path):
+    """The real torchvision download path, which fails here for want of a network."""
+    cfg = DataConfig(dataset="cifar10", root=str(tmp_path / "cifar"), download=True)
+    with pytest.raises(FinetuneError, match=r"could not be downloaded \(.+\); point data\.root at a copy"):
+        load_data(cfg, seed=0)

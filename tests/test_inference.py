@@ -3,8 +3,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
-from conftest import make_imagefolder, tiny_config, write_image
+from conftest import make_imagefolder, write_config, write_image
 from PIL import Image
 
 from finetune.cli import main
@@ -14,8 +13,7 @@ from finetune.cli import main
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("infer")
     data = make_imagefolder(root / "data")
-    config = root / "config.yaml"
-    config.write_text(yaml.safe_dump(tiny_config(data, root / "runs", train={"epochs": 2})))
+    config = write_config(root / "config.yaml", data, root / "runs", train={"epochs": 2})
     assert main(["train", str(config), "--run-dir", str(root / "run"), "--set", "train.lr_head=0.01"]) == 0
     return root / "run", data
 

@@ -18,8 +18,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-import yaml
-from conftest import make_imagefolder, tiny_config
+from conftest import make_imagefolder, write_config
 
 
 @pytest.fixture(scope="module")
@@ -27,9 +26,8 @@ def setup(tmp_path_factory):
     """A config with enough steps per epoch to be stopped mid-epoch, and its reference run."""
     root = tmp_path_factory.mktemp("resume")
     data = make_imagefolder(root / "data", train_per_class=40, val_per_class=10)
-    cfg = tiny_config(data, root / "runs", data={"batch_size": 4}, train={"epochs": 3, "unfreeze_epoch": 1})
-    config = root / "config.yaml"
-    config.write_text(yaml.safe_dump(cfg))
+    sections = {"data": {"batch_size": 4}, "train": {"epochs": 3, "unfreeze_epoch": 1}}
+    config = write_config(root / "config.yaml", data, root / "runs", **sections)
     reference = root / "reference"
     proc = Finetune("train", config, "--run-dir", reference)
     proc.finish()

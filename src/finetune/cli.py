@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_train(args: argparse.Namespace) -> int:
     overrides = [item for group in args.overrides for item in group]
+    if args.resume and args.run_dir:
+        raise FinetuneError("train: --resume continues a run in its own dir; drop --run-dir")
     if args.resume:
         cfg = resume_config(args.resume, overrides, args.config)
         run_dir = Path(args.resume)
@@ -87,8 +89,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"{run_dir} already finished {cfg.train.epochs} epochs; raise --set train.epochs=N to train longer")
         return 0
     summary = trainer.fit()
+    best = "none" if summary["best_value"] is None else f"{summary['best_value']:.4f}"
     print(
-        f"done: best {summary['monitor']} {summary['best_value']:.4f} at epoch {summary['best_epoch']}, "
+        f"done: best {summary['monitor']} {best} at epoch {summary['best_epoch']}, "
         f"final val_acc {summary['final_val_acc']:.4f}, {summary['total_seconds']:.1f}s; files in {run_dir}"
     )
     return 0
