@@ -188,28 +188,28 @@ class Trainer:
     def _build_cache(self, epoch: int) -> FeatureCache:
         """Features for the (image, flip) pairs the rest of the frozen phase draws."""
         bs, n = self.cfg.data.batch_size, len(self.data.train)
-
-        def features(images: Iterator[torch.Tensor], flip: bool) -> torch.Tensor:
-            flips = (lambda c: torch.ones(len(c), dtype=torch.bool)) if flip else (lambda c: None)
-            return extract(self.model, self.head, self.runtime, (self.transform(c, flips(c)) for c in images))
-
-        settings = (
-            f"{self.cfg.model.arch}|{self.transform.size}|{self.built.mean}|{self.built.std}|{self.runtime.describe()}"
-        )
-        key = cache_key(
-            self.model, self.built.head_name, [self.train_set.fingerprint(), self.val_set.fingerprint()], settings
-        )
+        key = self._cache_key()
         cache = self.store.load(key, self.device)
         if cache is None:
-            val = features(self.val_set.in_order(bs), False)
+            val = self._features(self.val_set.in_order(bs), flip=False)
             train = torch.zeros(2, n, val.shape[1], dtype=val.dtype, device=self.device)
             cache = FeatureCache(train, torch.zeros(2, n, dtype=torch.bool), val)
         t = self.cfg.train
         last_frozen = t.epochs if t.unfreeze_epoch is None else t.unfreeze_epoch
         needed = needed_variants(n, self.cfg.seed, range(epoch, last_frozen + 1), self.cfg.data.hflip)
-        if cache.fill(needed, lambda index, flip: features(self.train_set.batches(index.split(bs)), flip)):
+        if cache.fill(needed, lambda index, flip: self._features(self.train_set.batches(index.split(bs)), flip)):
             self.store.save(key, cache)
         return cache
+
+    def _cache_key(self) -> str:
+        settings = (self.cfg.model.arch, self.transform.size, self.built.mean, self.built.std, self.runtime.describe())
+        fingerprints = [self.train_set.fingerprint(), self.val_set.fingerprint()]
+        return cache_key(self.model, self.built.head_name, fingerprints, "|".join(map(str, settings)))
+
+    def _features(self, images: Iterator[torch.Tensor], flip: bool) -> torch.Tensor:
+        """The head's inputs for uint8 batches, every image flipped or none."""
+        batches = (self.transform(x, torch.ones(len(x), dtype=torch.bool) if flip else None) for x in images)
+        return extract(self.model, self.head, self.runtime, batches)
 
     def _train_steps(self, epoch: int, use_cache: bool, started: float) -> None:
         n = len(self.data.train)
