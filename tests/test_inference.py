@@ -81,3 +81,13 @@ def test_predict_table_and_missing_input(run, tmp_path, capsys):
     assert "top1" in capsys.readouterr().out
     assert main(["predict", str(run_dir / "best.pt"), str(tmp_path / "nope.png")]) == 2
     assert "nope.png does not exist" in capsys.readouterr().err
+
+
+def test_predict_marks_unreadable_files_and_batches_the_rest(run, tmp_path, capsys):
+    run_dir, data = run
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    files = [str(data / "val" / "dog" / "0001.png"), str(tmp_path / "broken.png"), str(data / "val" / "cat")]
+    assert main(["predict", str(run_dir / "best.pt"), *files, "--json", "--top-k", "5"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert [("error" in r) for r in results] == [False, True, False, False, False, False]
+    assert all(len(r["top"]) == 3 for r in results if "top" in r), "top-k is capped at the number of classes"

@@ -81,7 +81,7 @@ class _ImageFiles(Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        array = _read_rgb(self.files[i])
+        array = read_rgb(self.files[i])
         if array is None:  # passed the header check at scan time, failed to decode now
             warnings.warn(f"{self.files[i]} could not be decoded; a black image stands in", stacklevel=1)
             return torch.zeros(3, self.size, self.size, dtype=torch.uint8)
@@ -244,7 +244,7 @@ def scan_folder(folder: Path) -> tuple[list[str], list[Path], np.ndarray]:
     return classes, files, np.array(labels)
 
 
-def _read_rgb(path: Path) -> np.ndarray | None:
+def read_rgb(path: Path) -> np.ndarray | None:
     try:
         with Image.open(path) as img:
             return np.asarray(img.convert("RGB"))
@@ -259,7 +259,7 @@ def decode_images(files: list[Path], labels: np.ndarray, size: int, workers: int
     sizes are resized to `size` so they stack.
     """
     with ThreadPoolExecutor(max(1, workers or os.cpu_count() or 1)) as pool:
-        arrays = list(pool.map(_read_rgb, files))
+        arrays = list(pool.map(read_rgb, files))
     _warn_skipped([f for f, a in zip(files, arrays, strict=True) if a is None])
     good = [i for i, a in enumerate(arrays) if a is not None]
     arrays = [arrays[i] for i in good]

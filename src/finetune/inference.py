@@ -24,7 +24,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from finetune.checkpoint import atomic_write_text, load_checkpoint
 from finetune.config import apply_override, from_dict
-from finetune.data import BatchTransform, ImageSet, decode_images, load_data
+from finetune.data import BatchTransform, load_data, read_rgb
 from finetune.errors import FinetuneError
 from finetune.hardware import Runtime, resolve_runtime
 from finetune.models import replace_head
@@ -38,12 +38,14 @@ class Predictor:
     runtime: Runtime
 
     @torch.inference_mode()
+    def classify(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Class probabilities for inputs already resized and normalized."""
+        with self.runtime.autocast():
+            return self.model(inputs).float().softmax(1).cpu()
+
     def probabilities(self, batches: Iterable[torch.Tensor]) -> torch.Tensor:
         """Class probabilities for uint8 image batches."""
-        chunks = []
-        for chunk in batches:
-            with self.runtime.autocast():
-                chunks.append(self.model(self.transform(chunk)).float().softmax(1).cpu())
+        chunks = [self.classify(self.transform(batch)) for batch in batches]
         return torch.cat(chunks) if chunks else torch.zeros(0, len(self.class_names))
 
 
@@ -142,24 +144,31 @@ def image_files(paths: list[str]) -> list[Path]:
     return files
 
 
-def predict(path: str | Path, inputs: list[str], top_k: int) -> list[dict[str, Any]]:
-    """Top-k classes and probabilities per image file."""
-    predictor = load_predictor(path)
+def predict(path: str | Path, inputs: list[str], top_k: int, batch_size: int = 64) -> list[dict[str, Any]]:
+    """Top-k classes and probabilities per image file, in batches."""
     if top_k < 1:
         raise FinetuneError(f"predict --top-k {top_k}: must be at least 1")
-    top_k = min(top_k, len(predictor.class_names))
     files = image_files(inputs)
+    predictor = load_predictor(path)
+    k = min(top_k, len(predictor.class_names))
     results = []
-    for file in files:
-        decoded = decode_images([file], np.zeros(1, dtype=np.int64), predictor.transform.size, workers=1)
-        results.append(_top_k(file, decoded, predictor, top_k))
+    for start in range(0, len(files), batch_size):
+        results += _predict_batch(files[start : start + batch_size], predictor, k)
     return results
 
 
-def _top_k(file: Path, decoded: ImageSet, predictor: Predictor, k: int) -> dict[str, Any]:
-    if len(decoded) == 0:
-        return {"file": str(file), "error": "unreadable image"}
-    probs, index = predictor.probabilities([decoded.images])[0].topk(k)
-    pairs = zip(probs.tolist(), index.tolist(), strict=True)
-    top = [{"class": predictor.class_names[i], "probability": round(p, 6)} for p, i in pairs]
-    return {"file": str(file), "top": top}
+def _predict_batch(files: list[Path], predictor: Predictor, k: int) -> list[dict[str, Any]]:
+    """Each image is resized on its own by the training transform; the batch is classified at once."""
+    arrays = [read_rgb(f) for f in files]
+    inputs = [predictor.transform(torch.from_numpy(a).permute(2, 0, 1)[None]) for a in arrays if a is not None]
+    probs = iter(predictor.classify(torch.cat(inputs)) if inputs else [])
+    results = []
+    for file, array in zip(files, arrays, strict=True):
+        if array is None:
+            results.append({"file": str(file), "error": "unreadable image"})
+            continue
+        values, index = next(probs).topk(k)
+        pairs = zip(values.tolist(), index.tolist(), strict=True)
+        top = [{"class": predictor.class_names[i], "probability": round(p, 6)} for p, i in pairs]
+        results.append({"file": str(file), "top": top})
+    return results
