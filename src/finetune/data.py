@@ -85,9 +85,7 @@ class _ImageFiles(Dataset):
         if array is None:  # passed the header check at scan time, failed to decode now
             warnings.warn(f"{self.files[i]} could not be decoded; a black image stands in", stacklevel=1)
             return torch.zeros(3, self.size, self.size, dtype=torch.uint8)
-        if array.shape[:2] != (self.size, self.size):
-            array = np.asarray(Image.fromarray(array).resize((self.size, self.size), Image.BILINEAR))
-        return torch.from_numpy(array.copy()).permute(2, 0, 1)
+        return torch.from_numpy(resized(array, self.size, self.size)).permute(2, 0, 1)
 
 
 @dataclass
@@ -209,24 +207,40 @@ def _load_imagefolder(cfg: DataConfig, seed: int) -> DataSplits:
         )
     ti = _train_indices(train_labels, cfg, class_names, seed)
     vi = _val_indices(val_labels, cfg, seed)
-    files = [train_files[i] for i in ti] + [val_files[i] for i in vi]
-    read = decode_images if _fits_in_memory(files, cfg) else stream_images
-    train = read([train_files[i] for i in ti], train_labels[ti], cfg.image_size, cfg.num_workers)
-    val = read([val_files[i] for i in vi], val_labels[vi], cfg.image_size, cfg.num_workers)
-    _require_all_classes(train, class_names, ti, train_labels, root / "train")
-    return DataSplits(train, val, class_names)
+    train = ImageFiles([train_files[i] for i in ti], train_labels[ti])
+    val = ImageFiles([val_files[i] for i in vi], val_labels[vi])
+    if train.estimate_mb(cfg.image_size) + val.estimate_mb(cfg.image_size) <= cfg.memory_budget_mb:
+        splits = DataSplits(decode_images(train, cfg), decode_images(val, cfg), class_names)
+    else:
+        splits = DataSplits(train.streamed(cfg), val.streamed(cfg), class_names)
+    _require_all_classes(set(train.labels.tolist()), splits.train, class_names, root / "train")
+    return splits
 
 
-def _fits_in_memory(files: list[Path], cfg: DataConfig) -> bool:
-    """Estimate the decoded size from the first readable header (uniform sizes stay as they are)."""
-    pixels = cfg.image_size**2
-    for path in files[:10]:
-        if _header_ok(path):
-            with Image.open(path) as img:
-                pixels = img.size[0] * img.size[1]
-            break
-    estimate_mb = len(files) * 3 * pixels / 2**20
-    return estimate_mb <= cfg.memory_budget_mb
+@dataclass
+class ImageFiles:
+    files: list[Path]
+    labels: np.ndarray
+
+    def first_size(self) -> tuple[int, int] | None:
+        """(height, width) of the first image whose header reads."""
+        size = next((s for s in map(_header_size, self.files[:20]) if s is not None), None)
+        return (size[1], size[0]) if size else None
+
+    def estimate_mb(self, size: int) -> float:
+        """Decoded size if all images are like the first (uniform sizes stay as they are)."""
+        height, width = self.first_size() or (size, size)
+        return len(self.files) * 3 * height * width / 2**20
+
+    def streamed(self, cfg: DataConfig) -> ImageSet:
+        """Files decoded per batch later; unreadable headers are skipped now with one warning."""
+        with _pool(cfg.num_workers) as pool:
+            ok = list(pool.map(_header_size, self.files))
+        _warn_skipped([f for f, size in zip(self.files, ok, strict=True) if size is None])
+        keep = [i for i, size in enumerate(ok) if size is not None]
+        labels = torch.as_tensor(self.labels[keep], dtype=torch.long)
+        files = [self.files[i] for i in keep]
+        return ImageSet(labels, files=files, size=cfg.image_size, workers=cfg.num_workers)
 
 
 def scan_folder(folder: Path) -> tuple[list[str], list[Path], np.ndarray]:
@@ -247,44 +261,63 @@ def scan_folder(folder: Path) -> tuple[list[str], list[Path], np.ndarray]:
 def read_rgb(path: Path) -> np.ndarray | None:
     try:
         with Image.open(path) as img:
-            return np.asarray(img.convert("RGB"))
+            return np.array(img.convert("RGB"))
     except (UnidentifiedImageError, OSError, ValueError):
         return None
 
 
-def decode_images(files: list[Path], labels: np.ndarray, size: int, workers: int) -> ImageSet:
-    """Decode files to RGB once; unreadable files are skipped with one warning.
-
-    Images that all share one size are kept at it (CIFAR stays 32 px in memory); mixed
-    sizes are resized to `size` so they stack.
-    """
-    with ThreadPoolExecutor(max(1, workers or os.cpu_count() or 1)) as pool:
-        arrays = list(pool.map(read_rgb, files))
-    _warn_skipped([f for f, a in zip(files, arrays, strict=True) if a is None])
-    good = [i for i, a in enumerate(arrays) if a is not None]
-    arrays = [arrays[i] for i in good]
-    if len({a.shape for a in arrays}) > 1:
-        arrays = [np.asarray(Image.fromarray(a).resize((size, size), Image.BILINEAR)) for a in arrays]
-    stacked = np.stack(arrays) if arrays else np.zeros((0, size, size, 3), np.uint8)
-    return _from_hwc(stacked, labels[good])
-
-
-def _header_ok(path: Path) -> bool:
+def _header_size(path: Path) -> tuple[int, int] | None:
     try:
-        with Image.open(path):
-            return True
+        with Image.open(path) as img:
+            return img.size
     except (UnidentifiedImageError, OSError, ValueError):
-        return False
+        return None
 
 
-def stream_images(files: list[Path], labels: np.ndarray, size: int, workers: int) -> ImageSet:
-    """Files decoded per batch later; unreadable headers are skipped now with one warning."""
-    with ThreadPoolExecutor(max(1, workers or os.cpu_count() or 1)) as pool:
-        ok = list(pool.map(_header_ok, files))
-    _warn_skipped([f for f, good in zip(files, ok, strict=True) if not good])
-    keep = [i for i, good in enumerate(ok) if good]
-    labels = torch.as_tensor(labels[keep], dtype=torch.long)
-    return ImageSet(labels, files=[files[i] for i in keep], size=size, workers=workers)
+def _pool(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max(1, workers or os.cpu_count() or 1))
+
+
+def resized(array: np.ndarray, height: int, width: int) -> np.ndarray:
+    if array.shape[:2] == (height, width):
+        return array
+    return np.array(Image.fromarray(array).resize((width, height), Image.BILINEAR))
+
+
+def decode_images(found: ImageFiles, cfg: DataConfig) -> ImageSet:
+    """Decode every file once, straight into one preallocated uint8 tensor.
+
+    Images that all share one size are kept at it (CIFAR stays 32 px in memory); if sizes
+    are mixed, all are resized to `data.image_size` so they stack. Files that cannot be
+    decoded are skipped with one warning.
+    """
+    height, width = found.first_size() or (cfg.image_size, cfg.image_size)
+    images = torch.empty(len(found.files), 3, height, width, dtype=torch.uint8)
+    odd: dict[int, np.ndarray] = {}  # images of another size than the first
+
+    def decode_into(i: int) -> bool:
+        array = read_rgb(found.files[i])
+        if array is not None and array.shape[:2] == (height, width):
+            images[i] = torch.from_numpy(array).permute(2, 0, 1)
+        elif array is not None:
+            odd[i] = array
+        return array is not None
+
+    with _pool(cfg.num_workers) as pool:
+        ok = torch.tensor(list(pool.map(decode_into, range(len(found.files)))), dtype=torch.bool)
+    _warn_skipped([f for f, good in zip(found.files, ok.tolist(), strict=True) if not good])
+    if odd:
+        images = _resize_all(images, odd, ok, cfg.image_size)
+    labels = torch.as_tensor(found.labels, dtype=torch.long)
+    return ImageSet(labels, images) if ok.all() else ImageSet(labels[ok], images[ok])
+
+
+def _resize_all(images: torch.Tensor, odd: dict[int, np.ndarray], ok: torch.Tensor, size: int) -> torch.Tensor:
+    out = torch.zeros(len(images), 3, size, size, dtype=torch.uint8)
+    for i in ok.nonzero().flatten().tolist():
+        array = odd[i] if i in odd else images[i].permute(1, 2, 0).numpy()
+        out[i] = torch.from_numpy(resized(array, size, size)).permute(2, 0, 1)
+    return out
 
 
 def _warn_skipped(bad: list[Path]) -> None:
@@ -293,13 +326,9 @@ def _warn_skipped(bad: list[Path]) -> None:
         warnings.warn(f"skipped {len(bad)} unreadable image file(s): {shown}", stacklevel=3)
 
 
-def _require_all_classes(
-    data: ImageSet, class_names: list[str], chosen: np.ndarray, all_labels: np.ndarray, folder: Path
-) -> None:
-    """A class that was chosen for training but lost every image to decoding errors is an error."""
-    wanted = set(all_labels[chosen].tolist())
-    left = set(data.labels.tolist())
-    lost = sorted(wanted - left)
+def _require_all_classes(wanted: set[int], train: ImageSet, class_names: list[str], folder: Path) -> None:
+    """A class chosen for training that lost every image to unreadable files is an error."""
+    lost = sorted(wanted - set(train.labels.tolist()))
     if lost:
         names = ", ".join(class_names[i] for i in lost)
         raise FinetuneError(f"no readable images left for class(es) {names} in {folder}; replace the corrupt files")
