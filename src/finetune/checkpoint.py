@@ -1,53 +1,18 @@
-"""Atomic file writes, checkpoint save/load, and the best/last policy.
-
-Every run file is written to a temp file in the same folder, fsynced and renamed over the
-old one, so a kill or a full disk leaves either the old file or the new one, never half.
-"""
+"""Checkpoint save/load (atomic, weights-only) and the best/last policy."""
 
 from __future__ import annotations
 
 import io
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from finetune.errors import FinetuneError
+from finetune.files import atomic_write_bytes
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 MAXIMIZE = {"val_acc": True, "val_balanced_acc": True, "val_loss": False}
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; run files read like any other
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:

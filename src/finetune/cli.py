@@ -1,4 +1,8 @@
-"""`finetune` command line: the one place that turns FinetuneError into exit code 2."""
+"""`finetune` command line: the one place that turns FinetuneError into exit code 2.
+
+torch, torchvision and the plotting stack are imported inside the commands, after the
+config is read and checked, so a typo in a config is reported in a fraction of a second.
+"""
 
 from __future__ import annotations
 
@@ -7,20 +11,14 @@ import json
 import sys
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
-import torch
-
-from finetune.checkpoint import load_checkpoint
-from finetune.compare import compare, markdown
 from finetune.config import Config, load_config
-from finetune.data import load_data
-from finetune.errors import FinetuneError
-from finetune.hardware import resolve_runtime
-from finetune.inference import evaluate_checkpoint, predict
-from finetune.models import build_model, check_model_config
+from finetune.errors import FinetuneError, Interrupted
 from finetune.rundir import create_run_dir, new_run_dir, remove_stale_temp_files, resume_config
-from finetune.train import Interrupted, Trainer
+
+if TYPE_CHECKING:
+    from finetune.train import Trainer
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,6 +96,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    from finetune.compare import compare, markdown
+
     out = Path(args.out)
     table = compare(args.runs, out, args.sort)
     print(markdown(table))
@@ -106,6 +106,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from finetune.inference import evaluate_checkpoint
+
     overrides = [item for group in args.overrides for item in group]
     report = evaluate_checkpoint(args.checkpoint, overrides, Path(args.out) if args.out else None)
     print(
@@ -118,6 +122,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from finetune.inference import predict
+
     results = predict(args.checkpoint, args.images, args.top_k)
     if args.json:
         print(json.dumps(results, indent=2))
@@ -133,6 +141,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def _resume_state(run_dir: Path) -> dict | None:
     """last.pt of the run, or None when it was stopped before its first checkpoint."""
+    from finetune.checkpoint import load_checkpoint
+
     last = run_dir / "last.pt"
     if not last.exists():
         print(f"{run_dir} has no last.pt yet: starting it from the beginning with its saved config")
@@ -145,6 +155,13 @@ def _resume_state(run_dir: Path) -> dict | None:
 
 def _prepare(cfg: Config, run_dir: Path) -> Trainer:
     """Validate what is cheap to check, then load data and weights, then write the run dir."""
+    import torch
+
+    from finetune.data import load_data
+    from finetune.hardware import resolve_runtime
+    from finetune.models import build_model, check_model_config
+    from finetune.train import Trainer
+
     check_model_config(cfg.model)
     runtime = resolve_runtime(cfg.device, cfg.precision)
     torch.manual_seed(cfg.seed)

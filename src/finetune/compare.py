@@ -16,8 +16,8 @@ import pandas as pd
 import yaml
 from matplotlib.figure import Figure
 
-from finetune.checkpoint import atomic_write_text
 from finetune.errors import FinetuneError
+from finetune.files import atomic_write_text
 
 IGNORED_KEYS = {"name", "out_dir"}
 

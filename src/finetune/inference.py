@@ -22,10 +22,11 @@ from sklearn import metrics
 from torch import nn
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from finetune.checkpoint import atomic_write_text, load_checkpoint
+from finetune.checkpoint import load_checkpoint
 from finetune.config import apply_override, from_dict
 from finetune.data import BatchTransform, load_data, read_rgb
 from finetune.errors import FinetuneError
+from finetune.files import atomic_write_text
 from finetune.hardware import Runtime, resolve_runtime
 from finetune.models import replace_head
 

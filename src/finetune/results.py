@@ -9,7 +9,7 @@ from typing import Any
 
 import pandas as pd
 
-from finetune.checkpoint import atomic_write_text
+from finetune.files import atomic_write_text
 
 TIMING_COLUMNS = ("epoch_seconds",)
 

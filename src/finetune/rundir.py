@@ -6,9 +6,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from finetune.checkpoint import atomic_write_text
 from finetune.config import Config, apply_override, from_dict, read_yaml, to_yaml
 from finetune.errors import FinetuneError
+from finetune.files import atomic_write_text
 
 RESUMABLE_CHANGES = {"train.epochs"}
 

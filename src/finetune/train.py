@@ -24,7 +24,7 @@ from tqdm import tqdm
 from finetune.checkpoint import CheckpointSaver
 from finetune.config import Config
 from finetune.data import BatchTransform, DataSplits, class_counts, epoch_plan
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, Interrupted
 from finetune.features import FeatureCache, FeatureStore, cache_key, extract, needed_variants
 from finetune.freezing import (
     apply_phase,
@@ -41,15 +41,6 @@ from finetune.models import BuiltModel
 from finetune.results import EpochRecord, ResultsLog, write_summary
 
 CHECK_EVERY = 10  # steps between host syncs (progress bar, NaN check)
-
-
-class Interrupted(Exception):
-    """Training stopped on SIGINT/SIGTERM after writing a resumable last.pt."""
-
-    def __init__(self, signum: int, run_dir: Path):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-        self.run_dir = run_dir
 
 
 @dataclass
