@@ -143,13 +143,14 @@ class Trainer:
     # ---- the loop -----------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         handlers = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        epochs = range(self.progress.epoch + 1, self.cfg.train.epochs + 1)
+        bar = tqdm(epochs, desc="epochs", disable=None, leave=False, total=self.cfg.train.epochs)
         try:
-            epochs = range(self.progress.epoch + 1, self.cfg.train.epochs + 1)
-            bar = tqdm(epochs, desc="epochs", disable=None, leave=False, total=self.cfg.train.epochs)
             bar.update(self.progress.epoch)
             for epoch in bar:
                 self.run_epoch(epoch)
         finally:
+            bar.close()
             for signum, handler in handlers.items():
                 signal.signal(signum, handler)
         return self.summary()
@@ -212,7 +213,6 @@ class Trainer:
         corrects = torch.zeros(len(batches), dtype=torch.long, device=self.device)
         losses[:done] = torch.tensor(self.progress.losses[:done], dtype=torch.float64)
         corrects[:done] = torch.tensor(self.progress.corrects[:done], dtype=torch.long)
-        bar = tqdm(total=len(batches), initial=done, desc=f"epoch {epoch}", disable=None, leave=False)
         todo = batches[done:]
         if use_cache:
             inputs_per_step = (self.cache.train_inputs(i, flips[i]) for i in todo)
@@ -220,17 +220,17 @@ class Trainer:
             inputs_per_step = (
                 self.transform(x, flips[i]) for i, x in zip(todo, self.train_set.batches(todo), strict=True)
             )
-        for step, inputs in enumerate(inputs_per_step, start=done):
-            index = batches[step]
-            losses[step], corrects[step] = self._step(forward, inputs, self.train_labels[index.to(self.device)])
-            bar.update()
-            last = step + 1 == len(batches)
-            if (step + 1) % CHECK_EVERY == 0 or last or self.stop_signal:
-                self._check_finite(losses, epoch, step)
-                bar.set_postfix(loss=f"{losses[step].item():.3f}", refresh=False)
-            if self.stop_signal and not last:
-                self._save_interrupted(epoch, step + 1, losses, corrects, started)
-        bar.close()
+        with tqdm(total=len(batches), initial=done, desc=f"epoch {epoch}", disable=None, leave=False) as bar:
+            for step, inputs in enumerate(inputs_per_step, start=done):
+                index = batches[step]
+                losses[step], corrects[step] = self._step(forward, inputs, self.train_labels[index.to(self.device)])
+                bar.update()
+                last = step + 1 == len(batches)
+                if (step + 1) % CHECK_EVERY == 0 or last or self.stop_signal:
+                    self._check_finite(losses, epoch, step)
+                    bar.set_postfix(loss=f"{losses[step].item():.3f}", refresh=False)
+                if self.stop_signal and not last:
+                    self._save_interrupted(epoch, step + 1, losses, corrects, started)
         sizes = torch.tensor([len(b) for b in batches], dtype=torch.float64, device=self.device)
         self.epoch_train = ((losses * sizes).sum().item() / n, corrects.sum().item() / n)
 
