@@ -171,7 +171,7 @@ def row(setup: str, tool: str, result: dict) -> dict:
         "total s": result["wall"],
         "final val acc": epochs[-1]["val_acc"],
         "best val acc": max(e["val_acc"] for e in epochs),
-        "peak RSS MB": result["rss_mb"],
+        "peak RSS MB": round(result["rss_mb"]),
     }
 
 
@@ -282,16 +282,22 @@ def trainer_rate(ours: dict, args: argparse.Namespace, rates: dict) -> float:
     return args.train * len(unfrozen) / seconds
 
 
+def format_table(table: pd.DataFrame) -> str:
+    """Markdown with 3 significant digits; the reference rows' empty speedup shown as `-`."""
+    cells = table.astype(object).where(table.notna(), None)
+    return cells.to_markdown(index=False, floatfmt=".3g", missingval="-")
+
+
 def render(args, table, totals, rates, ours, memory, precision) -> str:
     achieved = trainer_rate(ours, args, rates)
     lines = [
         f"# finetune vs the seed's loop: {args.arch}, {args.size} px, weights {args.weights}, "
         f"{args.train} train / {args.val} val CIFAR-10 images, {args.epochs} epochs, {os.cpu_count()} CPU cores",
         "",
-        table.to_markdown(index=False, floatfmt=".3g"),
+        format_table(table),
         "",
-        f"- 3-config total: reference {totals['reference']:.0f} s, finetune {totals['finetune']:.0f} s, "
-        f"speedup {totals['reference'] / totals['finetune']:.2f}x",
+        f"- total over {len(args.setups)} setups: reference {totals['reference']:.0f} s, "
+        f"finetune {totals['finetune']:.0f} s, speedup {totals['reference'] / totals['finetune']:.2f}x",
         f"- raw model at {precision}: train step {rates['train']:.1f} img/s, inference {rates['eval']:.1f} img/s; "
         f"trainer on unfrozen epochs {achieved:.1f} img/s ({achieved / rates['train']:.0%} of raw)",
         f"- full CIFAR-10 training set in memory: {memory['images']} images, {memory['tensor_mb']:.0f} MB tensor, "
