@@ -16,6 +16,7 @@ import pandas as pd
 import yaml
 from matplotlib.figure import Figure
 
+from finetune.config import flatten
 from finetune.errors import FinetuneError
 from finetune.files import atomic_write_text
 
@@ -61,20 +62,10 @@ def load_run(path: Path) -> Run | None:
     if not results_file.is_file():
         print(f"compare: skipping {path}: no epoch finished yet")
         return None
-    config = _flatten(yaml.safe_load((path / "config.yaml").read_text()))
+    config = flatten(yaml.safe_load((path / "config.yaml").read_text()))
     summary_file = path / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     return Run(path.name, path, config, pd.read_csv(results_file), summary)
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in d.items():
-        if isinstance(value, dict) and not prefix:
-            out.update(_flatten(value, f"{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def differing_keys(runs: list[Run]) -> list[str]:

@@ -251,5 +251,16 @@ def validate(cfg: Config) -> None:
         raise FinetuneError(f"config: data.image_size = {d.image_size} is too small; use at least 16")
 
 
+def flatten(raw: dict[str, Any]) -> dict[str, Any]:
+    """{"train": {"epochs": 3}} -> {"train.epochs": 3}; values inside a section stay whole."""
+    flat: dict[str, Any] = {}
+    for key, value in raw.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
 def to_yaml(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -12,7 +12,7 @@ the features lets later runs and other configs reuse them.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,8 +23,6 @@ from finetune.checkpoint import load_checkpoint, save_checkpoint
 from finetune.data import epoch_plan
 from finetune.errors import FinetuneError
 from finetune.hardware import Runtime
-
-Batches = Callable[[torch.Tensor, bool], Iterator[torch.Tensor]]
 
 
 @dataclass

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
-from finetune.config import Config, apply_override, from_dict, read_yaml, to_yaml
+from finetune.config import Config, apply_override, flatten, from_dict, read_yaml, to_yaml
 from finetune.errors import FinetuneError
 from finetune.files import atomic_write_text
 
@@ -56,8 +55,8 @@ def resume_config(run_dir: str, overrides: list[str], config_path: str | None) -
     for item in overrides:
         apply_override(new_raw, item)
     new = from_dict(new_raw, source=config_path or "--set")
-    changed = sorted(set(_flatten(saved.to_dict()).items()) ^ set(_flatten(new.to_dict()).items()))
-    keys = sorted({k for k, _ in changed} - RESUMABLE_CHANGES)
+    before, after = flatten(saved.to_dict()), flatten(new.to_dict())
+    keys = sorted({k for k in before if repr(before[k]) != repr(after[k])} - RESUMABLE_CHANGES)
     if keys:
         raise FinetuneError(
             f"--resume {path}: config differs from the run's in {', '.join(keys)}; "
@@ -72,13 +71,3 @@ def remove_stale_temp_files(run_dir: Path) -> None:
     """Temp files of writes that a kill interrupted; the files they were to replace are intact."""
     for leftover in Path(run_dir).glob(".*.tmp"):
         leftover.unlink()
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    out = {}
-    for key, value in d.items():
-        if isinstance(value, dict) and key in ("data", "model", "train", "checkpoint"):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = repr(value)
-    return out
