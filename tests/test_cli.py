@@ -11,8 +11,8 @@ from conftest import write_config
 from finetune.cli import main
 
 EXPECTED_COLUMNS = [
-    "epoch", "phase", "train_loss", "train_acc", "val_loss", "val_acc", "val_balanced_acc", "lr_head",
-    "lr_backbone", "trainable_params", "epoch_seconds", "is_best", "val_acc_cat", "val_acc_dog", "val_acc_frog",
+    "epoch", "stage", "train_loss", "train_acc", "val_loss", "val_acc", "val_balanced_acc", "trainable_params",
+    "epoch_seconds", "is_best", "lr_head", "lr_backbone", "val_acc_cat", "val_acc_dog", "val_acc_frog",
 ]  # fmt: skip
 
 
@@ -27,7 +27,7 @@ def test_train_end_to_end_in_a_real_process(config_file, tmp_path):
     assert proc.returncode == 0, proc.stderr
     run = tmp_path / "runs" / "tiny"
     assert sorted(p.name for p in run.iterdir()) == ["best.pt", "config.yaml", "last.pt", "results.csv", "summary.json"]
-    assert "epoch 2/2 unfrozen" in proc.stdout
+    assert "epoch 2/2 backbone" in proc.stdout
 
     resolved = yaml.safe_load((run / "config.yaml").read_text())
     assert resolved["train"]["epochs"] == 2 and resolved["seed"] == 1
@@ -36,7 +36,7 @@ def test_train_end_to_end_in_a_real_process(config_file, tmp_path):
     results = pd.read_csv(run / "results.csv")
     assert list(results.columns) == EXPECTED_COLUMNS
     assert results["epoch"].tolist() == [1, 2]
-    assert results["phase"].tolist() == ["frozen", "unfrozen"]
+    assert results["stage"].tolist() == ["head", "backbone"]
 
     summary = json.loads((run / "summary.json").read_text())
     assert summary["epochs_completed"] == 2 and summary["precision"] == "fp32"

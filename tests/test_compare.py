@@ -43,7 +43,9 @@ def test_compare_writes_tables_and_plots(runs, tmp_path, capsys):
     early = table.set_index("run").loc["early"]
     results = pd.read_csv(runs / "early" / "results.csv")
     assert early["final_val_acc"] == pytest.approx(results["val_acc"].iloc[-1])
-    assert early["s_per_epoch_unfrozen"] == pytest.approx(results["epoch_seconds"].iloc[1])
+    assert early["s_per_epoch_backbone"] == pytest.approx(results["epoch_seconds"].iloc[1])
+    assert early["s_per_epoch_head"] == pytest.approx(results["epoch_seconds"].iloc[0])
+    assert early["monitor"] == "val_acc"
     assert table.set_index("run").loc["stopped", "epochs"] == "1/3 (stopped)"
     assert (out / "comparison.md").read_text().startswith("| run")
     for name in ("curves.png", "per_class.png"):

@@ -1,7 +1,8 @@
 import torch
+import torchvision
 
 from finetune.config import TrainConfig
-from finetune.freezing import phase_for_epoch, split_parameters
+from finetune.schedule import Schedule
 
 
 def snapshot(trainer):
@@ -19,17 +20,22 @@ def names(trainer):
     return head, params - head, bn_stats
 
 
-def test_phase_schedule():
-    cfg = TrainConfig(epochs=4, unfreeze_epoch=2)
-    assert [phase_for_epoch(cfg, e) for e in (1, 2, 3, 4)] == ["frozen", "frozen", "unfrozen", "unfrozen"]
-    assert phase_for_epoch(TrainConfig(unfreeze_epoch=None), 9) == "frozen"
-    assert phase_for_epoch(TrainConfig(freeze_backbone=False), 1) == "unfrozen"
+def test_shorthand_is_one_backbone_stage():
+    model = torchvision.models.resnet18(num_classes=3)
+
+    def stages(**kw):
+        schedule = Schedule(TrainConfig(epochs=4, **kw), model, "fc", steps_per_epoch=5)
+        return [schedule.stage(e) for e in (1, 2, 3, 4)]
+
+    assert stages(unfreeze_epoch=2) == ["head", "head", "backbone", "backbone"]
+    assert stages(unfreeze_epoch=None) == ["head"] * 4
+    assert stages(freeze_backbone=False) == ["backbone"] * 4
 
 
 def test_only_head_trains_while_frozen_then_everything_with_its_own_lr(make_trainer):
     trainer = make_trainer("train.epochs=2", "train.unfreeze_epoch=1", "train.feature_cache=off")
     head, backbone, bn_stats = names(trainer)
-    assert [g["name"] for g in trainer.optimizer.param_groups] == ["head"]
+    assert [g["name"] for g in trainer.optimizer.param_groups] == ["head", "backbone"], "every group from step 0"
     assert trainer.optimizer.param_groups[0]["lr"] == 1e-3
 
     before = snapshot(trainer)
@@ -43,14 +49,15 @@ def test_only_head_trains_while_frozen_then_everything_with_its_own_lr(make_trai
     groups = {g["name"]: g for g in trainer.optimizer.param_groups}
     assert list(groups) == ["head", "backbone"]
     assert (groups["head"]["lr"], groups["backbone"]["lr"]) == (1e-3, 1e-4)
-    head_params, backbone_params = split_parameters(trainer.model, trainer.built.head_name)
+    head_params = list(trainer.model.get_submodule(trainer.built.head_name).parameters())
+    backbone_params = [p for p in trainer.model.parameters() if all(p is not h for h in head_params)]
     assert {id(p) for p in groups["backbone"]["params"]} == {id(p) for p in backbone_params}
     final = snapshot(trainer)
     assert changed(after, final, backbone) == backbone
     assert changed(after, final, bn_stats) == bn_stats
 
     rows = trainer.log.rows
-    assert [r["phase"] for r in rows] == ["frozen", "unfrozen"]
+    assert [r["stage"] for r in rows] == ["head", "backbone"]
     assert [r["lr_backbone"] for r in rows] == [0.0, 1e-4]
     total = sum(p.numel() for p in trainer.model.parameters())
     assert rows[0]["trainable_params"] == sum(p.numel() for p in head_params) < total
@@ -90,8 +97,9 @@ def test_cache_computes_only_the_variants_the_frozen_epochs_draw(make_trainer):
     trainer = make_trainer("train.epochs=2", "train.unfreeze_epoch=1")
     trainer.run_epoch(1)
     n = len(trainer.data.train)
-    assert int(trainer.cache.have.sum()) == n, "one frozen epoch needs one variant per image"
-    assert trainer.cache.have.any(dim=0).all()
+    held = trainer.cache.slot >= 0
+    assert int(held.sum()) == len(trainer.cache.train) == n, "one frozen epoch needs one variant per image"
+    assert held.any(dim=0).all()
 
 
 def test_feature_cache_on_disk_is_reused_by_a_later_run(make_trainer):

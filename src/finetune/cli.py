@@ -44,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last.pt")
     train.set_defaults(func=cmd_train)
 
+    plan = sub.add_parser("plan", help="print a config's schedule epoch by epoch, without training")
+    plan.add_argument("config")
+    plan.add_argument("--set", dest="overrides", action="append", default=[], nargs="+", metavar="KEY=VALUE")
+    plan.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    plan.set_defaults(func=cmd_plan)
+
     compare = sub.add_parser("compare", help="compare runs: table, curves.png, per_class.png")
     compare.add_argument("runs", nargs="+", help="run dirs, globs, or folders of runs")
     compare.add_argument("--out", default="comparison", help="where to write tables and plots")
@@ -92,6 +98,23 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"done: best {summary['monitor']} {best} at epoch {summary['best_epoch']}, "
         f"final val_acc {summary['final_val_acc']:.4f}, {summary['total_seconds']:.1f}s; files in {run_dir}"
     )
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, [item for group in args.overrides for item in group])
+    import pandas as pd
+
+    from finetune.plan import make_plan, plan_table, to_json
+
+    plan = make_plan(cfg)
+    if args.json:
+        print(json.dumps(to_json(plan), indent=2))
+        return 0
+    print(f"{cfg.name}: {plan.train_size} train images, {plan.steps_per_epoch} steps per epoch")
+    print(pd.DataFrame(plan.groups).to_markdown(index=False))
+    print()
+    print(pd.DataFrame(plan_table(plan)).to_markdown(index=False))
     return 0
 
 

@@ -21,6 +21,7 @@ from finetune.errors import FinetuneError
 from finetune.files import atomic_write_text
 
 IGNORED_KEYS = {"name", "out_dir"}
+OLD_PHASES = {"frozen": "head", "unfrozen": "backbone"}
 
 
 @dataclass
@@ -34,6 +35,10 @@ class Run:
     @property
     def finished(self) -> bool:
         return len(self.results) >= self.config["train.epochs"]
+
+    @property
+    def monitor(self) -> str:
+        return self.config.get("checkpoint.monitor", "val_acc")
 
     @property
     def class_columns(self) -> list[str]:
@@ -65,7 +70,10 @@ def load_run(path: Path) -> Run | None:
     config = flatten(yaml.safe_load((path / "config.yaml").read_text()))
     summary_file = path / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
-    return Run(path.name, path, config, pd.read_csv(results_file), summary)
+    results = pd.read_csv(results_file)
+    if "phase" in results:  # runs written before stages: frozen/unfrozen were head/backbone
+        results = results.rename(columns={"phase": "stage"}).replace({"stage": OLD_PHASES})
+    return Run(path.name, path, config, results, summary)
 
 
 def differing_keys(runs: list[Run]) -> list[str]:
@@ -73,9 +81,23 @@ def differing_keys(runs: list[Run]) -> list[str]:
     return [k for k in keys if len({repr(r.config.get(k)) for r in runs}) > 1]
 
 
-def _phase_mean(results: pd.DataFrame, phase: str) -> float | None:
-    seconds = results.loc[results["phase"] == phase, "epoch_seconds"]
-    return float(seconds.mean()) if len(seconds) else None
+def _stage_seconds(results: pd.DataFrame) -> dict[str, float]:
+    """Mean seconds per epoch of each stage, as `s_per_epoch_<stage>` columns."""
+    means = results.groupby("stage", sort=False)["epoch_seconds"].mean()
+    return {f"s_per_epoch_{stage}": float(value) for stage, value in means.items()}
+
+
+def _best_row(run: Run) -> pd.Series:
+    """The epoch the run's own `checkpoint.monitor` chose for best.pt."""
+    column = run.results[run.monitor]
+    return run.results.loc[column.idxmin() if run.monitor == "val_loss" else column.idxmax()]
+
+
+def _epochs_cell(run: Run) -> str:
+    done = f"{len(run.results)}/{run.config['train.epochs']}"
+    if run.summary.get("stopped_early"):
+        return f"{done} (early stop)"
+    return done + ("" if run.finished else " (stopped)")
 
 
 def comparison_table(runs: list[Run], sort: str = "best_val_acc") -> pd.DataFrame:
@@ -83,18 +105,18 @@ def comparison_table(runs: list[Run], sort: str = "best_val_acc") -> pd.DataFram
     rows = []
     for run in runs:
         r = run.results
-        best = r.loc[r["val_acc"].idxmax()]
+        best = _best_row(run)
         row = {"run": run.name, **{k: _cell(run.config.get(k)) for k in keys}}
         row.update(
             {
                 "final_val_acc": r["val_acc"].iloc[-1],
                 "best_val_acc": best["val_acc"],
                 "final_val_balanced_acc": r["val_balanced_acc"].iloc[-1],
+                "monitor": run.monitor,
                 "best_epoch": int(best["epoch"]),
-                "s_per_epoch_frozen": _phase_mean(r, "frozen"),
-                "s_per_epoch_unfrozen": _phase_mean(r, "unfrozen"),
+                **_stage_seconds(r),
                 "total_s": float(r["epoch_seconds"].sum()),
-                "epochs": f"{len(r)}/{run.config['train.epochs']}" + ("" if run.finished else " (stopped)"),
+                "epochs": _epochs_cell(run),
                 "device": f"{run.summary.get('device', '?')} {run.summary.get('precision', '?')}",
             }
         )
@@ -102,7 +124,7 @@ def comparison_table(runs: list[Run], sort: str = "best_val_acc") -> pd.DataFram
     table = pd.DataFrame(rows)
     if sort not in table.columns:
         raise FinetuneError(f"compare --sort {sort}: not a column; use one of {', '.join(table.columns)}")
-    ascending = sort in ("run", "total_s", "s_per_epoch_frozen", "s_per_epoch_unfrozen") or sort in keys
+    ascending = sort in ("run", "total_s") or sort.startswith("s_per_epoch_") or sort in keys
     return table.sort_values(sort, ascending=ascending, kind="stable").reset_index(drop=True)
 
 
@@ -126,22 +148,21 @@ def per_class_table(runs: list[Run]) -> pd.DataFrame:
 
 
 def plot_curves(runs: list[Run]) -> Figure:
-    """Val accuracy and loss per epoch, one line per run, its unfreeze marked."""
+    """Val accuracy and loss per epoch, one line per run, each new stage (unfreeze) marked."""
     fig = Figure(figsize=(12, 4.5), layout="tight")
     acc_ax, loss_ax = fig.subplots(1, 2)
     for run in runs:
         r = run.results
         (line,) = acc_ax.plot(r["epoch"], r["val_acc"], marker="o", label=run.name)
         loss_ax.plot(r["epoch"], r["val_loss"], marker="o", color=line.get_color(), label=run.name)
-        unfrozen = r.loc[r["phase"] == "unfrozen", "epoch"]
-        if (r["phase"] == "frozen").any() and len(unfrozen):
+        for epoch in r.loc[r["stage"].ne(r["stage"].shift()), "epoch"].iloc[1:]:
             for ax in (acc_ax, loss_ax):
-                ax.axvline(unfrozen.iloc[0] - 0.5, color=line.get_color(), linestyle=":", alpha=0.7)
+                ax.axvline(epoch - 0.5, color=line.get_color(), linestyle=":", alpha=0.7)
     for ax, title in ((acc_ax, "Validation accuracy"), (loss_ax, "Validation loss")):
         ax.set(title=title, xlabel="epoch", ylabel=title.split()[-1])
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
-    acc_ax.legend(title="run (dotted: unfreeze)", fontsize="small")
+    acc_ax.legend(title="run (dotted: a stage starts)", fontsize="small")
     return fig
 
 

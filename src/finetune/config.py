@@ -11,6 +11,7 @@ import difflib
 import re
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -43,6 +44,31 @@ class ModelConfig:
 
 
 @dataclass
+class StageConfig:
+    """One step of gradual unfreezing: `modules` train from epoch `epoch + 1` at `lr`."""
+
+    epoch: int = 0
+    modules: list[str] = field(default_factory=list)
+    lr: float | None = None
+    name: str | None = None
+
+
+@dataclass
+class SchedulerConfig:
+    name: Literal["constant", "cosine", "linear", "step", "onecycle"] = "constant"
+    warmup_epochs: float = 0.0
+    min_lr_ratio: float = 0.0
+    step_epochs: float = 1.0
+    gamma: float = 0.1
+
+
+@dataclass
+class EarlyStoppingConfig:
+    patience: int | None = None  # null = off
+    min_delta: float = 0.0
+
+
+@dataclass
 class TrainConfig:
     epochs: int = 3
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
@@ -55,6 +81,11 @@ class TrainConfig:
     class_weights: Literal["none", "auto"] | list[float] | dict[str | int, float] = "auto"
     label_smoothing: float = 0.0
     feature_cache: Literal["auto", "off"] = "auto"
+    unfreeze: list[StageConfig] | None = None
+    layer_lr_decay: float = 1.0
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    unfreeze_warmup_epochs: float = 0.0
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
 
 
 @dataclass
@@ -75,7 +106,17 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain dict; with `train.unfreeze` the shorthand keys it replaces are left out."""
+        raw = dataclasses.asdict(self)
+        if self.train.unfreeze is not None:
+            for key in SHORTHAND_KEYS:
+                del raw["train"][key]
+        else:
+            del raw["train"]["unfreeze"]
+        return raw
+
+
+SHORTHAND_KEYS = ("freeze_backbone", "unfreeze_epoch")
 
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -133,9 +174,22 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
 
 def from_dict(raw: dict[str, Any], source: str = "config") -> Config:
     """Build and validate a Config from a plain nested dict."""
+    _check_one_unfreeze_form(raw, source)
     cfg = _build(Config, raw, prefix="", source=source)
     validate(cfg)
     return cfg
+
+
+def _check_one_unfreeze_form(raw: dict[str, Any], source: str) -> None:
+    train = raw.get("train")
+    if not isinstance(train, dict) or train.get("unfreeze") is None:
+        return
+    given = [f"train.{key}" for key in SHORTHAND_KEYS if key in train]
+    if given:
+        raise FinetuneError(
+            f"{source}: train.unfreeze (stages) and the shorthand {' / '.join(given)} both say when to unfreeze; "
+            f"drop {' and '.join(given)} (or drop train.unfreeze)"
+        )
 
 
 def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
@@ -150,9 +204,21 @@ def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             values[key] = _build(tp, value if value is not None else {}, f"{prefix}{key}.", source)
+        elif _dataclass_list(tp) and isinstance(value, list):
+            item_cls = _dataclass_list(tp)
+            values[key] = [_build(item_cls, v, f"{prefix}{key}[{i}].", source) for i, v in enumerate(value)]
         else:
             values[key] = _check_type(value, tp, f"{prefix}{key}", source)
     return cls(**values)
+
+
+def _dataclass_list(tp: Any) -> type | None:
+    """The item class of `list[SomeDataclass]` (or `list[...] | None`), else None."""
+    for option in typing.get_args(tp) if typing.get_origin(tp) in (Union, types.UnionType) else (tp,):
+        args = typing.get_args(option)
+        if typing.get_origin(option) is list and args and dataclasses.is_dataclass(args[0]):
+            return args[0]
+    return None
 
 
 def _suggest(key: str, names: list[str], prefix: str) -> str:
@@ -166,7 +232,7 @@ def _check_type(value: Any, tp: Any, key: str, source: str) -> Any:
     PyYAML reads `3e-4` (no dot) as a string and `off` as false; where a number or the
     word is expected they are taken as meant.
     """
-    if tp is float and isinstance(value, str) and FLOAT_PATTERN.match(value):
+    if float in (tp, *typing.get_args(tp)) and isinstance(value, str) and FLOAT_PATTERN.match(value):
         value = float(value)
     if isinstance(value, bool) and typing.get_origin(tp) is Literal and ("off" if not value else "on") in tp.__args__:
         value = "on" if value else "off"
@@ -194,6 +260,8 @@ def _matches(value: Any, tp: Any) -> bool:
         return any(_matches(value, a) for a in args)
     if origin is list:
         return isinstance(value, list) and all(_matches(v, args[0]) for v in value)
+    if dataclasses.is_dataclass(tp):
+        return False  # reached only for a list of sections given as something else
     if origin is dict:
         return isinstance(value, dict) and all(_matches(k, args[0]) and _matches(v, args[1]) for k, v in value.items())
     raise TypeError(f"unsupported config type {tp}")
@@ -210,6 +278,8 @@ def _describe(tp: Any) -> str:
         return " or ".join(_describe(a) for a in args)
     if origin is list:
         return f"a list of {_describe(args[0])}"
+    if dataclasses.is_dataclass(tp):
+        return "mappings of keys"
     if origin is dict:
         return f"a mapping of {_describe(args[0])} to {_describe(args[1])}"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[tp]
@@ -245,10 +315,55 @@ def validate(cfg: Config) -> None:
             f"config: train.unfreeze_epoch = {t.unfreeze_epoch} must be between 0 and "
             f"train.epochs - 1 = {t.epochs - 1}, or null to never unfreeze"
         )
-    if isinstance(t.class_weights, list) and any(w < 0 for w in t.class_weights):
-        raise FinetuneError("config: train.class_weights must not contain negative weights")
+    weights = t.class_weights.values() if isinstance(t.class_weights, dict) else t.class_weights
+    if isinstance(weights, Iterable) and not isinstance(weights, str) and any(not w >= 0 for w in weights):
+        raise FinetuneError("config: train.class_weights must hold finite weights >= 0 (no negative or NaN weight)")
     if d.image_size < 16:
         raise FinetuneError(f"config: data.image_size = {d.image_size} is too small; use at least 16")
+    if cfg.seed < 0:
+        raise FinetuneError(f"config: seed = {cfg.seed} must be 0 or a positive integer")
+    if d.train_classes == []:
+        raise FinetuneError("config: data.train_classes = [] names no class; list some, or null for all")
+    _validate_schedule(t)
+
+
+def _validate_schedule(t: TrainConfig) -> None:
+    """Stage epochs, LRs and scheduler values; module names are checked against the model in schedule.py."""
+    s, stop = t.scheduler, t.early_stopping
+    checks = [
+        ("train.layer_lr_decay", t.layer_lr_decay, t.layer_lr_decay > 0, "must be greater than 0"),
+        ("train.unfreeze_warmup_epochs", t.unfreeze_warmup_epochs, t.unfreeze_warmup_epochs >= 0, "must be >= 0"),
+        ("train.scheduler.warmup_epochs", s.warmup_epochs, 0 <= s.warmup_epochs < t.epochs, "must be in [0, epochs)"),
+        ("train.scheduler.min_lr_ratio", s.min_lr_ratio, 0 <= s.min_lr_ratio <= 1, "must be in [0, 1]"),
+        ("train.scheduler.step_epochs", s.step_epochs, s.step_epochs > 0, "must be greater than 0"),
+        ("train.scheduler.gamma", s.gamma, 0 < s.gamma <= 1, "must be in (0, 1]"),
+        ("train.early_stopping.patience", stop.patience, stop.patience is None or stop.patience >= 1, "must be >= 1"),
+        ("train.early_stopping.min_delta", stop.min_delta, stop.min_delta >= 0, "must be >= 0"),
+    ]
+    for key, value, ok, rule in checks:
+        if not ok:
+            raise FinetuneError(f"config: {key} = {value} {rule}")
+    names = []
+    for i, stage in enumerate(t.unfreeze or []):
+        key = f"train.unfreeze[{i}]"
+        if not 0 <= stage.epoch < t.epochs:
+            raise FinetuneError(
+                f"config: {key}.epoch = {stage.epoch} must be between 0 and train.epochs - 1 = {t.epochs - 1} "
+                "(a stage's modules train from epoch `epoch + 1`)"
+            )
+        if not stage.modules:
+            raise FinetuneError(f"config: {key}.modules is empty; name modules such as layer4 or backbone")
+        if stage.lr is not None and stage.lr <= 0:
+            raise FinetuneError(f"config: {key}.lr = {stage.lr} must be greater than 0")
+        names.append(stage_name(stage))
+    duplicate = next((n for n in names if names.count(n) > 1 or n == "head"), None)
+    if duplicate is not None:
+        raise FinetuneError(f"config: two train.unfreeze stages (or a stage and the head) are named {duplicate!r}")
+
+
+def stage_name(stage: StageConfig) -> str:
+    """A stage's parameter-group name: its `name`, else its modules joined by '+'."""
+    return stage.name or "+".join(stage.modules)
 
 
 def flatten(raw: dict[str, Any]) -> dict[str, Any]:

@@ -26,6 +26,9 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from finetune.config import DataConfig
 from finetune.errors import FinetuneError
 
+DIGITS_CLASSES = [str(i) for i in range(10)]
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
 
 @dataclass
 class ImageSet:
@@ -177,26 +180,47 @@ def _load_cifar10(cfg: DataConfig, seed: int) -> DataSplits:
 def _load_digits(cfg: DataConfig, seed: int) -> DataSplits:
     """scikit-learn's bundled 8x8 digits, split 80/20 by seed: real data with no network."""
     from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
 
     digits = load_digits()
     pixels = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)
     rgb = np.repeat(pixels[..., None], 3, axis=-1)
     labels = digits.target
+    ti, vi = _digits_indices(labels, cfg, seed)
+    return DataSplits(_from_hwc(rgb[ti], labels[ti]), _from_hwc(rgb[vi], labels[vi]), DIGITS_CLASSES)
+
+
+def _digits_indices(labels: np.ndarray, cfg: DataConfig, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.model_selection import train_test_split
+
     train_all, val_all = train_test_split(np.arange(len(labels)), test_size=0.2, random_state=seed, stratify=labels)
-    names = [str(i) for i in range(10)]
-    ti = train_all[_train_indices(labels[train_all], cfg, names, seed)]
-    vi = val_all[_val_indices(labels[val_all], cfg, seed)]
-    return DataSplits(_from_hwc(rgb[ti], labels[ti]), _from_hwc(rgb[vi], labels[vi]), names)
+    ti = train_all[_train_indices(labels[train_all], cfg, DIGITS_CLASSES, seed)]
+    return ti, val_all[_val_indices(labels[val_all], cfg, seed)]
+
+
+def split_sizes(cfg: DataConfig, seed: int) -> tuple[list[str], int, int]:
+    """(class names, train size, val size) from labels alone, no image decoded: what `plan`
+    needs to count steps. Unreadable images, found only when decoding, are not subtracted."""
+    if cfg.dataset == "digits":
+        from sklearn.datasets import load_digits
+
+        ti, vi = _digits_indices(load_digits().target, cfg, seed)
+        return DIGITS_CLASSES, len(ti), len(vi)
+    if cfg.dataset == "cifar10":  # 5,000 training and 1,000 test images per class
+        names, train_labels, val_labels = (
+            CIFAR10_CLASSES,
+            np.repeat(np.arange(10), 5000),
+            np.repeat(np.arange(10), 1000),
+        )
+    else:
+        train_dir, val_dir = _imagefolder_dirs(Path(cfg.root))
+        names, _, train_labels = scan_folder(train_dir)
+        val_labels = scan_folder(val_dir)[2]
+    return names, len(_train_indices(train_labels, cfg, names, seed)), len(_val_indices(val_labels, cfg, seed))
 
 
 def _load_imagefolder(cfg: DataConfig, seed: int) -> DataSplits:
     root = Path(cfg.root)
-    if not root.is_dir():
-        raise FinetuneError(f"data.root={cfg.root} does not exist; point it at a dir holding train/ and val/")
-    val_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
-    if not (root / "train").is_dir() or val_dir is None:
-        raise FinetuneError(f"data.root={cfg.root} must hold train/ and val/ (or test/) folders of class folders")
+    _, val_dir = _imagefolder_dirs(root)
     class_names, train_files, train_labels = scan_folder(root / "train")
     val_names, val_files, val_labels = scan_folder(val_dir)
     if val_names != class_names:
@@ -215,6 +239,16 @@ def _load_imagefolder(cfg: DataConfig, seed: int) -> DataSplits:
         splits = DataSplits(train.streamed(cfg), val.streamed(cfg), class_names)
     _require_all_classes(set(train.labels.tolist()), splits.train, class_names, root / "train")
     return splits
+
+
+def _imagefolder_dirs(root: Path) -> tuple[Path, Path]:
+    """root/train and root/val (or root/test), or one line saying what is missing."""
+    if not root.is_dir():
+        raise FinetuneError(f"data.root={root} does not exist; point it at a dir holding train/ and val/")
+    val_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
+    if not (root / "train").is_dir() or val_dir is None:
+        raise FinetuneError(f"data.root={root} must hold train/ and val/ (or test/) folders of class folders")
+    return root / "train", val_dir
 
 
 @dataclass
@@ -348,6 +382,15 @@ def epoch_plan(n: int, seed: int, epoch: int, hflip: bool) -> tuple[torch.Tensor
     order = torch.randperm(n, generator=gen)
     flips = torch.rand(n, generator=gen) < 0.5 if hflip else torch.zeros(n, dtype=torch.bool)
     return order, flips
+
+
+def split_batches(order: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, ...]:
+    """An epoch's batches; a last batch of one sample joins the one before it, since
+    BatchNorm cannot train on a single sample (cached and uncached paths split alike)."""
+    batches = order.split(batch_size)
+    if len(batches) > 1 and len(batches[-1]) == 1:
+        batches = (*batches[:-2], torch.cat(batches[-2:]))
+    return batches
 
 
 class BatchTransform:

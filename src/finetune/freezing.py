@@ -1,86 +1,77 @@
-"""Which parameters train in which epoch, and the optimizer groups that follow from it.
+"""Freezing as small functions on modules, after Lightning's BaseFinetuning.
 
-Small functions on modules, after Lightning's BaseFinetuning: freeze, make trainable, add
-the backbone as its own named parameter group. Groups are named (`head`, `backbone`) and
-always built in the same order for a phase, so a checkpoint taken after the unfreeze
-restores into an optimizer with the same groups.
+What trains when is the schedule's answer (schedule.py); these functions apply it to a
+model: which parameters take gradients, which modules are in train mode, and the optimizer
+with one named parameter group per schedule group, all present from the first step.
 """
 
 from __future__ import annotations
-
-from typing import Literal
 
 import torch
 from torch import nn
 
 from finetune.config import TrainConfig
-
-Phase = Literal["frozen", "unfrozen"]
-
-
-def phase_for_epoch(cfg: TrainConfig, epoch: int) -> Phase:
-    """Epochs count from 1; the backbone trains from epoch `unfreeze_epoch + 1`."""
-    if not cfg.freeze_backbone:
-        return "unfrozen"
-    if cfg.unfreeze_epoch is None or epoch <= cfg.unfreeze_epoch:
-        return "frozen"
-    return "unfrozen"
+from finetune.schedule import Schedule
 
 
-def split_parameters(model: nn.Module, head_name: str) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """(head, backbone) parameters, split by name."""
-    prefix = head_name + "."
-    head, backbone = [], []
-    for name, param in model.named_parameters():
-        (head if name.startswith(prefix) else backbone).append(param)
-    return head, backbone
+def apply_stage(model: nn.Module, schedule: Schedule, epoch: int) -> None:
+    """Parameters of the groups training in `epoch` take gradients; all others do not."""
+    params = dict(model.named_parameters())
+    trainable = {name for g in schedule.active(epoch) for name in g.params}
+    for name, param in params.items():
+        param.requires_grad_(name in trainable)
 
 
-def set_requires_grad(params: list[nn.Parameter], flag: bool) -> None:
-    for p in params:
-        p.requires_grad_(flag)
-
-
-def apply_phase(model: nn.Module, head_name: str, phase: Phase) -> None:
-    """Only the head trains while frozen; everything trains after the unfreeze."""
-    head, backbone = split_parameters(model, head_name)
-    set_requires_grad(head, True)
-    set_requires_grad(backbone, phase == "unfrozen")
-
-
-def set_train_mode(model: nn.Module, head_name: str, phase: Phase, freeze_bn: bool) -> None:
-    """A frozen backbone with `freeze_bn` stays in eval mode: no BatchNorm running-stat drift."""
+def set_train_mode(model: nn.Module, schedule: Schedule, epoch: int) -> None:
+    """Train mode, except (with `freeze_bn`) the modules of groups not training yet: their
+    BatchNorm statistics do not drift and their dropout stays off until their own stage."""
     model.train()
-    if phase == "frozen" and freeze_bn:
-        model.eval()
-        model.get_submodule(head_name).train()
+    if not schedule.cfg.freeze_bn:
+        return
+    for name, module in model.named_modules():
+        if name and next(module.children(), None) is None and not schedule.module_trains(name, epoch):
+            module.eval()
 
 
 def trainable_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def param_groups(cfg: TrainConfig, model: nn.Module, head_name: str, phase: Phase) -> list[dict]:
-    head, backbone = split_parameters(model, head_name)
-    groups = [{"name": "head", "params": head, "lr": cfg.lr_head}]
-    if phase == "unfrozen":
-        groups.append({"name": "backbone", "params": backbone, "lr": cfg.lr_backbone})
-    return groups
-
-
-def build_optimizer(cfg: TrainConfig, model: nn.Module, head_name: str, phase: Phase) -> torch.optim.Optimizer:
-    groups = param_groups(cfg, model, head_name, phase)
+def build_optimizer(cfg: TrainConfig, model: nn.Module, schedule: Schedule) -> torch.optim.Optimizer:
+    """One named group per schedule group, in schedule order, at its step-0 LR."""
+    params = dict(model.named_parameters())
+    groups = [
+        {"name": g.name, "params": [params[n] for n in g.params], "lr": schedule.lr(g, 0)} for g in schedule.groups
+    ]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr_head, momentum=0.9, weight_decay=cfg.weight_decay)
     cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
     return cls(groups, lr=cfg.lr_head, weight_decay=cfg.weight_decay)
 
 
-def unfreeze_into(optimizer: torch.optim.Optimizer, cfg: TrainConfig, model: nn.Module, head_name: str) -> None:
-    """Make the backbone trainable and add it as the `backbone` group; the head keeps its state."""
-    apply_phase(model, head_name, "unfrozen")
-    optimizer.add_param_group(param_groups(cfg, model, head_name, "unfrozen")[1])
+def set_lrs(optimizer: torch.optim.Optimizer, schedule: Schedule, step: int) -> None:
+    """Each group's LR for global step `step`, straight from the schedule."""
+    for param_group, group in zip(optimizer.param_groups, schedule.groups, strict=True):
+        param_group["lr"] = schedule.lr(group, step)
 
 
 def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     return {g["name"]: g["lr"] for g in optimizer.param_groups}
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    """Load a saved optimizer state by group name.
+
+    Runs saved before every group was in the optimizer from step 0 hold only the groups
+    that had joined; the others are added empty (no state: they never trained).
+    """
+    saved_groups = {g["name"]: g for g in saved["param_groups"]}
+    next_id = sum(len(g["params"]) for g in saved["param_groups"])
+    groups = []
+    for current in optimizer.state_dict()["param_groups"]:
+        group = saved_groups.get(current["name"])
+        if group is None:
+            group = {**current, "params": list(range(next_id, next_id + len(current["params"])))}
+            next_id += len(current["params"])
+        groups.append(group)
+    optimizer.load_state_dict({"state": saved["state"], "param_groups": groups})

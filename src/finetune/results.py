@@ -17,23 +17,22 @@ TIMING_COLUMNS = ("epoch_seconds",)
 @dataclass
 class EpochRecord:
     epoch: int
-    phase: str
+    stage: str  # the group that joined last (`head` before any unfreeze)
     train_loss: float
     train_acc: float
     val_loss: float
     val_acc: float
     val_balanced_acc: float
-    lr_head: float
-    lr_backbone: float
     trainable_params: int
     epoch_seconds: float
     is_best: bool = False
+    lrs: dict[str, float] = field(default_factory=dict)  # each group's LR at the epoch's last step
     val_acc_per_class: dict[str, float] = field(default_factory=dict)
 
     def to_row(self) -> dict[str, Any]:
         row = asdict(self)
-        per_class = row.pop("val_acc_per_class")
-        row.update({f"val_acc_{name}": acc for name, acc in per_class.items()})
+        row.update({f"lr_{name}": lr for name, lr in row.pop("lrs").items()})
+        row.update({f"val_acc_{name}": acc for name, acc in row.pop("val_acc_per_class").items()})
         return row
 
 

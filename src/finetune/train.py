@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,22 +23,33 @@ from tqdm import tqdm
 
 from finetune.checkpoint import CheckpointSaver
 from finetune.config import Config
-from finetune.data import BatchTransform, DataSplits, class_counts, epoch_plan
+from finetune.data import BatchTransform, DataSplits, class_counts, epoch_plan, split_batches
+from finetune.early_stopping import EarlyStopping
 from finetune.errors import FinetuneError, Interrupted
-from finetune.features import FeatureCache, FeatureStore, cache_key, extract, needed_variants
+from finetune.features import (
+    CacheDecision,
+    CutModel,
+    FeatureCache,
+    FeatureStore,
+    cache_key,
+    decide_cache,
+    empty_cache,
+    extract,
+)
 from finetune.freezing import (
-    apply_phase,
+    apply_stage,
     build_optimizer,
     group_lrs,
-    phase_for_epoch,
+    load_optimizer_state,
+    set_lrs,
     set_train_mode,
     trainable_count,
-    unfreeze_into,
 )
 from finetune.hardware import Runtime
 from finetune.losses import class_weights
 from finetune.models import BuiltModel
 from finetune.results import EpochRecord, ResultsLog, write_summary
+from finetune.schedule import Schedule
 
 CHECK_EVERY = 10  # steps between host syncs (progress bar, NaN check)
 
@@ -79,12 +90,14 @@ class Trainer:
         weight = self.weights.to(self.device) if self.weights is not None else None
         self.criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.train.label_smoothing)
         self.progress = Progress()
-        self.phase = phase_for_epoch(cfg.train, 1)
-        apply_phase(self.model, built.head_name, self.phase)
-        self.optimizer = build_optimizer(cfg.train, self.model, built.head_name, self.phase)
+        steps = len(split_batches(torch.arange(len(data.train)), cfg.data.batch_size))
+        self.schedule = Schedule(cfg.train, self.model, built.head_name, steps)
+        self.optimizer = build_optimizer(cfg.train, self.model, self.schedule)
         self.scaler = runtime.grad_scaler()
         self.saver = CheckpointSaver(self.run_dir, cfg.checkpoint.monitor)
+        self.stopping = EarlyStopping(cfg.train.early_stopping, cfg.checkpoint.monitor)
         self.log = ResultsLog(self.run_dir)
+        self.decision: CacheDecision | None = None
         self.cache: FeatureCache | None = None
         self.store = FeatureStore(Path(cfg.out_dir) / ".feature_cache")
         self.stop_signal: int | None = None
@@ -92,20 +105,19 @@ class Trainer:
 
     # ---- resume -------------------------------------------------------------------------
     def restore(self, state: dict[str, Any]) -> None:
-        """Put model, optimizer, scaler, RNG and logs back.
+        """Put model, optimizer, scaler, early-stopping state, RNG and logs back.
 
-        The optimizer is rebuilt with the groups the checkpoint names, so a run saved just
-        before the unfreeze gets it in `run_epoch`, like the uninterrupted run did.
+        Every group is in the optimizer from the first step and the LRs are a function of
+        the step, so nothing about the schedule needs restoring beyond the step itself.
         """
         self.progress = Progress(**state["progress"])
-        saved_groups = [g["name"] for g in state["optimizer"]["param_groups"]]
-        self.phase = "unfrozen" if "backbone" in saved_groups else "frozen"
-        apply_phase(self.model, self.built.head_name, self.phase)
-        self.optimizer = build_optimizer(self.cfg.train, self.model, self.built.head_name, self.phase)
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(self.optimizer, state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.saver = CheckpointSaver(self.run_dir, self.cfg.checkpoint.monitor, **state["saver"])
+        self.stopping = EarlyStopping(
+            self.cfg.train.early_stopping, self.cfg.checkpoint.monitor, **state.get("stopping", {})
+        )
         self.log = ResultsLog(self.run_dir, state["rows"])
         self.log.write()
         torch.set_rng_state(state["rng"]["cpu"])
@@ -137,6 +149,7 @@ class Trainer:
             "rng": {"cpu": torch.get_rng_state(), "cuda": cuda},
             "progress": vars(self.progress).copy(),
             "saver": self.saver.state(),
+            "stopping": self.stopping.state(),
             "rows": self.log.rows,
         }
 
@@ -149,6 +162,8 @@ class Trainer:
             bar.update(self.progress.epoch)
             for epoch in bar:
                 self.run_epoch(epoch)
+                if self.stopping.stopped_epoch is not None:
+                    break
         finally:
             bar.close()
             for signum, handler in handlers.items():
@@ -160,36 +175,43 @@ class Trainer:
         signal.signal(signum, signal.SIG_DFL)  # a second Ctrl-C stops at once
 
     def run_epoch(self, epoch: int) -> None:
-        phase = phase_for_epoch(self.cfg.train, epoch)
-        if phase != self.phase:
-            unfreeze_into(self.optimizer, self.cfg.train, self.model, self.built.head_name)
-            self.phase, self.cache = phase, None
+        """Ask the schedule what trains, train the steps, evaluate, write the epoch."""
+        apply_stage(self.model, self.schedule, epoch)
         started = time.perf_counter()
-        use_cache = self._cache_usable()
-        if use_cache and self.cache is None:
-            self.cache = self._build_cache(epoch)
-        set_train_mode(self.model, self.built.head_name, phase, self.cfg.train.freeze_bn)
-        self._train_steps(epoch, use_cache, started)
-        result = self.evaluate(use_cache)
+        cut = self._cached_cut(epoch)
+        set_train_mode(self.model, self.schedule, epoch)
+        self._train_steps(epoch, cut, started)
+        result = self.evaluate(cut)
         self._finish_epoch(epoch, result, time.perf_counter() - started + self.progress.seconds)
 
-    def _cache_usable(self) -> bool:
-        t = self.cfg.train
-        return t.feature_cache == "auto" and self.phase == "frozen" and t.freeze_bn
+    def _cached_cut(self, epoch: int) -> CutModel | None:
+        """The cut whose input is cached for this epoch, the cache built for its stage if new."""
+        if self.decision is None or epoch not in self.decision.epochs:
+            sizes = len(self.data.train), len(self.data.val)
+            self.decision = decide_cache(self.cfg, self.schedule, self.model, epoch, *sizes, self.runtime)
+        decision = self.decision
+        if decision.cut is None:
+            self.cache = None
+        elif self.cache is None or self.cache.cut != decision.cut.cut:
+            self.cache = self._build_cache(decision)
+        return decision.cut
 
-    def _build_cache(self, epoch: int) -> FeatureCache:
-        """Features for the (image, flip) pairs the rest of the frozen phase draws."""
-        bs, n = self.cfg.data.batch_size, len(self.data.train)
-        key = self._cache_key()
-        cache = self.store.load(key, self.device)
+    def _build_cache(self, decision: CacheDecision) -> FeatureCache:
+        """Activations for the (image, flip) pairs the rest of the stage draws."""
+        cut, bs = decision.cut, self.cfg.data.batch_size
+        on_disk = cut.cut == self.built.head_name  # activations below the head are too big to keep
+        key = self._cache_key() if on_disk else ""
+        cache = self.store.load(key, cut.cut, self.device) if on_disk else None
         if cache is None:
-            val = self._features(self.val_set.in_order(bs), flip=False)
-            train = torch.zeros(2, n, val.shape[1], dtype=val.dtype, device=self.device)
-            cache = FeatureCache(train, torch.zeros(2, n, dtype=torch.bool), val)
-        t = self.cfg.train
-        last_frozen = t.epochs if t.unfreeze_epoch is None else t.unfreeze_epoch
-        needed = needed_variants(n, self.cfg.seed, range(epoch, last_frozen + 1), self.cfg.data.hflip)
-        if cache.fill(needed, lambda index, flip: self._features(self.train_set.batches(index.split(bs)), flip)):
+            val = self._activations(cut, self.val_set.in_order(bs), flip=False)
+            cache = empty_cache(cut.cut, len(self.data.train), val)
+        if (
+            cache.fill(
+                decision.needed,
+                lambda index, flip: self._activations(cut, self.train_set.batches(index.split(bs)), flip),
+            )
+            and on_disk
+        ):
             self.store.save(key, cache)
         return cache
 
@@ -198,23 +220,24 @@ class Trainer:
         fingerprints = [self.train_set.fingerprint(), self.val_set.fingerprint()]
         return cache_key(self.model, self.built.head_name, fingerprints, "|".join(map(str, settings)))
 
-    def _features(self, images: Iterator[torch.Tensor], flip: bool) -> torch.Tensor:
-        """The head's inputs for uint8 batches, every image flipped or none."""
+    def _activations(self, cut: CutModel, images: Iterator[torch.Tensor], flip: bool) -> torch.Tensor:
+        """The cut's inputs for uint8 batches, every image flipped or none."""
         batches = (self.transform(x, torch.ones(len(x), dtype=torch.bool) if flip else None) for x in images)
-        return extract(self.model, self.head, self.runtime, batches)
+        return extract(cut, self.runtime, batches)
 
-    def _train_steps(self, epoch: int, use_cache: bool, started: float) -> None:
+    def _train_steps(self, epoch: int, cut: CutModel | None, started: float) -> None:
         n = len(self.data.train)
         order, flips = epoch_plan(n, self.cfg.seed, epoch, self.cfg.data.hflip)
-        batches = order.split(self.cfg.data.batch_size)
-        forward = self.head if use_cache else self.model
+        batches = split_batches(order, self.cfg.data.batch_size)
+        forward = cut.top if cut is not None else self.model
+        first_step = (epoch - 1) * len(batches)
         done = self.progress.step
         losses = torch.zeros(len(batches), dtype=torch.float64, device=self.device)
         corrects = torch.zeros(len(batches), dtype=torch.long, device=self.device)
         losses[:done] = torch.tensor(self.progress.losses[:done], dtype=torch.float64)
         corrects[:done] = torch.tensor(self.progress.corrects[:done], dtype=torch.long)
         todo = batches[done:]
-        if use_cache:
+        if cut is not None:
             inputs_per_step = (self.cache.train_inputs(i, flips[i]) for i in todo)
         else:
             inputs_per_step = (
@@ -223,6 +246,7 @@ class Trainer:
         with tqdm(total=len(batches), initial=done, desc=f"epoch {epoch}", disable=None, leave=False) as bar:
             for step, inputs in enumerate(inputs_per_step, start=done):
                 index = batches[step]
+                set_lrs(self.optimizer, self.schedule, first_step + step)
                 losses[step], corrects[step] = self._step(forward, inputs, self.train_labels[index.to(self.device)])
                 bar.update()
                 last = step + 1 == len(batches)
@@ -235,7 +259,7 @@ class Trainer:
         self.epoch_train = ((losses * sizes).sum().item() / n, corrects.sum().item() / n)
 
     def _step(
-        self, forward: nn.Module, inputs: torch.Tensor, labels: torch.Tensor
+        self, forward: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor, labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         with self.runtime.autocast():
             logits = forward(inputs)
@@ -267,37 +291,47 @@ class Trainer:
         raise Interrupted(self.stop_signal, self.run_dir)
 
     @torch.inference_mode()
-    def evaluate(self, use_cache: bool) -> EvalResult:
+    def evaluate(self, cut: CutModel | None) -> EvalResult:
         self.model.eval()
         chunks = []
         with self.runtime.autocast():
-            if use_cache:
-                for feats in self.cache.val.split(self.cfg.data.batch_size * 4):
-                    chunks.append(self.head(feats).float())
+            if cut is not None:
+                for activations in self.cache.val.split(self.cfg.data.batch_size * 2):
+                    chunks.append(cut.top(activations).float())
             else:
                 for images in self.val_set.in_order(self.cfg.data.batch_size * 2):
                     chunks.append(self.model(self.transform(images)).float())
         logits = torch.cat(chunks).cpu()
         return score(logits, self.val_labels, self.data.class_names)
 
+    def _check_model_finite(self, epoch: int, result: EvalResult) -> None:
+        """A model whose evaluation loss or head is not finite is never written to disk."""
+        if math.isfinite(result.loss) and all(bool(torch.isfinite(p).all()) for p in self.head.parameters()):
+            return
+        raise FinetuneError(
+            f"the model became non-finite in epoch {epoch} (validation loss {result.loss}); lower "
+            "train.lr_head / train.lr_backbone (best.pt and last.pt were left as they were)"
+        )
+
     def _finish_epoch(self, epoch: int, result: EvalResult, seconds: float) -> None:
+        self._check_model_finite(epoch, result)
         train_loss, train_acc = self.epoch_train
-        lrs = group_lrs(self.optimizer)
         metrics = {"val_acc": result.acc, "val_loss": result.loss, "val_balanced_acc": result.balanced_acc}
         self.progress = Progress(epoch=epoch)
         is_best = self.saver.update(epoch, metrics, self.portable_state(metrics))
+        new_stage = epoch > 1 and self.schedule.stage(epoch) != self.schedule.stage(epoch - 1)
+        stopped = self.stopping.update(epoch, metrics[self.cfg.checkpoint.monitor], new_stage)
         record = EpochRecord(
             epoch=epoch,
-            phase=self.phase,
+            stage=self.schedule.stage(epoch),
             train_loss=train_loss,
             train_acc=train_acc,
             val_loss=result.loss,
             val_acc=result.acc,
             val_balanced_acc=result.balanced_acc,
-            lr_head=lrs["head"],
-            lr_backbone=lrs.get("backbone", 0.0),
             trainable_params=trainable_count(self.model),
             epoch_seconds=seconds,
+            lrs=group_lrs(self.optimizer),
             val_acc_per_class=result.per_class,
         )
         self.log.append(record, self.saver.best_epoch)
@@ -305,13 +339,15 @@ class Trainer:
         self.log.write()
         write_summary(self.run_dir, self.summary())
         tqdm.write(_epoch_line(record, self.cfg.train.epochs, is_best))
-        if self.stop_signal and epoch < self.cfg.train.epochs:
+        if stopped:
+            tqdm.write(f"early stop after epoch {epoch}: {self.stopping.reason}")
+        elif self.stop_signal and epoch < self.cfg.train.epochs:
             raise Interrupted(self.stop_signal, self.run_dir)
 
     def summary(self) -> dict[str, Any]:
         rows = self.log.rows
         seconds = [r["epoch_seconds"] for r in rows]
-        by_phase = {p: [r["epoch_seconds"] for r in rows if r["phase"] == p] for p in ("frozen", "unfrozen")}
+        stages = dict.fromkeys(r["stage"] for r in rows)
         return {
             "name": self.cfg.name,
             "epochs_completed": len(rows),
@@ -322,9 +358,11 @@ class Trainer:
             "best_val_acc": max((r["val_acc"] for r in rows), default=None),
             "final_val_acc": rows[-1]["val_acc"] if rows else None,
             "final_val_balanced_acc": rows[-1]["val_balanced_acc"] if rows else None,
+            "stopped_early": self.stopping.report(),
             "time_per_epoch": float(np.mean(seconds)) if seconds else None,
-            "time_per_epoch_frozen": float(np.mean(by_phase["frozen"])) if by_phase["frozen"] else None,
-            "time_per_epoch_unfrozen": float(np.mean(by_phase["unfrozen"])) if by_phase["unfrozen"] else None,
+            "time_per_epoch_by_stage": {
+                s: float(np.mean([r["epoch_seconds"] for r in rows if r["stage"] == s])) for s in stages
+            },
             "total_seconds": float(sum(seconds)),
             "class_weights": self.weights.tolist() if self.weights is not None else None,
             "class_names": list(self.data.class_names),
@@ -353,7 +391,7 @@ def score(logits: torch.Tensor, labels: torch.Tensor, class_names: list[str]) ->
 
 def _epoch_line(r: EpochRecord, epochs: int, is_best: bool) -> str:
     return (
-        f"epoch {r.epoch}/{epochs} {r.phase:8s} | train loss {r.train_loss:.4f} acc {r.train_acc:.3f} | "
+        f"epoch {r.epoch}/{epochs} {r.stage} | train loss {r.train_loss:.4f} acc {r.train_acc:.3f} | "
         f"val loss {r.val_loss:.4f} acc {r.val_acc:.3f} bal {r.val_balanced_acc:.3f} | "
         f"{r.epoch_seconds:.1f}s" + (" | best" if is_best else "")
     )

@@ -1,0 +1,191 @@
+"""The schedule: which parameter groups train in which epoch, and every group's LR at every step.
+
+One unit that `finetune train`, `finetune plan` and resume all ask, so they cannot disagree
+(the role Lightning's BaseFinetuning plays for freezing). It is pure: built from the train
+config, the model's module and parameter names and the steps per epoch, and every answer is
+a function of (group, epoch) or (group, global step). Every group is in the optimizer from
+the first step; a group that has not joined yet has LR 0 and `requires_grad=False`.
+
+torch.optim.lr_scheduler's classes are not used: they step one stateful curve shared by all
+groups from step 0, while here a group that joins at an unfreeze gets its own warmup and
+then follows the rest of the run's curve. An LR that is a pure function of the step also
+needs no scheduler state in last.pt: resume recomputes it exactly.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass
+
+from torch import nn
+
+from finetune.config import TrainConfig, stage_name
+from finetune.errors import FinetuneError
+
+BACKBONE = "backbone"  # in a stage: every backbone parameter no other stage names
+ONECYCLE_START = 1 / 25  # OneCycleLR's default div_factor
+ONECYCLE_WARMUP = 0.3  # OneCycleLR's default pct_start, used when warmup_epochs is 0
+
+
+@dataclass(frozen=True)
+class Group:
+    """One optimizer parameter group: the modules it owns and when it joins training."""
+
+    name: str
+    modules: tuple[str, ...]
+    epoch: int  # trains from epoch `epoch + 1`
+    lr: float
+    params: tuple[str, ...]
+
+    def trains_in(self, epoch: int) -> bool:
+        return epoch > self.epoch
+
+
+class Schedule:
+    def __init__(self, cfg: TrainConfig, model: nn.Module, head_name: str, steps_per_epoch: int):
+        self.cfg = cfg
+        self.head_name = head_name
+        self.steps_per_epoch = steps_per_epoch
+        self.total_steps = cfg.epochs * steps_per_epoch
+        self.module_order = [name for name, _ in model.named_modules() if name]
+        self.groups = _build_groups(cfg, model, head_name)
+
+    # ---- which groups train ----------------------------------------------------------------
+    def active(self, epoch: int) -> list[Group]:
+        return [g for g in self.groups if g.trains_in(epoch)]
+
+    def stage(self, epoch: int) -> str:
+        """The name of the group that joined last by this epoch (`head` before any unfreeze)."""
+        return self.active(epoch)[-1].name  # groups are in joining order
+
+    def stage_epochs(self, epoch: int) -> range:
+        """The epochs from `epoch` on during which the same groups train."""
+        later = [g.epoch for g in self.groups if g.epoch >= epoch]
+        return range(epoch, min(later, default=self.cfg.epochs) + 1)
+
+    def module_trains(self, name: str, epoch: int) -> bool:
+        """Whether the group owning module `name` trains in this epoch."""
+        for group in self.groups:
+            if any(_inside(name, m) for m in group.modules if m != BACKBONE):
+                return group.trains_in(epoch)
+        rest = next((g for g in self.groups if BACKBONE in g.modules), None)
+        return rest is not None and rest.trains_in(epoch)
+
+    def cache_cut(self, epoch: int) -> str | None:
+        """The module whose input may be cached this epoch: everything below it is frozen.
+
+        The head while only the head trains; else the lowest training module in
+        registration order (features.py checks the model really is a chain there). None when
+        the whole backbone trains, or when frozen BatchNorm/dropout are in train mode.
+        """
+        if self.cfg.feature_cache == "off" or not self.cfg.freeze_bn:
+            return None
+        modules = [m for g in self.active(epoch) if g.name != "head" for m in g.modules]
+        if BACKBONE in modules:
+            return None
+        return min(modules, key=self.module_order.index) if modules else self.head_name
+
+    # ---- learning rates --------------------------------------------------------------------
+    def lr(self, group: Group, step: int) -> float:
+        """The LR of `group` at global step `step` (0-based)."""
+        joined = group.epoch * self.steps_per_epoch
+        if step < joined:
+            return 0.0
+        factor = self._curve(step)
+        warmup = round(self.cfg.unfreeze_warmup_epochs * self.steps_per_epoch)
+        if group.epoch > 0 and warmup > 0:
+            factor *= min(1.0, (step - joined + 1) / warmup)
+        return group.lr * factor
+
+    def lrs(self, step: int) -> dict[str, float]:
+        return {g.name: self.lr(g, step) for g in self.groups}
+
+    def _curve(self, step: int) -> float:
+        """The run's LR multiplier: warmup, then the named decay over the remaining steps."""
+        s = self.cfg.scheduler
+        warmup = round(s.warmup_epochs * self.steps_per_epoch)
+        if s.name == "onecycle" and warmup == 0:
+            warmup = round(ONECYCLE_WARMUP * self.total_steps)
+        if step < warmup:
+            start = ONECYCLE_START if s.name == "onecycle" else 0.0
+            return start + (1 - start) * (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, self.total_steps - warmup))
+        low = s.min_lr_ratio
+        if s.name in ("cosine", "onecycle"):
+            return low + (1 - low) * 0.5 * (1 + math.cos(math.pi * progress))
+        if s.name == "linear":
+            return 1 - (1 - low) * progress
+        if s.name == "step":
+            return s.gamma ** (step // max(1, round(s.step_epochs * self.steps_per_epoch)))
+        return 1.0
+
+
+def _stage_configs(cfg: TrainConfig) -> list[tuple[str, tuple[str, ...], int, float | None]]:
+    """(name, modules, epoch, lr or None) per stage; the shorthand is one `backbone` stage."""
+    if cfg.unfreeze is not None:
+        stages = sorted(cfg.unfreeze, key=lambda s: s.epoch)
+        return [(stage_name(s), tuple(s.modules), s.epoch, s.lr) for s in stages]
+    if not cfg.freeze_backbone:
+        return [(BACKBONE, (BACKBONE,), 0, cfg.lr_backbone)]
+    if cfg.unfreeze_epoch is None:
+        return []
+    return [(BACKBONE, (BACKBONE,), cfg.unfreeze_epoch, cfg.lr_backbone)]
+
+
+def _build_groups(cfg: TrainConfig, model: nn.Module, head_name: str) -> list[Group]:
+    """The head group, then one group per stage with its parameters and LR (layer_lr_decay)."""
+    stages = _stage_configs(cfg)
+    _check_modules(stages, model, head_name)
+    names = [n for n, _ in model.named_parameters()]
+    owner = {n: "head" for n in names if _inside(n, head_name)}
+    for name, modules, _, _ in stages:
+        owner.update({n: name for n in names if any(_inside(n, m) for m in modules if m != BACKBONE)})
+    rest = [name for name, modules, _, _ in stages if BACKBONE in modules]
+    owner.update({n: rest[0] for n in names if rest and n not in owner})
+    groups = [Group("head", (head_name,), 0, cfg.lr_head, tuple(n for n in names if owner.get(n) == "head"))]
+    lr = cfg.lr_backbone / cfg.layer_lr_decay
+    for name, modules, epoch, stage_lr in stages:
+        lr = stage_lr if stage_lr is not None else lr * cfg.layer_lr_decay
+        params = tuple(n for n in names if owner.get(n) == name)
+        if not params:
+            raise FinetuneError(f"train.unfreeze: stage {name!r} holds no parameters to train; name other modules")
+        groups.append(Group(name, modules, epoch, lr, params))
+    return groups
+
+
+def _inside(name: str, module: str) -> bool:
+    return name == module or name.startswith(module + ".")
+
+
+def _check_modules(stages: list, model: nn.Module, head_name: str) -> None:
+    """Unknown names (with close suggestions), the head inside a stage, overlapping stages."""
+    known = [name for name, _ in model.named_modules() if name]
+    seen: list[tuple[str, str]] = []
+    for stage, modules, _, _ in stages:
+        for module in modules:
+            if module == BACKBONE:
+                if any(m == BACKBONE for _, m in seen):
+                    raise FinetuneError("train.unfreeze: `backbone` (the rest) may appear in one stage only")
+            elif module not in known:
+                close = difflib.get_close_matches(module, known, n=3, cutoff=0.6)
+                hint = f"did you mean {', '.join(close)}?" if close else f"top-level modules: {_top_level(known)}"
+                raise FinetuneError(f"train.unfreeze: stage {stage!r} names no module {module!r} of the model; {hint}")
+            elif _inside(head_name, module):
+                raise FinetuneError(
+                    f"train.unfreeze: stage {stage!r} module {module!r} holds the head {head_name!r}, which "
+                    "always trains; name backbone modules only"
+                )
+            clash = next(
+                (s for s, m in seen if BACKBONE not in (m, module) and (_inside(m, module) or _inside(module, m))), None
+            )
+            if clash is not None:
+                raise FinetuneError(
+                    f"train.unfreeze: stage {stage!r} module {module!r} overlaps stage {clash!r}; "
+                    "give each module to one stage"
+                )
+            seen.append((stage, module))
+
+
+def _top_level(known: list[str]) -> str:
+    return ", ".join(n for n in known if "." not in n)
