@@ -45,7 +45,7 @@ def tiny_config(data_root: Path, out_dir: Path, **sections) -> dict:
         "precision": "fp32",
         "data": {"dataset": "imagefolder", "root": str(data_root), "image_size": 32, "batch_size": 8},
         "model": {"arch": "resnet18", "weights": "none"},
-        "train": {"epochs": 3, "unfreeze_epoch": 1},
+        "train": {"epochs": 3},  # unfreeze_epoch: 1 by default
     }
     for section, values in sections.items():
         if isinstance(values, dict):

@@ -142,3 +142,43 @@ def test_sigterm_and_ctrl_c_save_mid_epoch_and_resume_exactly(setup, tmp_path, s
     out = resume(run)
     assert f"after epoch 1, step {state['progress']['step']}" in out
     assert_same_as_reference(run, reference)
+
+
+@pytest.fixture(scope="module")
+def staged(tmp_path_factory):
+    """Three stages with a cosine schedule, warmup at the start and after every unfreeze."""
+    root = tmp_path_factory.mktemp("staged")
+    data = make_imagefolder(root / "data", train_per_class=40, val_per_class=10)
+    train = {
+        "epochs": 4,
+        "unfreeze": [
+            {"epoch": 1, "modules": ["layer4"]},
+            {"epoch": 2, "modules": ["layer3"]},
+            {"epoch": 3, "modules": ["backbone"]},
+        ],
+        "layer_lr_decay": 0.5,
+        "scheduler": {"name": "cosine", "warmup_epochs": 0.5},
+        "unfreeze_warmup_epochs": 1.0,
+    }
+    config = write_config(root / "config.yaml", data, root / "runs", data={"batch_size": 4}, train=train)
+    reference = root / "reference"
+    proc = Finetune("train", config, "--run-dir", reference)
+    proc.finish()
+    assert proc.returncode == 0
+    return config, reference
+
+
+def test_kills_inside_unfreeze_warmups_of_a_three_stage_cosine_run_resume_bit_identical(staged, tmp_path):
+    config, reference = staged
+    run = tmp_path / "run"
+    proc = Finetune("train", config, "--run-dir", run)
+    assert stop_when(proc, lambda: csv_rows(run) == 1, signal.SIGTERM, delay=0.5) == 143
+    state = torch.load(run / "last.pt", weights_only=True)
+    assert state["progress"]["epoch"] == 1 and state["progress"]["step"] > 0, "stopped inside layer4's warmup"
+    proc = Finetune("train", "--resume", run)
+    stop_when(proc, lambda: csv_rows(run) == 2, signal.SIGKILL, delay=0.5)
+    assert csv_rows(run) == 2, "the kill should land inside epoch 3, layer3's warmup"
+    resume(run)
+    assert_same_as_reference(run, reference)
+    lrs = pd.read_csv(run / "results.csv")[["lr_head", "lr_layer4", "lr_layer3", "lr_backbone"]]
+    assert (lrs.diff().iloc[1:] != 0).any().all(), "every group's LR moves along the schedule"

@@ -89,6 +89,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if state is not None:
         trainer.restore(state)
         print(f"resuming {run_dir} after epoch {trainer.progress.epoch}, step {trainer.progress.step}")
+        _say_if_schedule_stretched(state["config"]["train"]["epochs"], cfg)
+    stopped = trainer.stopping.report()
+    if stopped is not None:
+        print(f"{run_dir} is complete: stopped early at epoch {stopped['epoch']} ({stopped['reason']})")
+        return 0
     if trainer.progress.epoch >= cfg.train.epochs:
         print(f"{run_dir} already finished {cfg.train.epochs} epochs; raise --set train.epochs=N to train longer")
         return 0
@@ -176,16 +181,30 @@ def _resume_state(run_dir: Path) -> dict | None:
     return state
 
 
+def _say_if_schedule_stretched(saved_epochs: int, cfg: Config) -> None:
+    """Raising train.epochs re-plans a decaying schedule over the new length (README: Schedules)."""
+    name = cfg.train.scheduler.name
+    if cfg.train.epochs > saved_epochs and name in ("cosine", "linear", "onecycle"):
+        print(
+            f"train.epochs raised from {saved_epochs} to {cfg.train.epochs}: the {name} schedule now spans "
+            f"{cfg.train.epochs} epochs, so the LR continues from this step along the longer curve"
+        )
+
+
 def _prepare(cfg: Config, run_dir: Path) -> Trainer:
     """Validate what is cheap to check, then load data and weights, then write the run dir."""
     import torch
 
     from finetune.data import load_data
     from finetune.hardware import resolve_runtime
-    from finetune.models import build_model, check_model_config
+    from finetune.models import build_model, check_model_config, skeleton
+    from finetune.schedule import check_stages
     from finetune.train import Trainer
 
     check_model_config(cfg.model)
+    if cfg.train.unfreeze is not None:  # stage names against the arch, before any data loads
+        bare = skeleton(cfg.model, num_classes=2)
+        check_stages(cfg.train, bare.model, bare.head_name)
     runtime = resolve_runtime(cfg.device, cfg.precision)
     torch.manual_seed(cfg.seed)
     data = load_data(cfg.data, cfg.seed)

@@ -6,6 +6,7 @@ The head is the model's last `nn.Linear` (resnet `fc`, mobilenet `classifier.1`,
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import urllib.error
 from dataclasses import dataclass
@@ -95,6 +96,11 @@ def build_model(cfg: ModelConfig, num_classes: int) -> BuiltModel:
         _load_file(model, weights, cfg.arch)
     head_name = replace_head(model, num_classes)
     return BuiltModel(model, head_name, mean, std)
+
+
+def skeleton(cfg: ModelConfig, num_classes: int) -> BuiltModel:
+    """The arch with its new head and no weights read: enough to name modules and count parameters."""
+    return build_model(dataclasses.replace(cfg, weights="none"), num_classes)
 
 
 def _download_state_dict(weights: WeightsEnum, arch: str) -> dict[str, torch.Tensor]:

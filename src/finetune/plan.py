@@ -18,7 +18,7 @@ from finetune.config import Config
 from finetune.data import split_batches, split_sizes
 from finetune.features import decide_cache
 from finetune.hardware import Runtime
-from finetune.models import build_model, check_model_config
+from finetune.models import check_model_config, skeleton
 from finetune.schedule import Schedule
 
 
@@ -45,7 +45,7 @@ class Plan:
 def make_plan(cfg: Config) -> Plan:
     check_model_config(cfg.model)
     names, n_train, n_val = split_sizes(cfg.data, cfg.seed)
-    built = build_model(dataclasses.replace(cfg.model, weights="none"), len(names))
+    built = skeleton(cfg.model, len(names))
     model = built.model.to(memory_format=torch.channels_last)
     steps = len(split_batches(torch.arange(n_train), cfg.data.batch_size))
     schedule = Schedule(cfg.train, model, built.head_name, steps)

@@ -121,6 +121,11 @@ class Schedule:
         return 1.0
 
 
+def check_stages(cfg: TrainConfig, model: nn.Module, head_name: str) -> None:
+    """Raise on a stage that names no module, overlaps another or holds the head."""
+    _build_groups(cfg, model, head_name)
+
+
 def _stage_configs(cfg: TrainConfig) -> list[tuple[str, tuple[str, ...], int, float | None]]:
     """(name, modules, epoch, lr or None) per stage; the shorthand is one `backbone` stage."""
     if cfg.unfreeze is not None:
