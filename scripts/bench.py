@@ -4,8 +4,14 @@ Runs the seed's three setups (feature extract, early unfreeze at 1, fine-tune fr
 with both, each in its own process (so peak RSS is per run), then measures the model's raw
 train-step throughput and the memory of the full CIFAR-10 training set held in memory.
 
+The `gradual_unfreeze` setup (configs/gradual_unfreeze.yaml, two epochs per stage: head,
+layer4, layer3, everything) has no reference loop: it runs finetune with the feature cache
+on and off, and shows seconds per stage epoch and the largest weight difference between the two.
+
     .venv/bin/python scripts/bench.py --arch mobilenet_v2 --size 128
     .venv/bin/python scripts/bench.py --arch resnet18 --size 224 --weights none --train 1000 --val 400
+    .venv/bin/python scripts/bench.py --arch resnet18 --size 224 --weights none --train 1000 --val 400 \
+        --setups gradual_unfreeze
 
 Prints a table and writes bench.md / bench.csv to --out.
 """
@@ -31,6 +37,12 @@ SETUPS = {
     "early_unfreeze": {"freeze_backbone": True, "unfreeze_epoch": 1},
     "finetune_all": {"freeze_backbone": False, "unfreeze_epoch": None},
 }
+GRADUAL = "gradual_unfreeze"
+GRADUAL_SETS = [  # the config's stages, two epochs each (a stage's cache pays off from its 2nd epoch); all run
+    "train.epochs=8",
+    "train.unfreeze=[{epoch: 2, modules: [layer4]}, {epoch: 4, modules: [layer3]}, {epoch: 6, modules: [backbone]}]",
+    "train.early_stopping.patience=null",
+]
 
 
 def parse_args() -> argparse.Namespace:
@@ -43,7 +55,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS))
+    p.add_argument("--setups", nargs="+", default=list(SETUPS), choices=[*SETUPS, GRADUAL])
     p.add_argument("--out", default="bench_results")
     p.add_argument("--reference-run", help=argparse.SUPPRESS)  # internal: one reference setup
     p.add_argument("--memory-run", action="store_true", help=argparse.SUPPRESS)  # internal
@@ -127,8 +139,7 @@ def run_child(cmd: list[str]) -> tuple[float, float]:
     return time.perf_counter() - started, usage.ru_maxrss / 1024
 
 
-def finetune_run(args: argparse.Namespace, setup: str, out_dir: Path) -> dict:
-    cfg = SETUPS[setup]
+def finetune_run(args: argparse.Namespace, setup: str, out_dir: Path, extra: list[str] = (), name: str = "") -> dict:
     overrides = [
         "data.dataset=imagefolder",
         f"data.root={args.data}",
@@ -140,16 +151,41 @@ def finetune_run(args: argparse.Namespace, setup: str, out_dir: Path) -> dict:
         f"train.epochs={args.epochs}",
         f"seed={args.seed}",
         f"out_dir={out_dir}",
-        f"train.freeze_backbone={str(cfg['freeze_backbone']).lower()}",
-        f"train.unfreeze_epoch={'null' if cfg['unfreeze_epoch'] is None else cfg['unfreeze_epoch']}",
+        *_schedule_sets(SETUPS.get(setup)),
+        *extra,
     ]
-    run_dir = out_dir / setup
+    run_dir = out_dir / (name or setup)
     finetune = [sys.executable, "-m", "finetune.cli", "train", f"configs/{setup}.yaml", "--run-dir", str(run_dir)]
     wall, rss = run_child([*finetune, "--set", *overrides])
     results = pd.read_csv(run_dir / "results.csv")
     summary = json.loads((run_dir / "summary.json").read_text())
-    epochs = results[["epoch", "epoch_seconds", "val_acc", "phase"]].to_dict("records")
-    return {"epochs": epochs, "wall": wall, "rss_mb": rss, "precision": summary["precision"]}
+    epochs = results[["epoch", "epoch_seconds", "val_acc", "stage"]].to_dict("records")
+    return {"epochs": epochs, "wall": wall, "rss_mb": rss, "precision": summary["precision"], "run_dir": run_dir}
+
+
+def _schedule_sets(cfg: dict | None) -> list[str]:
+    if cfg is None:
+        return []
+    unfreeze = "null" if cfg["unfreeze_epoch"] is None else cfg["unfreeze_epoch"]
+    return [f"train.freeze_backbone={str(cfg['freeze_backbone']).lower()}", f"train.unfreeze_epoch={unfreeze}"]
+
+
+def gradual_comparison(args: argparse.Namespace, out_dir: Path) -> tuple[pd.DataFrame, float, dict]:
+    """Seconds per stage with the feature cache on and off, and the largest weight difference."""
+    runs = {}
+    for cache in ("auto", "off"):
+        sets = [*GRADUAL_SETS, f"train.feature_cache={cache}"]
+        runs[cache] = finetune_run(args, GRADUAL, out_dir, sets, name=f"{GRADUAL}_{cache}")
+    epochs = pd.concat([pd.DataFrame(r["epochs"]).assign(cache=cache) for cache, r in runs.items()])
+    table = epochs.pivot_table(
+        index="stage", columns="cache", values="epoch_seconds", aggfunc=["first", "last"], sort=False
+    )
+    table.columns = [f"s {'1st' if when == 'first' else '2nd'} epoch, cache {cache}" for when, cache in table.columns]
+    table = table.reset_index()
+    totals = {cache: (r["wall"], r["epochs"][-1]["val_acc"]) for cache, r in runs.items()}
+    models = [torch.load(r["run_dir"] / "last.pt", weights_only=True)["model"] for r in runs.values()]
+    diff = max((a.float() - models[1][k].float()).abs().max().item() for k, a in models[0].items())
+    return table, diff, totals
 
 
 def reference_child(args: argparse.Namespace, setup: str, out_dir: Path) -> dict:
@@ -253,9 +289,16 @@ def main() -> None:
         memory_run(args, out_dir)
         return
 
+    if args.setups == [GRADUAL]:
+        with tempfile.TemporaryDirectory(dir=out_dir) as runs:
+            table, diff, totals = gradual_comparison(args, Path(runs))
+        report = render_gradual(args, table, diff, totals)
+        print(report)
+        (out_dir / "bench_gradual.md").write_text(report)
+        return
     rows, ours = [], {}
     with tempfile.TemporaryDirectory(dir=out_dir) as runs:
-        for setup in args.setups:
+        for setup in (s for s in args.setups if s != GRADUAL):
             ours[setup] = finetune_run(args, setup, Path(runs))
             reference = reference_child(args, setup, out_dir)
             mine, theirs = row(setup, "finetune", ours[setup]), row(setup, "reference", reference)
@@ -275,7 +318,7 @@ def main() -> None:
 
 def trainer_rate(ours: dict, args: argparse.Namespace, rates: dict) -> float:
     """Train img/s the trainer reached on unfrozen epochs, its evaluation (at the raw rate) taken out."""
-    unfrozen = [e for r in ours.values() for e in r["epochs"] if e["phase"] == "unfrozen"]
+    unfrozen = [e for r in ours.values() for e in r["epochs"] if e["stage"] == "backbone"]
     if not unfrozen:
         return float("nan")
     seconds = sum(e["epoch_seconds"] - args.val / rates["eval"] for e in unfrozen)
@@ -303,6 +346,19 @@ def render(args, table, totals, rates, ours, memory, precision) -> str:
         f"- full CIFAR-10 training set in memory: {memory['images']} images, {memory['tensor_mb']:.0f} MB tensor, "
         f"{memory['rss_added_mb']:.0f} MB RSS added after loading ({memory['peak_added_mb']:.0f} MB at the peak), "
         f"decoded in {memory['load_seconds']:.1f} s",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def render_gradual(args: argparse.Namespace, table: pd.DataFrame, diff: float, totals: dict) -> str:
+    lines = [
+        f"# {GRADUAL}: {args.arch}, {args.size} px, weights {args.weights}, {args.train} train / {args.val} val "
+        f"CIFAR-10 images, two epochs per stage, {os.cpu_count()} CPU cores",
+        "",
+        format_table(table),
+        "",
+        *(f"- cache {c}: {wall:.0f} s in all, final val acc {acc:.3f}" for c, (wall, acc) in totals.items()),
+        f"- largest absolute weight difference between the cached and uncached runs' last.pt: {diff:.3g}",
     ]
     return "\n".join(lines) + "\n"
 
