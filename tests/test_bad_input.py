@@ -189,7 +189,7 @@ CASES = {
     ),
     "class weights unknown class": (
         lambda e: ["train", e.config(), "--set", "train.class_weights={cow: 2}"],
-        r"class_weights: 'cow' is not a class",
+        r"train\.class_weights: 'cow' is not a class",
     ),
     "train class missing": (
         lambda e: ["train", e.config(), "--set", "data.train_classes=[cat, cow]"],
@@ -231,6 +231,50 @@ CASES = {
         lambda e: ["train", "--resume", str(e.run_copy()), "--run-dir", str(e.tmp / "x")],
         r"drop --run-dir",
     ),
+    "negative seed": (lambda e: ["train", e.config(), "--set", "seed=-1"], r"seed = -1 must be 0 or a positive"),
+    "no train classes": (lambda e: ["train", e.config(), "--set", "data.train_classes=[]"], r"train_classes = \[\]"),
+    "negative weight in mapping": (
+        lambda e: ["train", e.config(), "--set", "train.class_weights={cat: -1}"],
+        r"class_weights must hold finite weights >= 0",
+    ),
+    "nan weight in mapping": (
+        lambda e: ["train", e.config(), "--set", "train.class_weights={cat: .nan}"],
+        r"class_weights must hold finite weights >= 0",
+    ),
+    "stage and shorthand": (
+        lambda e: [
+            "train",
+            e.config(),
+            "--set",
+            "train.unfreeze=[{epoch: 1, modules: [layer4]}]",
+            "train.unfreeze_epoch=1",
+        ],
+        r"drop train\.unfreeze_epoch",
+    ),
+    "stage unknown module": (
+        lambda e: ["train", e.config(), "--set", "train.unfreeze=[{epoch: 1, modules: [layer44]}]"],
+        r"names no module 'layer44' of the model; did you mean layer4",
+    ),
+    "stage at last epoch": (
+        lambda e: ["train", e.config(), "--set", "train.unfreeze=[{epoch: 3, modules: [layer4]}]"],
+        r"train\.unfreeze\[0\]\.epoch = 3 must be between 0 and train\.epochs - 1 = 2",
+    ),
+    "stage holds head": (
+        lambda e: ["plan", e.config(), "--set", "train.unfreeze=[{epoch: 1, modules: [fc]}]"],
+        r"holds the head 'fc'",
+    ),
+    "scheduler name": (
+        lambda e: ["plan", e.config(), "--set", "train.scheduler.name=cosin"],
+        r"train\.scheduler\.name = 'cosin' is invalid; expected one of constant, cosine",
+    ),
+    "warmup too long": (
+        lambda e: ["train", e.config(), "--set", "train.scheduler.warmup_epochs=3"],
+        r"train\.scheduler\.warmup_epochs = 3\.0 must be in \[0, epochs\)",
+    ),
+    "patience zero": (
+        lambda e: ["train", e.config(), "--set", "train.early_stopping.patience=0"],
+        r"train\.early_stopping\.patience = 0 must be >= 1",
+    ),
     "negative memory budget": (
         lambda e: ["train", e.config(), "--set", "data.memory_budget_mb=-1"],
         r"data\.memory_budget_mb = -1 must not be negative",
@@ -267,3 +311,14 @@ def test_nan_loss_stops_with_epoch_and_step_and_keeps_best(env, capsys):
     assert __import__("re").search(r"loss became (nan|inf) at epoch 2, step \d+", error), error
     assert torch.load(run / "best.pt", weights_only=True)["epoch"] == 1
     assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 1
+
+
+def test_weights_that_turn_non_finite_on_an_epochs_last_step_are_never_saved(env, capsys):
+    """One step per epoch at a huge head LR: that step's loss is finite, the weights after it
+    are not. Validation sees it, and no checkpoint is written."""
+    run = env.tmp / "nan_weights"
+    sets = ["train.optimizer=sgd", "train.lr_head=1e38", "train.unfreeze_epoch=null", "data.batch_size=64"]
+    assert main(["train", env.config(), "--run-dir", str(run), "--set", *sets]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "the model became non-finite in epoch 1" in error, error
+    assert not (run / "best.pt").exists() and not (run / "last.pt").exists()

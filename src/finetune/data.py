@@ -59,7 +59,13 @@ class ImageSet:
             return
         sampler = [index.tolist() for index in index_batches]
         dataset = _ImageFiles(self.files, self.size)
-        yield from DataLoader(dataset, batch_sampler=sampler, num_workers=self.workers, collate_fn=torch.stack)
+        # Workers draw nothing random, but a DataLoader seeds them from its generator, by
+        # default the global one that dropout draws from: a private one keeps resume exact.
+        private = torch.Generator().manual_seed(0)
+        loader = DataLoader(
+            dataset, batch_sampler=sampler, num_workers=self.workers, collate_fn=torch.stack, generator=private
+        )
+        yield from loader
 
     def in_order(self, batch_size: int) -> Iterator[torch.Tensor]:
         return self.batches(torch.arange(len(self)).split(batch_size))
@@ -128,18 +134,24 @@ def resolve_classes(requested: list[str | int] | None, class_names: list[str]) -
     """Indices of the classes named (by name or index) in `data.train_classes`."""
     if requested is None:
         return list(range(len(class_names)))
-    indices = []
-    for item in requested:
-        if isinstance(item, int) and 0 <= item < len(class_names):
-            indices.append(item)
-        elif isinstance(item, str) and item in class_names:
-            indices.append(class_names.index(item))
-        else:
-            raise FinetuneError(
-                f"data.train_classes: {item!r} is not a class of this dataset; "
-                f"use names or indices 0-{len(class_names) - 1} of: {', '.join(class_names)}"
-            )
-    return sorted(set(indices))
+    return sorted({class_index(item, class_names, "data.train_classes") for item in requested})
+
+
+def class_index(item: str | int, class_names: list[str], key: str) -> int:
+    """The index of a class given by name or index.
+
+    When every class folder is named by a number ("1", "2", "10"), an integer means the
+    folder of that name: folders sort as strings, so index 2 would be folder "10".
+    """
+    numeric = all(name.isdigit() for name in class_names)
+    if isinstance(item, int) and numeric:
+        item = str(item)
+    if isinstance(item, int) and 0 <= item < len(class_names):
+        return item
+    if isinstance(item, str) and item in class_names:
+        return class_names.index(item)
+    choices = "folder names" if numeric else f"names or indices 0-{len(class_names) - 1}"
+    raise FinetuneError(f"{key}: {item!r} is not a class of this dataset; use {choices} of: {', '.join(class_names)}")
 
 
 def _train_indices(labels: np.ndarray, cfg: DataConfig, class_names: list[str], seed: int) -> np.ndarray:
@@ -274,7 +286,7 @@ class ImageFiles:
         keep = [i for i, size in enumerate(ok) if size is not None]
         labels = torch.as_tensor(self.labels[keep], dtype=torch.long)
         files = [self.files[i] for i in keep]
-        return ImageSet(labels, files=files, size=cfg.image_size, workers=cfg.num_workers)
+        return ImageSet(labels, files=files, size=cfg.image_size, workers=worker_count(cfg.num_workers))
 
 
 def scan_folder(folder: Path) -> tuple[list[str], list[Path], np.ndarray]:
@@ -308,8 +320,14 @@ def _header_size(path: Path) -> tuple[int, int] | None:
         return None
 
 
+def worker_count(configured: int) -> int:
+    """`data.num_workers`, 0 meaning one per core: decoding threads for data held in memory,
+    DataLoader worker processes for streamed data."""
+    return configured or os.cpu_count() or 1
+
+
 def _pool(workers: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max(1, workers or os.cpu_count() or 1))
+    return ThreadPoolExecutor(worker_count(workers))
 
 
 def resized(array: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-import torchvision
 from matplotlib.figure import Figure
 from sklearn import metrics
 from torch import nn
@@ -28,7 +27,7 @@ from finetune.data import BatchTransform, load_data, read_rgb
 from finetune.errors import FinetuneError
 from finetune.files import atomic_write_text
 from finetune.hardware import Runtime, resolve_runtime
-from finetune.models import replace_head
+from finetune.models import architecture, drop_aux_heads, replace_head
 
 
 @dataclass
@@ -55,7 +54,8 @@ def load_predictor(path: str | Path, device: str = "auto", precision: str = "aut
 
 
 def predictor_from(ckpt: dict[str, Any], device: str, precision: str) -> Predictor:
-    model = torchvision.models.get_model(ckpt["arch"], weights=None)
+    model = architecture(ckpt["arch"], ckpt.get("torchvision_weights", False))
+    drop_aux_heads(model, ckpt["arch"])
     replace_head(model, len(ckpt["class_names"]))
     model.load_state_dict(ckpt["model"])
     runtime = resolve_runtime(device, precision)

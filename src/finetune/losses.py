@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from sklearn.utils.class_weight import compute_class_weight
 
+from finetune.data import class_index
 from finetune.errors import FinetuneError
 
 
@@ -49,12 +50,5 @@ def _weights_from_mapping(spec: dict, class_names: list[str]) -> list[float]:
     """{class name or index: weight}; classes not named keep weight 1."""
     weights = [1.0] * len(class_names)
     for key, value in spec.items():
-        if isinstance(key, int) and 0 <= key < len(class_names):
-            weights[key] = float(value)
-        elif key in class_names:
-            weights[class_names.index(key)] = float(value)
-        else:
-            raise FinetuneError(
-                f"train.class_weights: {key!r} is not a class; use names or indices of: {', '.join(class_names)}"
-            )
+        weights[class_index(key, class_names, "train.class_weights")] = float(value)
     return weights

@@ -24,12 +24,37 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+CONV_HEADS = {"squeezenet1_0", "squeezenet1_1"}  # the only torchvision classifiers without a final Linear
+AUX_HEADS = {"inception_v3": ("AuxLogits",), "googlenet": ("aux1", "aux2")}
+
+
 @dataclass
 class BuiltModel:
     model: nn.Module
     head_name: str
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    torchvision_weights: bool = False  # built as for torchvision's pretrained weights
+
+
+def architecture(arch: str, torchvision_weights: bool) -> nn.Module:
+    """The arch as torchvision's builder makes it for these weights, with auxiliary heads.
+
+    inception_v3 and googlenet take `transform_input=True` with torchvision's weights (their
+    inputs are re-normalized inside); `drop_aux_heads` then removes the auxiliary classifiers,
+    without which they return plain logits in train mode too.
+    """
+    if arch not in AUX_HEADS:
+        return torchvision.models.get_model(arch, weights=None)
+    kwargs = {"aux_logits": True, "transform_input": torchvision_weights, "init_weights": not torchvision_weights}
+    return torchvision.models.get_model(arch, weights=None, **kwargs)
+
+
+def drop_aux_heads(model: nn.Module, arch: str) -> None:
+    if arch in AUX_HEADS:
+        model.aux_logits = False
+        for name in AUX_HEADS[arch]:
+            setattr(model, name, None)
 
 
 def available_archs() -> list[str]:
@@ -43,6 +68,11 @@ def check_model_config(cfg: ModelConfig) -> None:
         close = difflib.get_close_matches(cfg.arch, archs, n=1, cutoff=0.6)
         hint = f" (did you mean {close[0]}?)" if close else "; see torchvision.models.list_models()"
         raise FinetuneError(f"model.arch: unknown torchvision classifier {cfg.arch!r}{hint}")
+    if cfg.arch in CONV_HEADS:
+        raise FinetuneError(
+            f"model.arch: {cfg.arch} ends in a 1x1 convolution, not a Linear head that finetune can replace; "
+            "pick another arch (e.g. mobilenet_v3_small for a small model)"
+        )
     _resolve_weights(cfg)
 
 
@@ -84,7 +114,7 @@ def _default_or_cached(enum: type[WeightsEnum]) -> WeightsEnum:
 def build_model(cfg: ModelConfig, num_classes: int) -> BuiltModel:
     """The arch with pretrained weights loaded and a fresh head for `num_classes`."""
     weights = _resolve_weights(cfg)
-    model = torchvision.models.get_model(cfg.arch, weights=None)
+    model = architecture(cfg.arch, isinstance(weights, WeightsEnum))
     mean, std = IMAGENET_MEAN, IMAGENET_STD
     if isinstance(weights, WeightsEnum):
         if cfg.weights == "DEFAULT" and weights != weights.__class__.DEFAULT:
@@ -92,10 +122,11 @@ def build_model(cfg: ModelConfig, num_classes: int) -> BuiltModel:
         model.load_state_dict(_download_state_dict(weights, cfg.arch))
         preset = weights.transforms()
         mean, std = tuple(preset.mean), tuple(preset.std)
-    elif isinstance(weights, Path):
+    drop_aux_heads(model, cfg.arch)
+    if isinstance(weights, Path):
         _load_file(model, weights, cfg.arch)
     head_name = replace_head(model, num_classes)
-    return BuiltModel(model, head_name, mean, std)
+    return BuiltModel(model, head_name, mean, std, isinstance(weights, WeightsEnum))
 
 
 def skeleton(cfg: ModelConfig, num_classes: int) -> BuiltModel:
@@ -125,6 +156,8 @@ def _load_file(model: nn.Module, path: Path, arch: str) -> None:
         ) from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
+    if isinstance(state, dict):  # the auxiliary heads were dropped: their weights are not needed
+        state = {k: v for k, v in state.items() if k.split(".")[0] not in AUX_HEADS.get(arch, ())}
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as exc:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -129,6 +129,7 @@ class Trainer:
         return {
             "format": 1,
             "arch": self.cfg.model.arch,
+            "torchvision_weights": self.built.torchvision_weights,
             "head_name": self.built.head_name,
             "class_names": list(self.data.class_names),
             "image_size": self.cfg.data.image_size,
@@ -180,9 +181,19 @@ class Trainer:
         started = time.perf_counter()
         cut = self._cached_cut(epoch)
         set_train_mode(self.model, self.schedule, epoch)
-        self._train_steps(epoch, cut, started)
-        result = self.evaluate(cut)
+        losses, corrects = self._train_steps(epoch, cut, started)
+        try:
+            result = self.evaluate(cut)
+        except Interrupted:  # the steps are done: keep them, evaluate again on resume
+            self._save_interrupted(epoch, len(losses), losses, corrects, started)
         self._finish_epoch(epoch, result, time.perf_counter() - started + self.progress.seconds)
+
+    def _unless_stopped(self, batches: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
+        """Batches of a long extraction or evaluation, ended within one batch of Ctrl-C / SIGTERM."""
+        for batch in batches:
+            if self.stop_signal:
+                raise Interrupted(self.stop_signal, self.run_dir)
+            yield batch
 
     def _cached_cut(self, epoch: int) -> CutModel | None:
         """The cut whose input is cached for this epoch, the cache built for its stage if new."""
@@ -223,9 +234,10 @@ class Trainer:
     def _activations(self, cut: CutModel, images: Iterator[torch.Tensor], flip: bool) -> torch.Tensor:
         """The cut's inputs for uint8 batches, every image flipped or none."""
         batches = (self.transform(x, torch.ones(len(x), dtype=torch.bool) if flip else None) for x in images)
-        return extract(cut, self.runtime, batches)
+        return extract(cut, self.runtime, self._unless_stopped(batches))
 
-    def _train_steps(self, epoch: int, cut: CutModel | None, started: float) -> None:
+    def _train_steps(self, epoch: int, cut: CutModel | None, started: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The epoch's remaining steps; returns every step's loss and correct count."""
         n = len(self.data.train)
         order, flips = epoch_plan(n, self.cfg.seed, epoch, self.cfg.data.hflip)
         batches = split_batches(order, self.cfg.data.batch_size)
@@ -257,6 +269,7 @@ class Trainer:
                     self._save_interrupted(epoch, step + 1, losses, corrects, started)
         sizes = torch.tensor([len(b) for b in batches], dtype=torch.float64, device=self.device)
         self.epoch_train = ((losses * sizes).sum().item() / n, corrects.sum().item() / n)
+        return losses, corrects
 
     def _step(
         self, forward: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor, labels: torch.Tensor
@@ -296,10 +309,10 @@ class Trainer:
         chunks = []
         with self.runtime.autocast():
             if cut is not None:
-                for activations in self.cache.val.split(self.cfg.data.batch_size * 2):
+                for activations in self._unless_stopped(self.cache.val.split(self.cfg.data.batch_size * 2)):
                     chunks.append(cut.top(activations).float())
             else:
-                for images in self.val_set.in_order(self.cfg.data.batch_size * 2):
+                for images in self._unless_stopped(self.val_set.in_order(self.cfg.data.batch_size * 2)):
                     chunks.append(self.model(self.transform(images)).float())
         logits = torch.cat(chunks).cpu()
         return score(logits, self.val_labels, self.data.class_names)
