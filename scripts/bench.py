@@ -264,7 +264,7 @@ def memory_run(args: argparse.Namespace, out_dir: Path) -> None:
 
     before = _rss_mb("VmRSS")
     t0 = time.perf_counter()
-    data = load_data(DataConfig(dataset="imagefolder", root=args.data, train_size=None, val_size=800), seed=0)
+    data = load_data(DataConfig(dataset="imagefolder", root=args.data, train_size=None, val_size=800))
     result = {"images": len(data.train), "tensor_mb": data.train.images.nbytes / 2**20}
     result.update(
         {

@@ -90,7 +90,7 @@ def make_trainer(tmp_path: Path, imagefolder: Path):
             apply_override(raw, item)
         cfg = from_dict(raw)
         torch.manual_seed(cfg.seed)
-        data = load_data(cfg.data, cfg.seed)
+        data = load_data(cfg.data)
         built = build_model(cfg.model, data.num_classes)
         run_dir = tmp_path / "runs" / run_name
         create_run_dir(run_dir, cfg)

@@ -30,7 +30,7 @@ def test_imagefolder_reads_classes_sorted_and_every_image_mode(tmp_path):
     write_image(root / "train" / "a" / "gray.png", 0, rng, mode="L")
     write_image(root / "train" / "a" / "rgba.png", 0, rng, mode="RGBA")
     write_image(root / "train" / "b" / "big.jpg", 1, rng, size=50)
-    data = load_data(DataConfig(dataset="imagefolder", root=str(root), image_size=40), seed=0)
+    data = load_data(DataConfig(dataset="imagefolder", root=str(root), image_size=40))
     assert data.class_names == ["a", "b"]
     assert len(data.train) == 7 and len(data.val) == 2
     # mixed sizes are resized to image_size so they stack; all are 3-channel uint8
@@ -39,13 +39,13 @@ def test_imagefolder_reads_classes_sorted_and_every_image_mode(tmp_path):
 
 
 def test_uniform_images_stay_at_their_own_size(imagefolder):
-    data = load_data(DataConfig(dataset="imagefolder", root=str(imagefolder), image_size=224), seed=0)
+    data = load_data(DataConfig(dataset="imagefolder", root=str(imagefolder), image_size=224))
     assert data.train.images.shape[-2:] == (24, 24)
 
 
 def test_train_classes_restrict_training_only(imagefolder):
     cfg = DataConfig(dataset="imagefolder", root=str(imagefolder), train_classes=["cat", 2])
-    data = load_data(cfg, seed=0)
+    data = load_data(cfg)
     assert set(data.train.labels.tolist()) == {0, 2}
     assert set(data.val.labels.tolist()) == {0, 1, 2}
 
@@ -53,20 +53,20 @@ def test_train_classes_restrict_training_only(imagefolder):
 def test_train_classes_naming_a_missing_class(imagefolder):
     cfg = DataConfig(dataset="imagefolder", root=str(imagefolder), train_classes=["cow"])
     with pytest.raises(FinetuneError, match=r"data\.train_classes: 'cow' is not a class .*cat, dog, frog"):
-        load_data(cfg, seed=0)
+        load_data(cfg)
 
 
 def test_corrupt_and_empty_files_are_skipped_with_one_warning(imagefolder):
     (imagefolder / "train" / "cat" / "zero.png").write_bytes(b"")
     (imagefolder / "train" / "dog" / "junk.jpg").write_bytes(b"not an image")
     with pytest.warns(UserWarning, match=r"skipped 2 unreadable image file\(s\): .*zero.png.*junk.jpg"):
-        data = load_data(DataConfig(dataset="imagefolder", root=str(imagefolder)), seed=0)
+        data = load_data(DataConfig(dataset="imagefolder", root=str(imagefolder)))
     assert len(data.train) == 8 * len(CLASSES)
 
 
-def test_digits_needs_no_network_and_splits_by_seed():
+def test_digits_needs_no_network_and_splits_by_split_seed():
     cfg = DataConfig(dataset="digits", train_size=None, val_size=None)
-    a, b = load_data(cfg, seed=3), load_data(cfg, seed=3)
+    a, b = load_data(cfg), load_data(cfg)
     assert len(a.train) + len(a.val) == 1797
     assert torch.equal(a.val.labels, b.val.labels)
     assert a.train.images.shape[1:] == (3, 8, 8)
@@ -75,7 +75,7 @@ def test_digits_needs_no_network_and_splits_by_seed():
 def test_cifar10_offline_says_how_to_use_a_local_copy(tmp_path):
     cfg = DataConfig(dataset="cifar10", root=str(tmp_path / "nothing"), download=False)
     with pytest.raises(FinetuneError, match=r"CIFAR-10 is not in data.root=.* data\.dataset=imagefolder"):
-        load_data(cfg, seed=0)
+        load_data(cfg)
 
 
 def test_epoch_plan_is_a_pure_function_of_seed_and_epoch():
@@ -111,9 +111,9 @@ def test_over_budget_images_stream_from_files_decoded_like_in_memory(tmp_path):
     (root / "train" / "cat" / "zero.png").write_bytes(b"")
     cfg = DataConfig(dataset="imagefolder", root=str(root), image_size=32, num_workers=2)
     with pytest.warns(UserWarning, match="skipped 1 unreadable"):
-        memory = load_data(cfg, seed=0)
+        memory = load_data(cfg)
     with pytest.warns(UserWarning, match="skipped 1 unreadable"):
-        streamed = load_data(DataConfig(**{**vars(cfg), "memory_budget_mb": 0}), seed=0)
+        streamed = load_data(DataConfig(**{**vars(cfg), "memory_budget_mb": 0}))
     assert streamed.train.images is None and len(streamed.train.files) == len(memory.train) == 27
     assert torch.equal(streamed.train.labels, memory.train.labels)
     index = [torch.tensor([5, 0, 26]), torch.tensor([3])]
@@ -126,4 +126,4 @@ def test_cifar10_download_failure_is_one_clear_line(tmp_path):
     """The real torchvision download path, which fails here for want of a network."""
     cfg = DataConfig(dataset="cifar10", root=str(tmp_path / "cifar"), download=True)
     with pytest.raises(FinetuneError, match=r"could not be downloaded \(.+\); point data\.root at a copy"):
-        load_data(cfg, seed=0)
+        load_data(cfg)

@@ -49,6 +49,14 @@ class Finetune(subprocess.Popen):
     def printed(self, text: str) -> bool:
         return any(text in line for line in self.lines)
 
+    def wait_for(self, condition: Callable[[], bool], timeout: float = 60) -> bool:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if self.poll() is not None or time.monotonic() > deadline:
+                return False
+            time.sleep(0.0005)
+        return True
+
     def finish(self) -> tuple[str, str]:
         err = self.stderr.read()
         self.wait()
@@ -182,3 +190,47 @@ def test_kills_inside_unfreeze_warmups_of_a_three_stage_cosine_run_resume_bit_id
     assert_same_as_reference(run, reference)
     lrs = pd.read_csv(run / "results.csv")[["lr_head", "lr_layer4", "lr_layer3", "lr_backbone"]]
     assert (lrs.diff().iloc[1:] != 0).any().all(), "every group's LR moves along the schedule"
+
+
+@pytest.mark.parametrize("budget", [4096, 0], ids=["in-memory", "streamed"])
+def test_mid_epoch_resume_of_a_model_with_dropout_is_bit_identical(tmp_path, budget):
+    """MobileNetV2's dropout draws from the torch RNG; streamed DataLoaders must not."""
+    data = make_imagefolder(tmp_path / "data", train_per_class=40, val_per_class=10)
+    sections = {
+        "data": {"batch_size": 4, "memory_budget_mb": budget, "num_workers": 2},
+        "model": {"arch": "mobilenet_v2", "weights": "none"},
+        "train": {"epochs": 2, "freeze_backbone": False},
+    }
+    config = write_config(tmp_path / "config.yaml", data, tmp_path / "runs", **sections)
+    reference = tmp_path / "reference"
+    proc = Finetune("train", config, "--run-dir", reference)
+    proc.finish()
+    assert proc.returncode == 0
+    run = tmp_path / "run"
+    proc = Finetune("train", config, "--run-dir", run)
+    assert stop_when(proc, lambda: csv_rows(run) == 1, signal.SIGTERM, delay=0.5) == 143
+    assert torch.load(run / "last.pt", weights_only=True)["progress"]["step"] > 0, "stopped mid-epoch 2"
+    resume(run)
+    assert_same_as_reference(run, reference)
+
+
+def test_ctrl_c_during_a_long_feature_extraction_stops_within_seconds(tmp_path):
+    data = make_imagefolder(tmp_path / "data", train_per_class=100, val_per_class=4)
+    sections = {"data": {"image_size": 224}, "train": {"epochs": 1, "unfreeze_epoch": None}}
+    config = write_config(tmp_path / "config.yaml", data, tmp_path / "runs", **sections)
+    run = tmp_path / "run"
+    proc = Finetune("train", config, "--run-dir", run)
+    deadline = time.monotonic() + 60
+    while not (run / "config.yaml").exists():
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.01)
+    time.sleep(1.0)  # inside the extraction of 300 images at 224 px
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.finish()
+    assert proc.returncode == 130, err
+    assert time.monotonic() - sent < 3, "stopped within a batch, not at the end of the extraction"
+    assert "resume with: finetune train --resume" in err
+    assert not (run / "last.pt").exists(), "nothing of the unfinished first epoch was written"
+    resume(run)
+    assert csv_rows(run) == 1

@@ -11,14 +11,10 @@ import json
 import sys
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from finetune.config import Config, load_config
+from finetune.config import load_config
 from finetune.errors import FinetuneError, Interrupted
-from finetune.rundir import create_run_dir, new_run_dir, remove_stale_temp_files, resume_config
-
-if TYPE_CHECKING:
-    from finetune.train import Trainer
+from finetune.rundir import new_run_dir, remove_stale_temp_files, resume_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Interrupted as exc:
-        print(f"\nstopped by {exc}; resume with: finetune train --resume {exc.run_dir}", file=sys.stderr)
+        print(f"\nstopped by {exc}; resume with: {exc.resume_hint}", file=sys.stderr)
         return 128 + exc.signum
 
 
@@ -49,6 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--set", dest="overrides", action="append", default=[], nargs="+", metavar="KEY=VALUE")
     plan.add_argument("--json", action="store_true", help="print JSON instead of a table")
     plan.set_defaults(func=cmd_plan)
+
+    sweep = sub.add_parser("sweep", help="train several configs or a grid in one process, then compare them")
+    sweep.add_argument("configs", nargs="+", help="one YAML config (with --grid/--seeds) or several")
+    sweep.add_argument("--set", dest="overrides", action="append", default=[], nargs="+", metavar="KEY=VALUE")
+    sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", help="one run per value")
+    sweep.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2: every setting once per seed")
+    sweep.add_argument("--out", help="sweep dir (default: <out_dir>/sweep-<first run>)")
+    sweep.set_defaults(func=cmd_sweep)
 
     compare = sub.add_parser("compare", help="compare runs: table, curves.png, per_class.png")
     compare.add_argument("runs", nargs="+", help="run dirs, globs, or folders of runs")
@@ -84,20 +88,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         cfg = load_config(args.config, overrides)
         run_dir = new_run_dir(cfg, args.run_dir)
-    state = _resume_state(run_dir) if args.resume else None
-    trainer = _prepare(cfg, run_dir)
-    if state is not None:
-        trainer.restore(state)
-        print(f"resuming {run_dir} after epoch {trainer.progress.epoch}, step {trainer.progress.step}")
-        _say_if_schedule_stretched(state["config"]["train"]["epochs"], cfg)
-    stopped = trainer.stopping.report()
-    if stopped is not None:
-        print(f"{run_dir} is complete: stopped early at epoch {stopped['epoch']} ({stopped['reason']})")
+    from finetune.session import Session
+
+    summary = Session().train(cfg, run_dir, resume=bool(args.resume))
+    if summary is None:
         return 0
-    if trainer.progress.epoch >= cfg.train.epochs:
-        print(f"{run_dir} already finished {cfg.train.epochs} epochs; raise --set train.epochs=N to train longer")
-        return 0
-    summary = trainer.fit()
     best = "none" if summary["best_value"] is None else f"{summary['best_value']:.4f}"
     print(
         f"done: best {summary['monitor']} {best} at epoch {summary['best_epoch']}, "
@@ -123,13 +118,39 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from finetune.sweep import default_out, expand, run_sweep
+
+    overrides = [item for group in args.overrides for item in group]
+    runs = expand(args.configs, overrides, args.grid, _seeds(args.seeds))
+    out = Path(args.out) if args.out else default_out(args.configs, runs)
+    print(f"sweep: {len(runs)} runs in {out}")
+    dirs = run_sweep(runs, out)
+
+    from finetune.compare import compare, markdown
+
+    table = compare([str(d) for d in dirs], out / "comparison")
+    print(markdown(table))
+    print(f"wrote {out}/comparison/: comparison.csv/.md, seeds.csv/.md (with --seeds), tradeoff.png, curves.png")
+    return 0
+
+
+def _seeds(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(s) for s in text.split(",")]
+    except ValueError:
+        raise FinetuneError(f"--seeds {text!r}: expected comma-separated integers, e.g. --seeds 0,1,2") from None
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from finetune.compare import compare, markdown
 
     out = Path(args.out)
     table = compare(args.runs, out, args.sort)
     print(markdown(table))
-    print(f"wrote {out}/comparison.csv, comparison.md, per_class.csv, curves.png, per_class.png")
+    print(f"wrote {out}/comparison.csv, comparison.md, per_class.csv, curves.png, per_class.png, tradeoff.png")
     return 0
 
 
@@ -165,57 +186,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
         rows.append({"file": r["file"], **cells, **({"error": r["error"]} if "error" in r else {})})
     print(pd.DataFrame(rows).to_markdown(index=False))
     return 0
-
-
-def _resume_state(run_dir: Path) -> dict | None:
-    """last.pt of the run, or None when it was stopped before its first checkpoint."""
-    from finetune.checkpoint import load_checkpoint
-
-    last = run_dir / "last.pt"
-    if not last.exists():
-        print(f"{run_dir} has no last.pt yet: starting it from the beginning with its saved config")
-        return None
-    state = load_checkpoint(last)
-    if "progress" not in state:
-        raise FinetuneError(f"--resume: {last} holds no training state; it cannot be resumed")
-    return state
-
-
-def _say_if_schedule_stretched(saved_epochs: int, cfg: Config) -> None:
-    """Raising train.epochs re-plans a decaying schedule over the new length (README: Schedules)."""
-    name = cfg.train.scheduler.name
-    if cfg.train.epochs > saved_epochs and name in ("cosine", "linear", "onecycle"):
-        print(
-            f"train.epochs raised from {saved_epochs} to {cfg.train.epochs}: the {name} schedule now spans "
-            f"{cfg.train.epochs} epochs, so the LR continues from this step along the longer curve"
-        )
-
-
-def _prepare(cfg: Config, run_dir: Path) -> Trainer:
-    """Validate what is cheap to check, then load data and weights, then write the run dir."""
-    import torch
-
-    from finetune.data import load_data
-    from finetune.hardware import resolve_runtime
-    from finetune.models import build_model, check_model_config, skeleton
-    from finetune.schedule import check_stages
-    from finetune.train import Trainer
-
-    check_model_config(cfg.model)
-    if cfg.train.unfreeze is not None:  # stage names against the arch, before any data loads
-        bare = skeleton(cfg.model, num_classes=2)
-        check_stages(cfg.train, bare.model, bare.head_name)
-    runtime = resolve_runtime(cfg.device, cfg.precision)
-    torch.manual_seed(cfg.seed)
-    data = load_data(cfg.data, cfg.seed)
-    built = build_model(cfg.model, data.num_classes)
-    print(
-        f"{cfg.name}: {cfg.model.arch} on {len(data.train)} train / {len(data.val)} val images, "
-        f"{data.num_classes} classes, {runtime.describe()}, run dir {run_dir}"
-    )
-    trainer = Trainer(cfg, data, built, runtime, run_dir)
-    create_run_dir(run_dir, cfg)
-    return trainer
 
 
 def main_exit() -> None:

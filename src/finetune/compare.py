@@ -133,6 +133,55 @@ def _cell(value: Any) -> Any:
     return json.dumps(value) if isinstance(value, (list, dict)) or value is None else value
 
 
+def seed_table(table: pd.DataFrame, keys: list[str]) -> pd.DataFrame | None:
+    """Mean and std over seeds for runs that differ only in seed; None if no setting repeats."""
+    if "seed" not in keys:
+        return None
+    settings = [k for k in keys if k != "seed"]
+    label = (
+        table[settings]
+        .astype(str)
+        .apply(lambda row: ",".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in row.items()) or "all", axis=1)
+    )
+    grouped = table.assign(setting=label if settings else "all").groupby("setting", sort=False)
+    if grouped.size().max() < 2:
+        return None
+    metrics = ["best_val_acc", "final_val_acc", "total_s"]
+    stats = {f"{m}{suffix}": (m, how) for m in metrics for suffix, how in (("", "mean"), ("_std", "std"))}
+    return grouped.agg(runs=("run", "count"), **stats).reset_index()
+
+
+def pareto_front(points: pd.DataFrame) -> list[int]:
+    """Positions of the points no other point beats on both accuracy and time."""
+    acc, seconds = points["best_val_acc"].to_numpy(), points["total_s"].to_numpy()
+    return [
+        i
+        for i in range(len(points))
+        if not ((acc >= acc[i]) & (seconds <= seconds[i]) & ((acc > acc[i]) | (seconds < seconds[i]))).any()
+    ]
+
+
+def plot_tradeoff(points: pd.DataFrame, label: str) -> Figure:
+    """Best val accuracy against training time, one point per run (or per setting, with error
+    bars over seeds); the best trade-offs, which no other point beats on both axes, circled
+    and labelled in bold."""
+    fig = Figure(figsize=(8, 5.5), layout="tight")
+    ax = fig.subplots()
+    x, y = points["total_s"], points["best_val_acc"]
+    ax.errorbar(x, y, xerr=points.get("total_s_std"), yerr=points.get("best_val_acc_std"), fmt="o", alpha=0.6)
+    front = pareto_front(points)
+    ax.scatter(x.iloc[front], y.iloc[front], s=120, facecolors="none", edgecolors="crimson", label="best trade-offs")
+    for i in range(len(points)):
+        style = {"fontweight": "bold"} if i in front else {"color": "gray", "fontsize": "small"}
+        ax.annotate(
+            str(points[label].iloc[i]), (x.iloc[i], y.iloc[i]), textcoords="offset points", xytext=(6, 6), **style
+        )
+    ax.set(title="Accuracy against training time", xlabel="training seconds", ylabel="best val accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return fig
+
+
 def common_classes(runs: list[Run]) -> list[str]:
     """Per-class columns every run has, in the first run's order."""
     shared = set.intersection(*(set(r.class_columns) for r in runs))
@@ -184,7 +233,8 @@ def markdown(table: pd.DataFrame) -> str:
 
 
 def compare(patterns: list[str], out: Path, sort: str = "best_val_acc") -> pd.DataFrame:
-    """Write comparison.csv/.md, per_class.csv, curves.png and per_class.png; return the table."""
+    """Write comparison.csv/.md, per_class.csv, curves.png, per_class.png, tradeoff.png and, where
+    seeds repeat a setting, seeds.csv/.md (mean and std over seeds); return the table."""
     runs = find_runs(patterns)
     for run in runs:
         if not run.finished:
@@ -192,11 +242,17 @@ def compare(patterns: list[str], out: Path, sort: str = "best_val_acc") -> pd.Da
     if len({tuple(r.class_columns) for r in runs}) > 1:
         print("compare: the runs have different classes; per-class results cover only the classes they share")
     table = comparison_table(runs, sort)
+    seeds = seed_table(table, differing_keys(runs))
     per_class = per_class_table(runs)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "comparison.csv", table.to_csv(index=False))
     atomic_write_text(out / "comparison.md", markdown(table) + "\n")
     atomic_write_text(out / "per_class.csv", per_class.to_csv())
-    for name, fig in (("curves.png", plot_curves(runs)), ("per_class.png", plot_per_class(per_class))):
+    if seeds is not None:
+        atomic_write_text(out / "seeds.csv", seeds.to_csv(index=False))
+        atomic_write_text(out / "seeds.md", markdown(seeds) + "\n")
+    tradeoff = plot_tradeoff(table, "run") if seeds is None else plot_tradeoff(seeds, "setting")
+    figures = {"curves.png": plot_curves(runs), "per_class.png": plot_per_class(per_class), "tradeoff.png": tradeoff}
+    for name, fig in figures.items():
         fig.savefig(out / name, dpi=110)
     return table

@@ -35,6 +35,7 @@ class DataConfig:
     num_workers: int = 0
     hflip: bool = True
     memory_budget_mb: int = 4096
+    split_seed: int = 42  # draws subsets and the digits split; the run's `seed` draws the training
 
 
 @dataclass
@@ -320,8 +321,9 @@ def validate(cfg: Config) -> None:
         raise FinetuneError("config: train.class_weights must hold finite weights >= 0 (no negative or NaN weight)")
     if d.image_size < 16:
         raise FinetuneError(f"config: data.image_size = {d.image_size} is too small; use at least 16")
-    if cfg.seed < 0:
-        raise FinetuneError(f"config: seed = {cfg.seed} must be 0 or a positive integer")
+    for key, value in (("seed", cfg.seed), ("data.split_seed", d.split_seed)):
+        if value < 0:
+            raise FinetuneError(f"config: {key} = {value} must be 0 or a positive integer")
     if d.train_classes == []:
         raise FinetuneError("config: data.train_classes = [] names no class; list some, or null for all")
     _validate_schedule(t)
@@ -364,6 +366,14 @@ def _validate_schedule(t: TrainConfig) -> None:
 def stage_name(stage: StageConfig) -> str:
     """A stage's parameter-group name: its `name`, else its modules joined by '+'."""
     return stage.name or "+".join(stage.modules)
+
+
+def saved_config(raw: dict[str, Any]) -> dict[str, Any]:
+    """A config saved by a run: runs from before `data.split_seed` drew their subsets with `seed`."""
+    data = raw.setdefault("data", {})
+    if isinstance(data, dict):
+        data.setdefault("split_seed", raw.get("seed", DataConfig.split_seed))
+    return raw
 
 
 def flatten(raw: dict[str, Any]) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from finetune.config import DataConfig
 from finetune.errors import FinetuneError
 
+SIZE_SAMPLE = 64  # image headers read to choose how decoded images are stored
 DIGITS_CLASSES = [str(i) for i in range(10)]
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -71,14 +72,16 @@ class ImageSet:
         return self.batches(torch.arange(len(self)).split(batch_size))
 
     def fingerprint(self) -> str:
-        """Digest of the pixels (in memory) or of the files' paths, sizes and times (streamed)."""
+        """Digest of the content: the decoded pixels in memory, the file bytes when streamed
+        (a file replaced with one of the same size and time, as `cp -p` does, is noticed)."""
         digest = hashlib.sha256(self.labels.numpy().tobytes())
         if self.images is not None:
             digest.update(self.images.cpu().contiguous().numpy().tobytes())
         else:
-            for f in self.files:
-                stat = f.stat()
-                digest.update(f"{f}|{stat.st_size}|{stat.st_mtime_ns}|{self.size}".encode())
+            digest.update(str(self.size).encode())
+            with _pool(self.workers) as pool:
+                for content in pool.map(Path.read_bytes, self.files):
+                    digest.update(hashlib.sha256(content).digest())
         return digest.hexdigest()
 
 
@@ -90,7 +93,7 @@ class _ImageFiles(Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        array = read_rgb(self.files[i])
+        array = read_rgb(self.files[i], bound=self.size)
         if array is None:  # passed the header check at scan time, failed to decode now
             warnings.warn(f"{self.files[i]} could not be decoded; a black image stands in", stacklevel=1)
             return torch.zeros(3, self.size, self.size, dtype=torch.uint8)
@@ -108,10 +111,11 @@ class DataSplits:
         return len(self.class_names)
 
 
-def load_data(cfg: DataConfig, seed: int) -> DataSplits:
-    """Build the train and val sets the config asks for."""
+def load_data(cfg: DataConfig) -> DataSplits:
+    """Build the train and val sets the config asks for, subsets and splits drawn by
+    `data.split_seed` (not the run's `seed`: runs over seeds are scored on the same images)."""
     loader = {"cifar10": _load_cifar10, "imagefolder": _load_imagefolder, "digits": _load_digits}
-    return loader[cfg.dataset](cfg, seed)
+    return loader[cfg.dataset](cfg, cfg.split_seed)
 
 
 def choose_subset(labels: np.ndarray, size: int | None, how: str, seed: int) -> np.ndarray:
@@ -209,9 +213,10 @@ def _digits_indices(labels: np.ndarray, cfg: DataConfig, seed: int) -> tuple[np.
     return ti, val_all[_val_indices(labels[val_all], cfg, seed)]
 
 
-def split_sizes(cfg: DataConfig, seed: int) -> tuple[list[str], int, int]:
+def split_sizes(cfg: DataConfig) -> tuple[list[str], int, int]:
     """(class names, train size, val size) from labels alone, no image decoded: what `plan`
     needs to count steps. Unreadable images, found only when decoding, are not subtracted."""
+    seed = cfg.split_seed
     if cfg.dataset == "digits":
         from sklearn.datasets import load_digits
 
@@ -268,14 +273,19 @@ class ImageFiles:
     files: list[Path]
     labels: np.ndarray
 
-    def first_size(self) -> tuple[int, int] | None:
-        """(height, width) of the first image whose header reads."""
-        size = next((s for s in map(_header_size, self.files[:20]) if s is not None), None)
-        return (size[1], size[0]) if size else None
+    def storage_size(self, size: int) -> tuple[int, int]:
+        """(height, width) to hold every image at in memory: their own size if a sample of
+        headers spread over the folder all agree and fit in `size` (CIFAR stays 32 px and
+        is resized per batch on the device), else `size` x `size`, resized at decode."""
+        step = max(1, len(self.files) // SIZE_SAMPLE)
+        sizes = {s for s in map(_header_size, self.files[::step][:SIZE_SAMPLE]) if s is not None}
+        if len(sizes) == 1 and max(next(iter(sizes))) <= size:
+            width, height = sizes.pop()
+            return height, width
+        return size, size
 
     def estimate_mb(self, size: int) -> float:
-        """Decoded size if all images are like the first (uniform sizes stay as they are)."""
-        height, width = self.first_size() or (size, size)
+        height, width = self.storage_size(size)
         return len(self.files) * 3 * height * width / 2**20
 
     def streamed(self, cfg: DataConfig) -> ImageSet:
@@ -304,9 +314,13 @@ def scan_folder(folder: Path) -> tuple[list[str], list[Path], np.ndarray]:
     return classes, files, np.array(labels)
 
 
-def read_rgb(path: Path) -> np.ndarray | None:
+def read_rgb(path: Path, bound: int | None = None) -> np.ndarray | None:
+    """The image as RGB; with `bound`, a large JPEG is decoded at a reduced scale no smaller
+    than `bound` (PIL's draft), so a 2000x1500 photo never sits in memory at full size."""
     try:
         with Image.open(path) as img:
+            if bound is not None:
+                img.draft("RGB", (bound, bound))
             return np.array(img.convert("RGB"))
     except (UnidentifiedImageError, OSError, ValueError):
         return None
@@ -339,21 +353,27 @@ def resized(array: np.ndarray, height: int, width: int) -> np.ndarray:
 def decode_images(found: ImageFiles, cfg: DataConfig) -> ImageSet:
     """Decode every file once, straight into one preallocated uint8 tensor.
 
-    Images that all share one size are kept at it (CIFAR stays 32 px in memory); if sizes
-    are mixed, all are resized to `data.image_size` so they stack. Files that cannot be
-    decoded are skipped with one warning.
+    Images that all share one size no larger than `data.image_size` are kept at it (CIFAR
+    stays 32 px in memory); otherwise each is resized to `image_size` as it is decoded (a
+    large JPEG at a reduced scale first), so memory stays at the size the budget was checked
+    against. Files that cannot be decoded are skipped with one warning.
     """
-    height, width = found.first_size() or (cfg.image_size, cfg.image_size)
+    size = cfg.image_size
+    height, width = found.storage_size(size)
     images = torch.empty(len(found.files), 3, height, width, dtype=torch.uint8)
-    odd: dict[int, np.ndarray] = {}  # images of another size than the first
+    odd: dict[int, np.ndarray] = {}  # images of another size than the sample's, already at `size`
 
     def decode_into(i: int) -> bool:
-        array = read_rgb(found.files[i])
-        if array is not None and array.shape[:2] == (height, width):
+        array = read_rgb(found.files[i], bound=size)
+        if array is None:
+            return False
+        if (height, width) == (size, size):
+            array = resized(array, size, size)
+        if array.shape[:2] == (height, width):
             images[i] = torch.from_numpy(array).permute(2, 0, 1)
-        elif array is not None:
-            odd[i] = array
-        return array is not None
+        else:
+            odd[i] = resized(array, size, size)
+        return True
 
     with _pool(cfg.num_workers) as pool:
         ok = torch.tensor(list(pool.map(decode_into, range(len(found.files)))), dtype=torch.bool)
@@ -365,10 +385,11 @@ def decode_images(found: ImageFiles, cfg: DataConfig) -> ImageSet:
 
 
 def _resize_all(images: torch.Tensor, odd: dict[int, np.ndarray], ok: torch.Tensor, size: int) -> torch.Tensor:
+    """Odd sizes the header sample missed: every image at `size` x `size` after all."""
     out = torch.zeros(len(images), 3, size, size, dtype=torch.uint8)
     for i in ok.nonzero().flatten().tolist():
-        array = odd[i] if i in odd else images[i].permute(1, 2, 0).numpy()
-        out[i] = torch.from_numpy(resized(array, size, size)).permute(2, 0, 1)
+        array = odd[i] if i in odd else resized(images[i].permute(1, 2, 0).numpy(), size, size)
+        out[i] = torch.from_numpy(array).permute(2, 0, 1)
     return out
 
 

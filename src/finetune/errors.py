@@ -20,3 +20,4 @@ class Interrupted(Exception):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
         self.run_dir = run_dir
+        self.resume_hint = f"finetune train --resume {run_dir}"

@@ -66,7 +66,6 @@ class CacheDecision:
 
     cut: CutModel | None
     epochs: range  # the stage's epochs from the one asked about
-    needed: torch.Tensor | None  # (2, N) variants those epochs draw
     note: str
 
 
@@ -80,20 +79,20 @@ def decide_cache(
     if name is None:
         why = "train.feature_cache off" if cfg.train.feature_cache == "off" else "the whole backbone trains"
         why = why if cfg.train.freeze_bn else "freeze_bn is false, so frozen BatchNorm is in train mode"
-        return CacheDecision(None, epochs, None, f"off: {why}")
+        return CacheDecision(None, epochs, f"off: {why}")
     needed = needed_variants(n_train, cfg.seed, epochs, cfg.data.hflip)
     cut = CutModel(model, name, schedule.head_name)
     if name == schedule.head_name:
-        return CacheDecision(cut, epochs, needed, "head input")
+        return CacheDecision(cut, epochs, "head input")
     device = next(model.parameters()).device
     shape = cut.exact(cfg.data.image_size, device)
     if shape is None:
-        return CacheDecision(None, epochs, None, f"off: the model's forward is not a chain of modules at {name}")
+        return CacheDecision(None, epochs, f"off: the model's forward is not a chain of modules at {name}")
     megabytes = (int(needed.sum()) + n_val) * shape.numel() * (4 if runtime.dtype is None else 2) / 2**20
     if megabytes > cfg.data.memory_budget_mb:
         note = f"off: {name} input needs {megabytes:.0f} MB, over data.memory_budget_mb={cfg.data.memory_budget_mb}"
-        return CacheDecision(None, epochs, None, note)
-    return CacheDecision(cut, epochs, needed, f"{name} input, {megabytes:.0f} MB")
+        return CacheDecision(None, epochs, note)
+    return CacheDecision(cut, epochs, f"{name} input, {megabytes:.0f} MB")
 
 
 def needed_variants(n: int, seed: int, epochs: Iterable[int], hflip: bool) -> torch.Tensor:
@@ -219,12 +218,16 @@ def cache_key(model: nn.Module, head_name: str, data_fingerprints: list[str], se
 
 
 class FeatureStore:
-    """Feature caches on disk, one file per key, shared by every run under `folder`."""
+    """Feature caches on disk, one file per key, shared by every run under `folder`; those a
+    process has loaded or saved stay in memory for its later runs (a sweep)."""
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
+        self.held: dict[str, FeatureCache] = {}
 
     def load(self, key: str, cut: str, device: torch.device) -> FeatureCache | None:
+        if key in self.held:
+            return self.held[key]
         path = self.folder / f"{key}.pt"
         if not path.is_file():
             return None
@@ -238,3 +241,4 @@ class FeatureStore:
         self.folder.mkdir(parents=True, exist_ok=True)
         state = {"slot": cache.slot, "train": cache.train.cpu(), "val": cache.val.cpu()}
         save_checkpoint(self.folder / f"{key}.pt", state)
+        self.held[key] = cache

@@ -22,7 +22,7 @@ from torch import nn
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from finetune.checkpoint import load_checkpoint
-from finetune.config import apply_override, from_dict
+from finetune.config import apply_override, from_dict, saved_config
 from finetune.data import BatchTransform, load_data, read_rgb
 from finetune.errors import FinetuneError
 from finetune.files import atomic_write_text
@@ -72,12 +72,12 @@ def evaluate_checkpoint(path: str | Path, overrides: list[str], out: Path | None
             raise FinetuneError(f"eval --set {item}: only data.*, device and precision can be changed")
     ckpt_path = Path(path)
     ckpt = load_checkpoint(ckpt_path)
-    raw = ckpt["config"]
+    raw = saved_config(ckpt["config"])
     for item in overrides:
         apply_override(raw, item)
     cfg = from_dict(raw, source=f"{ckpt_path} config")
     predictor = predictor_from(ckpt, cfg.device, cfg.precision)
-    data = load_data(cfg.data, cfg.seed)
+    data = load_data(cfg.data)
     if data.class_names != predictor.class_names:
         raise FinetuneError(
             f"eval: the data's classes ({', '.join(data.class_names)}) are not the checkpoint's "

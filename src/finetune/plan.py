@@ -44,7 +44,7 @@ class Plan:
 
 def make_plan(cfg: Config) -> Plan:
     check_model_config(cfg.model)
-    names, n_train, n_val = split_sizes(cfg.data, cfg.seed)
+    names, n_train, n_val = split_sizes(cfg.data)
     built = skeleton(cfg.model, len(names))
     model = built.model.to(memory_format=torch.channels_last)
     steps = len(split_batches(torch.arange(n_train), cfg.data.batch_size))

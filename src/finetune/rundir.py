@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from finetune.config import Config, apply_override, flatten, from_dict, read_yaml, to_yaml
+from finetune.config import Config, apply_override, flatten, from_dict, read_yaml, saved_config, to_yaml
 from finetune.errors import FinetuneError
 from finetune.files import atomic_write_text
 
@@ -43,20 +43,29 @@ def create_run_dir(path: Path, cfg: Config) -> None:
         raise FinetuneError(f"run dir {path} cannot be written ({exc.strerror}); choose another --run-dir") from None
 
 
+def saved_run_config(run_dir: Path) -> Config:
+    saved_file = run_dir / "config.yaml"
+    return from_dict(saved_config(read_yaml(saved_file)), source=str(saved_file))
+
+
+def config_changes(saved: Config, new: Config) -> list[str]:
+    """Keys that differ, other than train.epochs (which resume may raise)."""
+    before, after = flatten(saved.to_dict()), flatten(new.to_dict())
+    keys = {k for k in before.keys() | after.keys() if repr(before.get(k)) != repr(after.get(k))}
+    return sorted(keys - RESUMABLE_CHANGES)
+
+
 def resume_config(run_dir: str, overrides: list[str], config_path: str | None) -> Config:
     """The run's saved config; only `train.epochs` may change (and only upward)."""
     path = Path(run_dir)
-    saved_file = path / "config.yaml"
-    if not saved_file.is_file():
+    if not (path / "config.yaml").is_file():
         raise FinetuneError(f"--resume {path}: no config.yaml there, so it holds no run to resume")
-    saved_raw = read_yaml(saved_file)
-    saved = from_dict(saved_raw, source=str(saved_file))
+    saved = saved_run_config(path)
     new_raw = read_yaml(Path(config_path)) if config_path else saved.to_dict()
     for item in overrides:
         apply_override(new_raw, item)
     new = from_dict(new_raw, source=config_path or "--set")
-    before, after = flatten(saved.to_dict()), flatten(new.to_dict())
-    keys = sorted({k for k in before if repr(before[k]) != repr(after[k])} - RESUMABLE_CHANGES)
+    keys = config_changes(saved, new)
     if keys:
         raise FinetuneError(
             f"--resume {path}: config differs from the run's in {', '.join(keys)}; "

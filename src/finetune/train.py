@@ -35,6 +35,7 @@ from finetune.features import (
     decide_cache,
     empty_cache,
     extract,
+    needed_variants,
 )
 from finetune.freezing import (
     apply_stage,
@@ -74,7 +75,15 @@ class EvalResult:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, data: DataSplits, built: BuiltModel, runtime: Runtime, run_dir: Path):
+    def __init__(
+        self,
+        cfg: Config,
+        data: DataSplits,
+        built: BuiltModel,
+        runtime: Runtime,
+        run_dir: Path,
+        store: FeatureStore | None = None,
+    ):
         self.cfg, self.data, self.runtime, self.run_dir = cfg, data, runtime, Path(run_dir)
         self.device = runtime.device
         self.model = built.model.to(self.device, memory_format=torch.channels_last)
@@ -99,7 +108,8 @@ class Trainer:
         self.log = ResultsLog(self.run_dir)
         self.decision: CacheDecision | None = None
         self.cache: FeatureCache | None = None
-        self.store = FeatureStore(Path(cfg.out_dir) / ".feature_cache")
+        self.cache_key = ""
+        self.store = store or FeatureStore(Path(cfg.out_dir) / ".feature_cache")
         self.stop_signal: int | None = None
         self.epoch_train = (math.nan, math.nan)
 
@@ -196,35 +206,33 @@ class Trainer:
             yield batch
 
     def _cached_cut(self, epoch: int) -> CutModel | None:
-        """The cut whose input is cached for this epoch, the cache built for its stage if new."""
+        """The cut whose input is cached for this epoch, with the activations this epoch draws."""
         if self.decision is None or epoch not in self.decision.epochs:
             sizes = len(self.data.train), len(self.data.val)
             self.decision = decide_cache(self.cfg, self.schedule, self.model, epoch, *sizes, self.runtime)
-        decision = self.decision
-        if decision.cut is None:
+        cut = self.decision.cut
+        if cut is None:
             self.cache = None
-        elif self.cache is None or self.cache.cut != decision.cut.cut:
-            self.cache = self._build_cache(decision)
-        return decision.cut
-
-    def _build_cache(self, decision: CacheDecision) -> FeatureCache:
-        """Activations for the (image, flip) pairs the rest of the stage draws."""
-        cut, bs = decision.cut, self.cfg.data.batch_size
+            return None
         on_disk = cut.cut == self.built.head_name  # activations below the head are too big to keep
-        key = self._cache_key() if on_disk else ""
-        cache = self.store.load(key, cut.cut, self.device) if on_disk else None
-        if cache is None:
-            val = self._activations(cut, self.val_set.in_order(bs), flip=False)
-            cache = empty_cache(cut.cut, len(self.data.train), val)
-        if (
-            cache.fill(
-                decision.needed,
-                lambda index, flip: self._activations(cut, self.train_set.batches(index.split(bs)), flip),
-            )
-            and on_disk
-        ):
-            self.store.save(key, cache)
-        return cache
+        if self.cache is None or self.cache.cut != cut.cut:
+            self.cache_key = self._cache_key() if on_disk else ""
+            self.cache = self.store.load(self.cache_key, cut.cut, self.device) if on_disk else None
+            if self.cache is None:
+                val = self._activations(cut, self.val_set.in_order(self.cfg.data.batch_size), flip=False)
+                self.cache = empty_cache(cut.cut, len(self.data.train), val)
+        if self._fill(cut, epoch) and on_disk:
+            self.store.save(self.cache_key, self.cache)
+        return cut
+
+    def _fill(self, cut: CutModel, epoch: int) -> bool:
+        """Compute the (image, flip) pairs this epoch draws that the cache lacks; each epoch
+        computes only its own, so a stage's first epoch costs no more than the full forward."""
+        bs = self.cfg.data.batch_size
+        needed = needed_variants(len(self.data.train), self.cfg.seed, [epoch], self.cfg.data.hflip)
+        return self.cache.fill(
+            needed, lambda index, flip: self._activations(cut, self.train_set.batches(index.split(bs)), flip)
+        )
 
     def _cache_key(self) -> str:
         settings = (self.cfg.model.arch, self.transform.size, self.built.mean, self.built.std, self.runtime.describe())

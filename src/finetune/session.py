@@ -1,0 +1,97 @@
+"""One training run from a checked config to its finished run dir, and what the runs of a
+sweep share.
+
+`finetune train` and `finetune sweep` both call `Session.train`: cheap checks first, then
+data, weights, the run dir, last.pt on resume, and the Trainer's loop. A session keeps the
+decoded data of each data config and a feature store per folder (head-input caches held in
+memory), so a sweep pays for each once; models.py keeps read weights per weights file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from finetune.checkpoint import load_checkpoint
+from finetune.config import Config
+from finetune.data import DataSplits, load_data
+from finetune.errors import FinetuneError
+from finetune.features import FeatureStore
+from finetune.hardware import resolve_runtime
+from finetune.models import build_model, check_model_config, skeleton
+from finetune.rundir import create_run_dir
+from finetune.schedule import check_stages
+from finetune.train import Trainer
+
+
+class Session:
+    def __init__(self) -> None:
+        self.data: dict[str, DataSplits] = {}
+        self.stores: dict[Path, FeatureStore] = {}
+
+    def train(self, cfg: Config, run_dir: Path, resume: bool) -> dict[str, Any] | None:
+        """Train (or continue) one run; its summary, or None when it had nothing left to do."""
+        state = _resume_state(run_dir) if resume else None
+        trainer = self.prepare(cfg, run_dir)
+        if state is not None:
+            trainer.restore(state)
+            print(f"resuming {run_dir} after epoch {trainer.progress.epoch}, step {trainer.progress.step}")
+            _say_if_schedule_stretched(state["config"]["train"]["epochs"], cfg)
+        stopped = trainer.stopping.report()
+        if stopped is not None:
+            print(f"{run_dir} is complete: stopped early at epoch {stopped['epoch']} ({stopped['reason']})")
+            return None
+        if trainer.progress.epoch >= cfg.train.epochs:
+            print(f"{run_dir} already finished {cfg.train.epochs} epochs; raise --set train.epochs=N to train longer")
+            return None
+        return trainer.fit()
+
+    def prepare(self, cfg: Config, run_dir: Path) -> Trainer:
+        """Validate what is cheap to check, then load data and weights, then write the run dir."""
+        check_model_config(cfg.model)
+        if cfg.train.unfreeze is not None:  # stage names against the arch, before any data loads
+            bare = skeleton(cfg.model, num_classes=2)
+            check_stages(cfg.train, bare.model, bare.head_name)
+        runtime = resolve_runtime(cfg.device, cfg.precision)
+        torch.manual_seed(cfg.seed)
+        data = self._data(cfg)
+        built = build_model(cfg.model, data.num_classes)
+        print(
+            f"{cfg.name}: {cfg.model.arch} on {len(data.train)} train / {len(data.val)} val images, "
+            f"{data.num_classes} classes, {runtime.describe()}, run dir {run_dir}"
+        )
+        folder = Path(cfg.out_dir) / ".feature_cache"
+        store = self.stores.setdefault(folder, FeatureStore(folder))
+        trainer = Trainer(cfg, data, built, runtime, run_dir, store)
+        create_run_dir(run_dir, cfg)
+        return trainer
+
+    def _data(self, cfg: Config) -> DataSplits:
+        key = repr(cfg.data)
+        if key not in self.data:
+            self.data[key] = load_data(cfg.data)
+        return self.data[key]
+
+
+def _resume_state(run_dir: Path) -> dict | None:
+    """last.pt of the run, or None when it was stopped before its first checkpoint."""
+    last = run_dir / "last.pt"
+    if not last.exists():
+        print(f"{run_dir} has no last.pt yet: starting it from the beginning with its saved config")
+        return None
+    state = load_checkpoint(last)
+    if "progress" not in state:
+        raise FinetuneError(f"--resume: {last} holds no training state; it cannot be resumed")
+    return state
+
+
+def _say_if_schedule_stretched(saved_epochs: int, cfg: Config) -> None:
+    """Raising train.epochs re-plans a decaying schedule over the new length (README: Schedules)."""
+    name = cfg.train.scheduler.name
+    if cfg.train.epochs > saved_epochs and name in ("cosine", "linear", "onecycle"):
+        print(
+            f"train.epochs raised from {saved_epochs} to {cfg.train.epochs}: the {name} schedule now spans "
+            f"{cfg.train.epochs} epochs, so the LR continues from this step along the longer curve"
+        )
