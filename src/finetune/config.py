@@ -82,6 +82,7 @@ class TrainConfig:
     class_weights: Literal["none", "auto"] | list[float] | dict[str | int, float] = "auto"
     label_smoothing: float = 0.0
     feature_cache: Literal["auto", "off"] = "auto"
+    memory_format: Literal["auto", "channels_last", "contiguous"] = "auto"
     unfreeze: list[StageConfig] | None = None
     layer_lr_decay: float = 1.0
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

@@ -435,18 +435,25 @@ def split_batches(order: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, .
 class BatchTransform:
     """uint8 batch -> resized, flipped, normalized float batch, all on the training device."""
 
-    def __init__(self, size: int, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device):
-        self.size = size
+    def __init__(
+        self,
+        size: int,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        device: torch.device,
+        layout: torch.memory_format = torch.channels_last,
+    ):
+        self.size, self.layout = size, layout
         self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
         self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
         self.device = device
 
     def __call__(self, images: torch.Tensor, flips: torch.Tensor | None = None) -> torch.Tensor:
         x = images.to(self.device, non_blocking=True)
-        if flips is not None and bool(flips.any()):
+        if flips is not None:  # no `flips.any()` test: it would wait for the GPU every batch
             x = torch.where(flips.to(self.device).view(-1, 1, 1, 1), x.flip(-1), x)
         x = x.float().div_(255.0)
         if x.shape[-2:] != (self.size, self.size):
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
         x = (x - self.mean) / self.std
-        return x.contiguous(memory_format=torch.channels_last)
+        return x.contiguous(memory_format=self.layout)

@@ -38,26 +38,25 @@ CACHE_FORMAT = 2  # part of the disk key: a new layout never reads an old file
 class FeatureCache:
     cut: str
     slot: torch.Tensor  # (2, N) long: row of `train` holding (flip variant, image), -1 if not computed
-    train: torch.Tensor  # (K, ...) activations
+    train: torch.Tensor  # (K, ...) activations, on the training device like `slot`
     val: torch.Tensor  # (M, ...)
 
     def train_inputs(self, index: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
-        rows = self.slot[flips.long().cpu(), index.cpu()]
-        return self.train[rows.to(self.train.device)]
+        return self.train[self.slot[flips.long(), index]]
 
     def fill(self, needed: torch.Tensor, compute: Callable[[torch.Tensor, bool], torch.Tensor]) -> bool:
         """Compute the needed variants not yet held; return whether anything was computed."""
-        missing = needed & (self.slot < 0)
+        missing = needed.to(self.slot.device) & (self.slot < 0)
         for variant in (0, 1):
             index = missing[variant].nonzero().flatten()
             if len(index):
-                self.slot[variant, index] = torch.arange(len(index)) + len(self.train)
+                self.slot[variant, index] = torch.arange(len(index), device=self.slot.device) + len(self.train)
                 self.train = torch.cat([self.train, compute(index, bool(variant))])
         return bool(missing.any())
 
 
 def empty_cache(cut: str, n: int, val: torch.Tensor) -> FeatureCache:
-    return FeatureCache(cut, torch.full((2, n), -1, dtype=torch.long), val[:0], val)
+    return FeatureCache(cut, torch.full((2, n), -1, dtype=torch.long, device=val.device), val[:0], val)
 
 
 @dataclass
@@ -235,10 +234,10 @@ class FeatureStore:
             state = load_checkpoint(path, required="slot")
         except FinetuneError:
             return None  # an unreadable cache is recomputed, never fatal
-        return FeatureCache(cut, state["slot"], state["train"].to(device), state["val"].to(device))
+        return FeatureCache(cut, state["slot"].to(device), state["train"].to(device), state["val"].to(device))
 
     def save(self, key: str, cache: FeatureCache) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        state = {"slot": cache.slot, "train": cache.train.cpu(), "val": cache.val.cpu()}
+        state = {"slot": cache.slot.cpu(), "train": cache.train.cpu(), "val": cache.val.cpu()}
         save_checkpoint(self.folder / f"{key}.pt", state)
         self.held[key] = cache

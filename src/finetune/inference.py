@@ -26,7 +26,7 @@ from finetune.config import apply_override, from_dict, saved_config
 from finetune.data import BatchTransform, load_data, read_rgb
 from finetune.errors import FinetuneError
 from finetune.files import atomic_write_text
-from finetune.hardware import Runtime, resolve_runtime
+from finetune.hardware import Runtime, memory_format_for, resolve_runtime
 from finetune.models import architecture, drop_aux_heads, replace_head
 
 
@@ -59,8 +59,11 @@ def predictor_from(ckpt: dict[str, Any], device: str, precision: str) -> Predict
     replace_head(model, len(ckpt["class_names"]))
     model.load_state_dict(ckpt["model"])
     runtime = resolve_runtime(device, precision)
-    model = model.to(runtime.device, memory_format=torch.channels_last).eval()
-    transform = BatchTransform(ckpt["image_size"], tuple(ckpt["mean"]), tuple(ckpt["std"]), runtime.device)
+    runtime.memory_format = memory_format_for("auto", runtime.device, model)
+    model = model.to(runtime.device, memory_format=runtime.layout).eval()
+    transform = BatchTransform(
+        ckpt["image_size"], tuple(ckpt["mean"]), tuple(ckpt["std"]), runtime.device, runtime.layout
+    )
     return Predictor(model, list(ckpt["class_names"]), transform, runtime)
 
 

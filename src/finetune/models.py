@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import urllib.error
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,8 +135,10 @@ def skeleton(cfg: ModelConfig, num_classes: int) -> BuiltModel:
     return build_model(dataclasses.replace(cfg, weights="none"), num_classes)
 
 
+@functools.lru_cache(maxsize=4)
 def _download_state_dict(weights: WeightsEnum, arch: str) -> dict[str, torch.Tensor]:
-    """torchvision's own path: the hub cache first, then the download."""
+    """torchvision's own path: the hub cache first, then the download. Kept for the process,
+    so the runs of a sweep read a weights file once (load_state_dict copies, never aliases)."""
     try:
         return weights.get_state_dict(progress=False, check_hash=True)
     except (urllib.error.URLError, OSError, RuntimeError) as exc:

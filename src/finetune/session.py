@@ -19,7 +19,7 @@ from finetune.config import Config
 from finetune.data import DataSplits, load_data
 from finetune.errors import FinetuneError
 from finetune.features import FeatureStore
-from finetune.hardware import resolve_runtime
+from finetune.hardware import memory_format_for, resolve_runtime
 from finetune.models import build_model, check_model_config, skeleton
 from finetune.rundir import create_run_dir
 from finetune.schedule import check_stages
@@ -58,6 +58,7 @@ class Session:
         torch.manual_seed(cfg.seed)
         data = self._data(cfg)
         built = build_model(cfg.model, data.num_classes)
+        runtime.memory_format = memory_format_for(cfg.train.memory_format, runtime.device, built.model)
         print(
             f"{cfg.name}: {cfg.model.arch} on {len(data.train)} train / {len(data.val)} val images, "
             f"{data.num_classes} classes, {runtime.describe()}, run dir {run_dir}"

@@ -86,10 +86,10 @@ class Trainer:
     ):
         self.cfg, self.data, self.runtime, self.run_dir = cfg, data, runtime, Path(run_dir)
         self.device = runtime.device
-        self.model = built.model.to(self.device, memory_format=torch.channels_last)
+        self.model = built.model.to(self.device, memory_format=runtime.layout)
         self.built = built
         self.head = self.model.get_submodule(built.head_name)
-        self.transform = BatchTransform(cfg.data.image_size, built.mean, built.std, self.device)
+        self.transform = BatchTransform(cfg.data.image_size, built.mean, built.std, self.device, runtime.layout)
         self.train_set, self.val_set = data.train.to(self.device), data.val.to(self.device)
         self.train_labels = data.train.labels.to(self.device)
         self.val_labels = data.val.labels
@@ -247,8 +247,8 @@ class Trainer:
     def _train_steps(self, epoch: int, cut: CutModel | None, started: float) -> tuple[torch.Tensor, torch.Tensor]:
         """The epoch's remaining steps; returns every step's loss and correct count."""
         n = len(self.data.train)
-        order, flips = epoch_plan(n, self.cfg.seed, epoch, self.cfg.data.hflip)
-        batches = split_batches(order, self.cfg.data.batch_size)
+        order, flips = (t.to(self.device) for t in epoch_plan(n, self.cfg.seed, epoch, self.cfg.data.hflip))
+        batches = split_batches(order, self.cfg.data.batch_size)  # on the device: no copies per step
         forward = cut.top if cut is not None else self.model
         first_step = (epoch - 1) * len(batches)
         done = self.progress.step
@@ -260,14 +260,16 @@ class Trainer:
         if cut is not None:
             inputs_per_step = (self.cache.train_inputs(i, flips[i]) for i in todo)
         else:
+            hflip = self.cfg.data.hflip
             inputs_per_step = (
-                self.transform(x, flips[i]) for i, x in zip(todo, self.train_set.batches(todo), strict=True)
+                self.transform(x, flips[i] if hflip else None)
+                for i, x in zip(todo, self.train_set.batches(todo), strict=True)
             )
         with tqdm(total=len(batches), initial=done, desc=f"epoch {epoch}", disable=None, leave=False) as bar:
             for step, inputs in enumerate(inputs_per_step, start=done):
                 index = batches[step]
                 set_lrs(self.optimizer, self.schedule, first_step + step)
-                losses[step], corrects[step] = self._step(forward, inputs, self.train_labels[index.to(self.device)])
+                losses[step], corrects[step] = self._step(forward, inputs, self.train_labels[index])
                 bar.update()
                 last = step + 1 == len(batches)
                 if (step + 1) % CHECK_EVERY == 0 or last or self.stop_signal:
@@ -391,6 +393,7 @@ class Trainer:
             "val_size": len(self.data.val),
             "device": str(self.device),
             "precision": self.runtime.precision,
+            "memory_format": self.runtime.memory_format,
         }
 
 
