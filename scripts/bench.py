@@ -55,6 +55,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--device", default="cpu", help="cpu or cuda: every loop and the raw step run there")
     p.add_argument("--setups", nargs="+", default=list(SETUPS), choices=[*SETUPS, GRADUAL])
     p.add_argument("--out", default="bench_results")
     p.add_argument("--reference-run", help=argparse.SUPPRESS)  # internal: one reference setup
@@ -74,7 +75,7 @@ def reference_run(args: argparse.Namespace, setup: str) -> dict:
     torch.manual_seed(args.seed)
     started = time.perf_counter()
     built = build_model(ModelConfig(arch=args.arch, weights=args.weights), 10)
-    model, head_name = built.model, built.head_name
+    model, head_name = built.model.to(args.device), built.head_name
     tf = transforms.Compose(
         [
             transforms.Resize((args.size, args.size)),
@@ -110,7 +111,7 @@ def reference_run(args: argparse.Namespace, setup: str) -> dict:
         model.train()
         for x, y in trainloader:
             opt.zero_grad()
-            crit(model(x), y).backward()
+            crit(model(x.to(args.device)), y.to(args.device)).backward()
             opt.step()
         if cfg["unfreeze_epoch"] is not None and ep == cfg["unfreeze_epoch"]:
             for p in model.parameters():
@@ -120,7 +121,7 @@ def reference_run(args: argparse.Namespace, setup: str) -> dict:
         correct = total = 0
         with torch.inference_mode():
             for x, y in valloader:
-                correct += (model(x).argmax(1) == y).sum().item()
+                correct += (model(x.to(args.device)).argmax(1).cpu() == y).sum().item()
                 total += len(y)
         epochs.append({"epoch": ep, "epoch_seconds": time.perf_counter() - t0, "val_acc": correct / total})
         print(f"reference {setup} epoch {ep}: {epochs[-1]}", file=sys.stderr)
@@ -139,8 +140,8 @@ def run_child(cmd: list[str]) -> tuple[float, float]:
     return time.perf_counter() - started, usage.ru_maxrss / 1024
 
 
-def finetune_run(args: argparse.Namespace, setup: str, out_dir: Path, extra: list[str] = (), name: str = "") -> dict:
-    overrides = [
+def common_sets(args: argparse.Namespace, out_dir: Path) -> list[str]:
+    return [
         "data.dataset=imagefolder",
         f"data.root={args.data}",
         f"data.train_size={args.train}",
@@ -150,17 +151,38 @@ def finetune_run(args: argparse.Namespace, setup: str, out_dir: Path, extra: lis
         f"model.weights={args.weights}",
         f"train.epochs={args.epochs}",
         f"seed={args.seed}",
+        f"data.split_seed={args.seed}",  # the reference's subsets are drawn with --seed too
+        f"device={args.device}",
         f"out_dir={out_dir}",
-        *_schedule_sets(SETUPS.get(setup)),
-        *extra,
     ]
+
+
+def finetune_run(args: argparse.Namespace, setup: str, out_dir: Path, extra: list[str] = (), name: str = "") -> dict:
+    overrides = [*common_sets(args, out_dir), *_schedule_sets(SETUPS.get(setup)), *extra]
     run_dir = out_dir / (name or setup)
     finetune = [sys.executable, "-m", "finetune.cli", "train", f"configs/{setup}.yaml", "--run-dir", str(run_dir)]
     wall, rss = run_child([*finetune, "--set", *overrides])
+    return {**run_result(run_dir), "wall": wall, "rss_mb": rss}
+
+
+def run_result(run_dir: Path) -> dict:
     results = pd.read_csv(run_dir / "results.csv")
     summary = json.loads((run_dir / "summary.json").read_text())
     epochs = results[["epoch", "epoch_seconds", "val_acc", "stage"]].to_dict("records")
-    return {"epochs": epochs, "wall": wall, "rss_mb": rss, "precision": summary["precision"], "run_dir": run_dir}
+    return {"epochs": epochs, "precision": summary["precision"], "run_dir": run_dir}
+
+
+def sweep_run(args: argparse.Namespace, setups: list[str], out_dir: Path, separate: dict) -> dict:
+    """The same setups as one `finetune sweep` process; checks every run equals its separate twin."""
+    sweep_dir = out_dir / "sweep"
+    configs = [f"configs/{s}.yaml" for s in setups]
+    cmd = [sys.executable, "-m", "finetune.cli", "sweep", *configs, "--out", str(sweep_dir)]
+    wall, rss = run_child([*cmd, "--set", *common_sets(args, sweep_dir)])
+    for setup in setups:
+        ours = pd.read_csv(sweep_dir / setup / "results.csv").drop(columns="epoch_seconds")
+        theirs = pd.read_csv(separate[setup]["run_dir"] / "results.csv").drop(columns="epoch_seconds")
+        pd.testing.assert_frame_equal(ours, theirs, obj=f"{setup}: sweep vs separate process")
+    return {"wall": wall, "rss_mb": rss, "runs": {s: run_result(sweep_dir / s) for s in setups}}
 
 
 def _schedule_sets(cfg: dict | None) -> list[str]:
@@ -216,14 +238,16 @@ def raw_throughput(args: argparse.Namespace, precision: str) -> dict:
     """img/s of the bare model: a train step of the whole network, and inference."""
     import torchvision
 
-    from finetune.hardware import Runtime
+    from finetune.hardware import Runtime, memory_format_for
 
     torch.manual_seed(0)
-    runtime = Runtime(torch.device("cpu"), precision)
-    model = torchvision.models.get_model(args.arch, num_classes=10).to(memory_format=torch.channels_last)
+    device = torch.device(args.device)
+    model = torchvision.models.get_model(args.arch, num_classes=10)
+    runtime = Runtime(device, precision, memory_format_for("auto", device, model))
+    model = model.to(device, memory_format=runtime.layout)
     opt = torch.optim.Adam(model.parameters())
-    x = torch.randn(32, 3, args.size, args.size).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (32,))
+    x = torch.randn(32, 3, args.size, args.size, device=device).contiguous(memory_format=runtime.layout)
+    y = torch.randint(0, 10, (32,), device=device)
 
     def step() -> None:
         with runtime.autocast():
@@ -238,10 +262,13 @@ def raw_throughput(args: argparse.Namespace, precision: str) -> dict:
 
     def rate(fn: Callable[[], None], steps: int = 6) -> float:
         fn()  # warm-up
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        sync()
         t0 = time.perf_counter()
-        for _ in range(steps):
+        for _ in range(steps if device.type == "cpu" else 50):
             fn()
-        return 32 * steps / (time.perf_counter() - t0)
+        sync()
+        return 32 * (steps if device.type == "cpu" else 50) / (time.perf_counter() - t0)
 
     model.train()
     train = rate(step)
@@ -297,20 +324,22 @@ def main() -> None:
         (out_dir / "bench_gradual.md").write_text(report)
         return
     rows, ours = [], {}
+    setups = [s for s in args.setups if s != GRADUAL]
     with tempfile.TemporaryDirectory(dir=out_dir) as runs:
-        for setup in (s for s in args.setups if s != GRADUAL):
+        for setup in setups:
             ours[setup] = finetune_run(args, setup, Path(runs))
             reference = reference_child(args, setup, out_dir)
             mine, theirs = row(setup, "finetune", ours[setup]), row(setup, "reference", reference)
             mine["speedup"] = theirs["total s"] / mine["total s"]
             rows += [theirs, mine]
+        sweep = sweep_run(args, setups, Path(runs), ours)
     table = pd.DataFrame(rows)
     totals = table.groupby("tool")["total s"].sum()
     precision = next(iter(ours.values()))["precision"]
     rates = raw_throughput(args, precision)
     run_child([sys.executable, __file__, *sys.argv[1:], "--memory-run", "--out", str(out_dir)])
     memory = json.loads((out_dir / "memory.json").read_text())
-    report = render(args, table, totals, rates, ours, memory, precision)
+    report = render(args, table, totals, rates, ours, memory, precision, sweep)
     print(report)
     (out_dir / "bench.md").write_text(report)
     table.to_csv(out_dir / "bench.csv", index=False, float_format="%.4g")
@@ -331,16 +360,19 @@ def format_table(table: pd.DataFrame) -> str:
     return cells.to_markdown(index=False, floatfmt=".3g", missingval="-")
 
 
-def render(args, table, totals, rates, ours, memory, precision) -> str:
+def render(args, table, totals, rates, ours, memory, precision, sweep) -> str:
     achieved = trainer_rate(ours, args, rates)
     lines = [
         f"# finetune vs the seed's loop: {args.arch}, {args.size} px, weights {args.weights}, "
-        f"{args.train} train / {args.val} val CIFAR-10 images, {args.epochs} epochs, {os.cpu_count()} CPU cores",
+        f"{args.train} train / {args.val} val CIFAR-10 images, {args.epochs} epochs, {_where(args)}",
         "",
         format_table(table),
         "",
         f"- total over {len(args.setups)} setups: reference {totals['reference']:.0f} s, "
         f"finetune {totals['finetune']:.0f} s, speedup {totals['reference'] / totals['finetune']:.2f}x",
+        f"- the same setups as one `finetune sweep` process: {sweep['wall']:.0f} s (peak RSS {sweep['rss_mb']:.0f} MB) "
+        f"against {totals['finetune']:.0f} s as separate processes, {totals['reference'] / sweep['wall']:.2f}x the "
+        "reference; every run's results.csv equal to its separate twin's but for timing",
         f"- raw model at {precision}: train step {rates['train']:.1f} img/s, inference {rates['eval']:.1f} img/s; "
         f"trainer on unfrozen epochs {achieved:.1f} img/s ({achieved / rates['train']:.0%} of raw)",
         f"- full CIFAR-10 training set in memory: {memory['images']} images, {memory['tensor_mb']:.0f} MB tensor, "
@@ -348,6 +380,12 @@ def render(args, table, totals, rates, ours, memory, precision) -> str:
         f"decoded in {memory['load_seconds']:.1f} s",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _where(args: argparse.Namespace) -> str:
+    if args.device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name()} ({os.cpu_count()} CPU cores)"
+    return f"{os.cpu_count()} CPU cores"
 
 
 def render_gradual(args: argparse.Namespace, table: pd.DataFrame, diff: float, totals: dict) -> str:
