@@ -6,10 +6,18 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=${1:-../shared/data/cifar10}
 runs=$(mktemp -d)
-trap 'rm -rf "$runs"' EXIT
+
 for setup in feature_extract early_unfreeze finetune_all; do
   .venv/bin/finetune train "configs/$setup.yaml" --run-dir "$runs/$setup" --set \
     data.dataset=imagefolder "data.root=$root" model.arch=mobilenet_v2 \
     data.image_size=64 data.train_size=1000 data.val_size=400 "out_dir=$runs"
 done
 .venv/bin/finetune compare "$runs" --out docs/example
+
+# The workflow's practice question as one sweep: LR after the unfreeze 1e-4 vs 1e-5, two seeds.
+sweep=$(mktemp -d)
+trap 'rm -rf "$runs" "$sweep"' EXIT
+.venv/bin/finetune sweep configs/lr_after_unfreeze.yaml --grid train.lr_backbone=1e-4,1e-5 --seeds 0,1 \
+  --out "$sweep" --set data.dataset=imagefolder "data.root=$root" model.arch=mobilenet_v2 \
+  data.image_size=64 data.train_size=1000 data.val_size=400
+rm -rf docs/sweep_example && cp -r "$sweep/comparison" docs/sweep_example

@@ -80,6 +80,7 @@ def make_trainer(tmp_path: Path, imagefolder: Path):
     from finetune.hardware import resolve_runtime
     from finetune.models import build_model
     from finetune.rundir import create_run_dir
+    from finetune.runwriter import RunWriter
     from finetune.train import Trainer
 
     def make(*overrides: str, run_name: str = "run"):
@@ -94,6 +95,6 @@ def make_trainer(tmp_path: Path, imagefolder: Path):
         built = build_model(cfg.model, data.num_classes)
         run_dir = tmp_path / "runs" / run_name
         create_run_dir(run_dir, cfg)
-        return Trainer(cfg, data, built, resolve_runtime(cfg.device, cfg.precision), run_dir)
+        return Trainer(cfg, data, built, resolve_runtime(cfg.device, cfg.precision), run_dir, writer=RunWriter(run_dir))
 
     return make

@@ -1,4 +1,4 @@
-"""Checkpoint save/load (atomic, weights-only) and the best/last policy."""
+"""Checkpoint save/load (atomic, weights-only) and which epoch is best."""
 
 from __future__ import annotations
 
@@ -44,34 +44,21 @@ def is_improvement(monitor: str, value: float, best: float | None) -> bool:
     return value > best if MAXIMIZE[monitor] else value < best
 
 
-class CheckpointSaver:
-    """Owns checkpoint policy: best.pt when the monitored metric improves, last.pt always."""
+class BestTracker:
+    """The best epoch so far by the monitored metric: which model best.pt holds."""
 
-    def __init__(self, run_dir: Path, monitor: str, best_epoch: int | None = None, best_value: float | None = None):
-        self.run_dir = Path(run_dir)
+    def __init__(self, monitor: str, best_epoch: int | None = None, best_value: float | None = None):
         self.monitor = monitor
         self.best_epoch = best_epoch
         self.best_value = best_value
 
-    @property
-    def best_path(self) -> Path:
-        return self.run_dir / "best.pt"
-
-    @property
-    def last_path(self) -> Path:
-        return self.run_dir / "last.pt"
-
-    def update(self, epoch: int, metrics: dict[str, float], portable: dict[str, Any]) -> bool:
-        """Write best.pt if `metrics` beat the best so far; return whether they did."""
+    def update(self, epoch: int, metrics: dict[str, float]) -> bool:
+        """Whether `metrics` beat the best so far (and become it)."""
         value = metrics[self.monitor]
         if not is_improvement(self.monitor, value, self.best_value):
             return False
         self.best_epoch, self.best_value = epoch, value
-        save_checkpoint(self.best_path, portable)
         return True
-
-    def save_last(self, payload: dict[str, Any]) -> None:
-        save_checkpoint(self.last_path, payload)
 
     def state(self) -> dict[str, Any]:
         return {"best_epoch": self.best_epoch, "best_value": self.best_value}

@@ -82,15 +82,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         cfg = resume_config(args.resume, overrides, args.config)
         run_dir = Path(args.resume)
-        remove_stale_temp_files(run_dir)
     elif args.config is None:
         raise FinetuneError("train: give a CONFIG file, or --resume RUN_DIR")
     else:
         cfg = load_config(args.config, overrides)
         run_dir = new_run_dir(cfg, args.run_dir)
+    from finetune import distributed
+    from finetune.hardware import resolve_device
     from finetune.session import Session
 
-    summary = Session().train(cfg, run_dir, resume=bool(args.resume))
+    ranks = distributed.init(resolve_device(cfg.device).type)
+    try:
+        run_dir = distributed.from_main(run_dir, ranks)  # a new dir's name, as rank 0 chose it
+        if args.resume and ranks.main:
+            remove_stale_temp_files(run_dir)
+        summary = Session(ranks).train(cfg, run_dir, resume=bool(args.resume))
+    finally:
+        distributed.close()
     if summary is None:
         return 0
     best = "none" if summary["best_value"] is None else f"{summary['best_value']:.4f}"

@@ -83,6 +83,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     feature_cache: Literal["auto", "off"] = "auto"
     memory_format: Literal["auto", "channels_last", "contiguous"] = "auto"
+    scale_lr: Literal["none", "linear"] = "none"  # under torchrun: linear multiplies every LR by the world size
     unfreeze: list[StageConfig] | None = None
     layer_lr_decay: float = 1.0
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

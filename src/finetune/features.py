@@ -27,6 +27,7 @@ from torch import nn
 from finetune.checkpoint import load_checkpoint, save_checkpoint
 from finetune.config import Config
 from finetune.data import epoch_plan
+from finetune.distributed import SINGLE, Ranks, shard
 from finetune.errors import FinetuneError
 from finetune.hardware import Runtime
 from finetune.schedule import Schedule
@@ -94,12 +95,13 @@ def decide_cache(
     return CacheDecision(cut, epochs, f"{name} input, {megabytes:.0f} MB")
 
 
-def needed_variants(n: int, seed: int, epochs: Iterable[int], hflip: bool) -> torch.Tensor:
-    """(2, N) mask of the (flip, image) pairs that these epochs will draw."""
+def needed_variants(n: int, seed: int, epochs: Iterable[int], hflip: bool, ranks: Ranks = SINGLE) -> torch.Tensor:
+    """(2, N) mask of the (flip, image) pairs that these epochs will draw (on this rank)."""
     needed = torch.zeros(2, n, dtype=torch.bool)
     for epoch in epochs:
-        flips = epoch_plan(n, seed, epoch, hflip)[1]
-        needed[flips.long(), torch.arange(n)] = True
+        order, flips = epoch_plan(n, seed, epoch, hflip)
+        mine = shard(order, ranks)
+        needed[flips[mine].long(), mine] = True
     return needed
 
 
@@ -107,14 +109,21 @@ class _Reached(Exception):
     """Raised by the capture hook: the rest of the forward is not needed."""
 
 
-class CutModel:
-    """A model split at module `cut`: `bottom(x)` is the activation entering it, `top(a)` the
-    logits computed from there on."""
+class CutModel(nn.Module):
+    """A model split at module `cut`: `bottom(x)` is the activation entering it, `top(a)` (the
+    forward, so DDP can wrap it) the logits computed from there on."""
 
     def __init__(self, model: nn.Module, cut: str, head_name: str):
+        super().__init__()
         self.model, self.cut, self.head_name = model, cut, head_name
-        self.module = model.get_submodule(cut)
         self.stubs = [] if cut == head_name else _bottom_modules(model, cut)
+
+    @property
+    def module(self) -> nn.Module:
+        return self.model.get_submodule(self.cut)
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        return self.top(a)
 
     def bottom(self, x: torch.Tensor) -> torch.Tensor:
         captured: list[torch.Tensor] = []

@@ -1,15 +1,11 @@
-"""results.csv (one row per epoch) and summary.json, rewritten atomically after every epoch."""
+"""The epoch records of a run: one row each in results.csv."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
-
-from finetune.files import atomic_write_text
 
 TIMING_COLUMNS = ("epoch_seconds",)
 
@@ -37,21 +33,15 @@ class EpochRecord:
 
 
 class ResultsLog:
-    """The epoch rows of a run; the CSV on disk always equals the rows kept here."""
+    """The epoch rows of a run, kept in memory and in every last.pt; results.csv is written from them."""
 
-    def __init__(self, run_dir: Path, rows: list[dict[str, Any]] | None = None):
-        self.path = Path(run_dir) / "results.csv"
+    def __init__(self, rows: list[dict[str, Any]] | None = None):
         self.rows = list(rows or [])
 
     def append(self, record: EpochRecord, best_epoch: int | None) -> None:
-        """Add a row in memory; `write` puts it on disk once last.pt holds it too."""
         self.rows.append(record.to_row())
         for row in self.rows:
             row["is_best"] = row["epoch"] == best_epoch
 
-    def write(self) -> None:
-        atomic_write_text(self.path, pd.DataFrame(self.rows).to_csv(index=False, float_format="%.6g"))
-
-
-def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
-    atomic_write_text(Path(run_dir) / "summary.json", json.dumps(summary, indent=2) + "\n")
+    def csv(self) -> str:
+        return pd.DataFrame(self.rows).to_csv(index=False, float_format="%.6g")

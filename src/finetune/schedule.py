@@ -43,8 +43,8 @@ class Group:
 
 
 class Schedule:
-    def __init__(self, cfg: TrainConfig, model: nn.Module, head_name: str, steps_per_epoch: int):
-        self.cfg = cfg
+    def __init__(self, cfg: TrainConfig, model: nn.Module, head_name: str, steps_per_epoch: int, lr_scale: float = 1):
+        self.cfg, self.lr_scale = cfg, lr_scale  # lr_scale: world size with train.scale_lr linear
         self.head_name = head_name
         self.steps_per_epoch = steps_per_epoch
         self.total_steps = cfg.epochs * steps_per_epoch
@@ -96,7 +96,7 @@ class Schedule:
         warmup = round(self.cfg.unfreeze_warmup_epochs * self.steps_per_epoch)
         if group.epoch > 0 and warmup > 0:
             factor *= min(1.0, (step - joined + 1) / warmup)
-        return group.lr * factor
+        return group.lr * self.lr_scale * factor
 
     def lrs(self, step: int) -> dict[str, float]:
         return {g.name: self.lr(g, step) for g in self.groups}

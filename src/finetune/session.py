@@ -17,17 +17,19 @@ import torch
 from finetune.checkpoint import load_checkpoint
 from finetune.config import Config
 from finetune.data import DataSplits, load_data
+from finetune.distributed import SINGLE, Ranks
 from finetune.errors import FinetuneError
 from finetune.features import FeatureStore
 from finetune.hardware import memory_format_for, resolve_runtime
 from finetune.models import build_model, check_model_config, skeleton
-from finetune.rundir import create_run_dir
+from finetune.runwriter import RunWriter
 from finetune.schedule import check_stages
 from finetune.train import Trainer
 
 
 class Session:
-    def __init__(self) -> None:
+    def __init__(self, ranks: Ranks = SINGLE) -> None:
+        self.ranks = ranks
         self.data: dict[str, DataSplits] = {}
         self.stores: dict[Path, FeatureStore] = {}
 
@@ -55,6 +57,8 @@ class Session:
             bare = skeleton(cfg.model, num_classes=2)
             check_stages(cfg.train, bare.model, bare.head_name)
         runtime = resolve_runtime(cfg.device, cfg.precision)
+        if runtime.device.type == "cuda" and self.ranks.many:
+            runtime.device = torch.device("cuda", self.ranks.local_rank)
         torch.manual_seed(cfg.seed)
         data = self._data(cfg)
         built = build_model(cfg.model, data.num_classes)
@@ -63,10 +67,17 @@ class Session:
             f"{cfg.name}: {cfg.model.arch} on {len(data.train)} train / {len(data.val)} val images, "
             f"{data.num_classes} classes, {runtime.describe()}, run dir {run_dir}"
         )
+        if self.ranks.many:
+            print(
+                f"{self.ranks.world} processes, data.batch_size {cfg.data.batch_size} per process "
+                f"({cfg.data.batch_size * self.ranks.world} images per step)"
+            )
         folder = Path(cfg.out_dir) / ".feature_cache"
         store = self.stores.setdefault(folder, FeatureStore(folder))
-        trainer = Trainer(cfg, data, built, runtime, run_dir, store)
-        create_run_dir(run_dir, cfg)
+        writer = RunWriter(run_dir) if self.ranks.main else None
+        trainer = Trainer(cfg, data, built, runtime, run_dir, store, writer, self.ranks)
+        if writer:
+            writer.start(cfg)
         return trainer
 
     def _data(self, cfg: Config) -> DataSplits:

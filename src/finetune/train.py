@@ -19,11 +19,23 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import balanced_accuracy_score
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from finetune.checkpoint import CheckpointSaver
+from finetune.checkpoint import BestTracker
 from finetune.config import Config
 from finetune.data import BatchTransform, DataSplits, class_counts, epoch_plan, split_batches
+from finetune.distributed import (
+    SINGLE,
+    Ranks,
+    any_rank,
+    check_same_weights,
+    from_main,
+    gather,
+    shard,
+    shard_size,
+    total,
+)
 from finetune.early_stopping import EarlyStopping
 from finetune.errors import FinetuneError, Interrupted
 from finetune.features import (
@@ -49,7 +61,8 @@ from finetune.freezing import (
 from finetune.hardware import Runtime
 from finetune.losses import class_weights
 from finetune.models import BuiltModel
-from finetune.results import EpochRecord, ResultsLog, write_summary
+from finetune.results import EpochRecord, ResultsLog
+from finetune.runwriter import RunWriter
 from finetune.schedule import Schedule
 
 CHECK_EVERY = 10  # steps between host syncs (progress bar, NaN check)
@@ -61,9 +74,10 @@ class Progress:
 
     epoch: int = 0
     step: int = 0
-    losses: list[float] = field(default_factory=list)
-    corrects: list[int] = field(default_factory=list)
+    losses: list = field(default_factory=list)  # per step; under DDP one list per rank
+    corrects: list = field(default_factory=list)
     seconds: float = 0.0
+    world: int = 1  # processes that trained the steps of a part-done epoch
 
 
 @dataclass
@@ -83,8 +97,12 @@ class Trainer:
         runtime: Runtime,
         run_dir: Path,
         store: FeatureStore | None = None,
+        writer: RunWriter | None = None,
+        ranks: Ranks = SINGLE,
     ):
+        """`writer` writes the run; under DDP only rank 0 has one."""
         self.cfg, self.data, self.runtime, self.run_dir = cfg, data, runtime, Path(run_dir)
+        self.writer, self.ranks = writer, ranks
         self.device = runtime.device
         self.model = built.model.to(self.device, memory_format=runtime.layout)
         self.built = built
@@ -99,13 +117,15 @@ class Trainer:
         weight = self.weights.to(self.device) if self.weights is not None else None
         self.criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.train.label_smoothing)
         self.progress = Progress()
-        steps = len(split_batches(torch.arange(len(data.train)), cfg.data.batch_size))
-        self.schedule = Schedule(cfg.train, self.model, built.head_name, steps)
+        steps = len(split_batches(torch.arange(shard_size(len(data.train), ranks)), cfg.data.batch_size))
+        lr_scale = ranks.world if cfg.train.scale_lr == "linear" else 1
+        self.schedule = Schedule(cfg.train, self.model, built.head_name, steps, lr_scale)
         self.optimizer = build_optimizer(cfg.train, self.model, self.schedule)
         self.scaler = runtime.grad_scaler()
-        self.saver = CheckpointSaver(self.run_dir, cfg.checkpoint.monitor)
+        self.best = BestTracker(cfg.checkpoint.monitor)
         self.stopping = EarlyStopping(cfg.train.early_stopping, cfg.checkpoint.monitor)
-        self.log = ResultsLog(self.run_dir)
+        self.log = ResultsLog()
+        self.wrapped: tuple[tuple, nn.Module] | None = None
         self.decision: CacheDecision | None = None
         self.cache: FeatureCache | None = None
         self.cache_key = ""
@@ -121,15 +141,25 @@ class Trainer:
         the step, so nothing about the schedule needs restoring beyond the step itself.
         """
         self.progress = Progress(**state["progress"])
+        if self.progress.step and self.progress.world != self.ranks.world:
+            print(
+                f"the run stopped inside epoch {self.progress.epoch + 1} with {self.progress.world} process(es), "
+                f"now {self.ranks.world}: that epoch starts over (its first steps stay in the weights)"
+            )
+            self.progress = Progress(epoch=self.progress.epoch, world=self.ranks.world)
+        elif self.ranks.many:  # each rank continues its own part of the epoch
+            rank = self.ranks.rank
+            self.progress.losses, self.progress.corrects = self.progress.losses[rank], self.progress.corrects[rank]
         self.model.load_state_dict(state["model"])
         load_optimizer_state(self.optimizer, state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
-        self.saver = CheckpointSaver(self.run_dir, self.cfg.checkpoint.monitor, **state["saver"])
+        self.best = BestTracker(self.cfg.checkpoint.monitor, **state.get("best", state.get("saver", {})))
         self.stopping = EarlyStopping(
             self.cfg.train.early_stopping, self.cfg.checkpoint.monitor, **state.get("stopping", {})
         )
-        self.log = ResultsLog(self.run_dir, state["rows"])
-        self.log.write()
+        self.log = ResultsLog(state["rows"])
+        if self.writer:
+            self.writer.results(self.log)
         torch.set_rng_state(state["rng"]["cpu"])
         if self.device.type == "cuda" and state["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
@@ -159,7 +189,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "rng": {"cpu": torch.get_rng_state(), "cuda": cuda},
             "progress": vars(self.progress).copy(),
-            "saver": self.saver.state(),
+            "best": self.best.state(),
             "stopping": self.stopping.state(),
             "rows": self.log.rows,
         }
@@ -214,7 +244,7 @@ class Trainer:
         if cut is None:
             self.cache = None
             return None
-        on_disk = cut.cut == self.built.head_name  # activations below the head are too big to keep
+        on_disk = cut.cut == self.built.head_name and self.ranks.main  # below the head: too big to keep
         if self.cache is None or self.cache.cut != cut.cut:
             self.cache_key = self._cache_key() if on_disk else ""
             self.cache = self.store.load(self.cache_key, cut.cut, self.device) if on_disk else None
@@ -229,7 +259,7 @@ class Trainer:
         """Compute the (image, flip) pairs this epoch draws that the cache lacks; each epoch
         computes only its own, so a stage's first epoch costs no more than the full forward."""
         bs = self.cfg.data.batch_size
-        needed = needed_variants(len(self.data.train), self.cfg.seed, [epoch], self.cfg.data.hflip)
+        needed = needed_variants(len(self.data.train), self.cfg.seed, [epoch], self.cfg.data.hflip, self.ranks)
         return self.cache.fill(
             needed, lambda index, flip: self._activations(cut, self.train_set.batches(index.split(bs)), flip)
         )
@@ -247,9 +277,10 @@ class Trainer:
     def _train_steps(self, epoch: int, cut: CutModel | None, started: float) -> tuple[torch.Tensor, torch.Tensor]:
         """The epoch's remaining steps; returns every step's loss and correct count."""
         n = len(self.data.train)
-        order, flips = (t.to(self.device) for t in epoch_plan(n, self.cfg.seed, epoch, self.cfg.data.hflip))
+        order, flips = epoch_plan(n, self.cfg.seed, epoch, self.cfg.data.hflip)
+        order, flips = shard(order, self.ranks).to(self.device), flips.to(self.device)
         batches = split_batches(order, self.cfg.data.batch_size)  # on the device: no copies per step
-        forward = cut.top if cut is not None else self.model
+        forward = self._forward(epoch, cut)
         first_step = (epoch - 1) * len(batches)
         done = self.progress.step
         losses = torch.zeros(len(batches), dtype=torch.float64, device=self.device)
@@ -272,14 +303,30 @@ class Trainer:
                 losses[step], corrects[step] = self._step(forward, inputs, self.train_labels[index])
                 bar.update()
                 last = step + 1 == len(batches)
-                if (step + 1) % CHECK_EVERY == 0 or last or self.stop_signal:
+                stop = any_rank(self.stop_signal is not None, self.ranks)  # every rank stops at the same step
+                if (step + 1) % CHECK_EVERY == 0 or last or stop:
                     self._check_finite(losses, epoch, step)
                     bar.set_postfix(loss=f"{losses[step].item():.3f}", refresh=False)
-                if self.stop_signal and not last:
+                if stop and not last:
                     self._save_interrupted(epoch, step + 1, losses, corrects, started)
         sizes = torch.tensor([len(b) for b in batches], dtype=torch.float64, device=self.device)
-        self.epoch_train = ((losses * sizes).sum().item() / n, corrects.sum().item() / n)
+        loss_sum, correct, count = total([(losses * sizes).sum().item(), corrects.sum().item(), len(order)], self.ranks)
+        self.epoch_train = (loss_sum / count, correct / count)
         return losses, corrects
+
+    def _forward(self, epoch: int, cut: CutModel | None) -> nn.Module:
+        """What a training step calls: the model, or the top above the cached cut; under DDP
+        wrapped, and wrapped anew whenever the stage or cut changes. DDP's reducer registers the
+        parameters that require grad when it is built, so one built before an unfreeze would
+        never all-reduce the newly trainable ones (Lightning #20340 is that failure)."""
+        module = cut if cut is not None else self.model
+        if not self.ranks.many:
+            return module
+        key = (self.schedule.stage(epoch), cut.cut if cut is not None else None)
+        if self.wrapped is None or self.wrapped[0] != key:
+            devices = [self.device.index] if self.device.type == "cuda" else None
+            self.wrapped = (key, DistributedDataParallel(module, device_ids=devices))
+        return self.wrapped[1]
 
     def _step(
         self, forward: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor, labels: torch.Tensor
@@ -303,15 +350,20 @@ class Trainer:
             )
 
     def _save_interrupted(self, epoch: int, steps: int, losses: torch.Tensor, corrects: torch.Tensor, started: float):
+        mine = (losses[:steps].tolist(), corrects[:steps].tolist())
+        if self.ranks.many:
+            mine = tuple(zip(*gather(mine, self.ranks), strict=True))
         self.progress = Progress(
             epoch=epoch - 1,
             step=steps,
-            losses=losses[:steps].tolist(),
-            corrects=corrects[:steps].tolist(),
+            losses=list(mine[0]),
+            corrects=list(mine[1]),
             seconds=self.progress.seconds + time.perf_counter() - started,
+            world=self.ranks.world,
         )
-        self.saver.save_last(self.resume_state(metrics={}))
-        raise Interrupted(self.stop_signal, self.run_dir)
+        if self.writer:
+            self.writer.last(self.resume_state(metrics={}))
+        raise Interrupted(self.stop_signal or signal.SIGTERM, self.run_dir)
 
     @torch.inference_mode()
     def evaluate(self, cut: CutModel | None) -> EvalResult:
@@ -325,7 +377,7 @@ class Trainer:
                 for images in self._unless_stopped(self.val_set.in_order(self.cfg.data.batch_size * 2)):
                     chunks.append(self.model(self.transform(images)).float())
         logits = torch.cat(chunks).cpu()
-        return score(logits, self.val_labels, self.data.class_names)
+        return from_main(score(logits, self.val_labels, self.data.class_names), self.ranks)
 
     def _check_model_finite(self, epoch: int, result: EvalResult) -> None:
         """A model whose evaluation loss or head is not finite is never written to disk."""
@@ -340,8 +392,10 @@ class Trainer:
         self._check_model_finite(epoch, result)
         train_loss, train_acc = self.epoch_train
         metrics = {"val_acc": result.acc, "val_loss": result.loss, "val_balanced_acc": result.balanced_acc}
-        self.progress = Progress(epoch=epoch)
-        is_best = self.saver.update(epoch, metrics, self.portable_state(metrics))
+        self.progress = Progress(epoch=epoch, world=self.ranks.world)
+        is_best = self.best.update(epoch, metrics)
+        if is_best and self.writer:
+            self.writer.best(self.portable_state(metrics))
         new_stage = epoch > 1 and self.schedule.stage(epoch) != self.schedule.stage(epoch - 1)
         stopped = self.stopping.update(epoch, metrics[self.cfg.checkpoint.monitor], new_stage)
         record = EpochRecord(
@@ -357,10 +411,12 @@ class Trainer:
             lrs=group_lrs(self.optimizer),
             val_acc_per_class=result.per_class,
         )
-        self.log.append(record, self.saver.best_epoch)
-        self.saver.save_last(self.resume_state(metrics))
-        self.log.write()
-        write_summary(self.run_dir, self.summary())
+        self.log.append(record, self.best.best_epoch)
+        if self.ranks.many:
+            checksum = check_same_weights(self.model, self.ranks)
+            tqdm.write(f"weights identical on {self.ranks.world} ranks (checksum {checksum:.6f})")
+        if self.writer:
+            self.writer.epoch(self.resume_state(metrics), self.log, self.summary())
         tqdm.write(_epoch_line(record, self.cfg.train.epochs, is_best))
         if stopped:
             tqdm.write(f"early stop after epoch {epoch}: {self.stopping.reason}")
@@ -376,8 +432,8 @@ class Trainer:
             "epochs_completed": len(rows),
             "epochs": self.cfg.train.epochs,
             "monitor": self.cfg.checkpoint.monitor,
-            "best_epoch": self.saver.best_epoch,
-            "best_value": self.saver.best_value,
+            "best_epoch": self.best.best_epoch,
+            "best_value": self.best.best_value,
             "best_val_acc": max((r["val_acc"] for r in rows), default=None),
             "final_val_acc": rows[-1]["val_acc"] if rows else None,
             "final_val_balanced_acc": rows[-1]["val_balanced_acc"] if rows else None,
@@ -394,6 +450,7 @@ class Trainer:
             "device": str(self.device),
             "precision": self.runtime.precision,
             "memory_format": self.runtime.memory_format,
+            "processes": self.ranks.world,
         }
 
 
