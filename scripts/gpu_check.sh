@@ -9,7 +9,8 @@
 #
 # What it runs (under 6 minutes on an H200): the seed's three setups (MobileNetV2 ImageNet,
 # 224 px, 3000 train / 800 val) with finetune, as one `finetune sweep`, and with the seed's
-# loop, plus the raw train step; then a short fp16 run stopped by SIGINT and resumed.
+# loop, plus the raw train step; a short fp16 run stopped by SIGINT and resumed; and a 2-epoch
+# run under torchrun (nccl, one process).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DATA=.gpu/cifar10
@@ -67,6 +68,10 @@ sleep 0.5; kill -INT $pid; wait $pid; code=$?
 echo "exit code after SIGINT: $code (130 expected)"; [ $code -eq 130 ] || status=1
 step "$PY" -m finetune train --resume "$run"
 step "$PY" -c "import pandas as pd; print(pd.read_csv('$run/results.csv').to_string())"
+
+echo; echo "=== torchrun, one process, nccl (gloo on CPU), 2 epochs ($(date +%T))"
+step "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 -m finetune train configs/early_unfreeze.yaml \
+  --run-dir "$(mktemp -d)/ddp" --set "${sets[@]}" model.arch=mobilenet_v2
 
 echo; echo "gpu_check finished with status $status at $(date +%T)"
 exit $status

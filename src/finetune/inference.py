@@ -27,7 +27,7 @@ from finetune.data import BatchTransform, load_data, read_rgb
 from finetune.errors import FinetuneError
 from finetune.files import atomic_write_text
 from finetune.hardware import Runtime, memory_format_for, resolve_runtime
-from finetune.models import architecture, drop_aux_heads, replace_head
+from finetune.models import rebuild
 
 
 @dataclass
@@ -54,9 +54,7 @@ def load_predictor(path: str | Path, device: str = "auto", precision: str = "aut
 
 
 def predictor_from(ckpt: dict[str, Any], device: str, precision: str) -> Predictor:
-    model = architecture(ckpt["arch"], ckpt.get("torchvision_weights", False))
-    drop_aux_heads(model, ckpt["arch"])
-    replace_head(model, len(ckpt["class_names"]))
+    model = rebuild(ckpt["arch"], len(ckpt["class_names"]), ckpt.get("torchvision_weights", False))
     model.load_state_dict(ckpt["model"])
     runtime = resolve_runtime(device, precision)
     runtime.memory_format = memory_format_for("auto", runtime.device, model)

@@ -1,7 +1,8 @@
-"""Build a torchvision classifier, load its weights, replace its head.
+"""Build a classifier, load its weights, replace its head: torchvision's here, timm's
+(`timm/<name>`) in timm_models.py.
 
-The head is the model's last `nn.Linear` (resnet `fc`, mobilenet `classifier.1`, vit
-`heads.head` ...); everything else is the backbone.
+A torchvision model's head is its last `nn.Linear` (resnet `fc`, mobilenet `classifier.1`,
+vit `heads.head` ...); everything else is the backbone.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torchvision
 from torch import nn
 from torchvision.models import WeightsEnum
 
+from finetune import timm_models
 from finetune.config import ModelConfig
 from finetune.errors import FinetuneError
 
@@ -64,6 +66,9 @@ def available_archs() -> list[str]:
 
 def check_model_config(cfg: ModelConfig) -> None:
     """Fail on an unknown arch, weights name or missing weights file before any data loads."""
+    if timm_models.is_timm(cfg.arch):
+        timm_models.check(cfg)
+        return
     archs = available_archs()
     if cfg.arch not in archs:
         close = difflib.get_close_matches(cfg.arch, archs, n=1, cutoff=0.6)
@@ -114,6 +119,8 @@ def _default_or_cached(enum: type[WeightsEnum]) -> WeightsEnum:
 
 def build_model(cfg: ModelConfig, num_classes: int) -> BuiltModel:
     """The arch with pretrained weights loaded and a fresh head for `num_classes`."""
+    if timm_models.is_timm(cfg.arch):
+        return BuiltModel(*timm_models.build(cfg, num_classes))
     weights = _resolve_weights(cfg)
     model = architecture(cfg.arch, isinstance(weights, WeightsEnum))
     mean, std = IMAGENET_MEAN, IMAGENET_STD
@@ -125,7 +132,7 @@ def build_model(cfg: ModelConfig, num_classes: int) -> BuiltModel:
         mean, std = tuple(preset.mean), tuple(preset.std)
     drop_aux_heads(model, cfg.arch)
     if isinstance(weights, Path):
-        _load_file(model, weights, cfg.arch)
+        load_weights_file(model, weights, cfg.arch)
     head_name = replace_head(model, num_classes)
     return BuiltModel(model, head_name, mean, std, isinstance(weights, WeightsEnum))
 
@@ -149,7 +156,17 @@ def _download_state_dict(weights: WeightsEnum, arch: str) -> dict[str, torch.Ten
         ) from None
 
 
-def _load_file(model: nn.Module, path: Path, arch: str) -> None:
+def rebuild(arch: str, num_classes: int, torchvision_weights: bool) -> nn.Module:
+    """The model a checkpoint was trained as, with its head and no weights read."""
+    if timm_models.is_timm(arch):
+        return timm_models.rebuild(arch, num_classes)
+    model = architecture(arch, torchvision_weights)
+    drop_aux_heads(model, arch)
+    replace_head(model, num_classes)
+    return model
+
+
+def load_weights_file(model: nn.Module, path: Path, arch: str) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
