@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import yaml
 from PIL import Image
 
 CLASSES = ("cat", "dog", "frog")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no network in tests: timm's hub fails at once, not after retries
 
 
 def write_image(path: Path, label: int, rng: np.random.Generator, size: int = 24, mode: str = "RGB") -> None:

@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", dest="overrides", action="append", default=[], nargs="+", metavar="KEY=VALUE")
     train.add_argument("--run-dir", help="write the run here instead of <out_dir>/<name>")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last.pt")
+    train.add_argument("--tensorboard", action="store_true", help="also log to <run dir>/tensorboard")
     train.set_defaults(func=cmd_train)
 
     plan = sub.add_parser("plan", help="print a config's schedule epoch by epoch, without training")
@@ -66,8 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", help="output dir (default: eval-<checkpoint name> beside the checkpoint)")
     evaluate.set_defaults(func=cmd_eval)
 
+    exp = sub.add_parser("export", help="a checkpoint as ONNX or TorchScript, checked against PyTorch")
+    exp.add_argument("checkpoint")
+    exp.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
+    exp.add_argument("--out", help="file to write (default: beside the checkpoint)")
+    exp.add_argument("--batch", default="dynamic", help="dynamic (default) or a fixed batch size")
+    exp.add_argument("--set", dest="overrides", action="append", default=[], nargs="+", metavar="data.KEY=VALUE")
+    exp.set_defaults(func=cmd_export)
+
     pred = sub.add_parser("predict", help="top-k classes for image files")
-    pred.add_argument("checkpoint")
+    pred.add_argument("checkpoint", help="best.pt / last.pt, or a file from finetune export")
     pred.add_argument("images", nargs="+", help="image files or folders")
     pred.add_argument("--top-k", type=int, default=3)
     pred.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -77,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_train(args: argparse.Namespace) -> int:
     overrides = [item for group in args.overrides for item in group]
+    overrides += ["log.tensorboard=true"] if args.tensorboard else []
     if args.resume and args.run_dir:
         raise FinetuneError("train: --resume continues a run in its own dir; drop --run-dir")
     if args.resume:
@@ -175,6 +185,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
     per_class = pd.DataFrame(report["per_class"]).T
     print(per_class.to_markdown(floatfmt=".3f"))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from finetune.export import export
+
+    overrides = [item for group in args.overrides for item in group]
+    result = export(args.checkpoint, args.format, Path(args.out) if args.out else None, args.batch, overrides)
+    print(
+        f"wrote {result['file']} and {result['contract']}; on {result['images']} validation images its logits "
+        f"are within {result['max_abs_diff']:.2g} of PyTorch's"
+    )
     return 0
 
 

@@ -97,6 +97,11 @@ class CheckpointConfig:
 
 
 @dataclass
+class LogConfig:
+    tensorboard: bool = False  # scalars per step and epoch, stage changes, confusion matrix: <run>/tensorboard
+
+
+@dataclass
 class Config:
     name: str = "run"
     seed: int = 42
@@ -107,6 +112,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict; with `train.unfreeze` the shorthand keys it replaces are left out."""
@@ -313,7 +319,8 @@ def validate(cfg: Config) -> None:
         raise FinetuneError(f"config: device = {cfg.device!r} is invalid; use auto, cpu, cuda, cuda:N or mps")
     if not cfg.name or "/" in cfg.name:
         raise FinetuneError(f"config: name = {cfg.name!r} must be a non-empty name without '/'")
-    if t.freeze_backbone and t.unfreeze_epoch is not None and not 0 <= t.unfreeze_epoch < t.epochs:
+    shorthand = t.unfreeze is None  # with stages, freeze_backbone / unfreeze_epoch are not used
+    if shorthand and t.freeze_backbone and t.unfreeze_epoch is not None and not 0 <= t.unfreeze_epoch < t.epochs:
         raise FinetuneError(
             f"config: train.unfreeze_epoch = {t.unfreeze_epoch} must be between 0 and "
             f"train.epochs - 1 = {t.epochs - 1}, or null to never unfreeze"

@@ -8,7 +8,7 @@ a batch by the same BatchTransform.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,23 +16,22 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from matplotlib.figure import Figure
 from sklearn import metrics
-from torch import nn
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from finetune.checkpoint import load_checkpoint
-from finetune.config import apply_override, from_dict, saved_config
+from finetune.config import Config, apply_override, from_dict, saved_config
 from finetune.data import BatchTransform, load_data, read_rgb
 from finetune.errors import FinetuneError
 from finetune.files import atomic_write_text
 from finetune.hardware import Runtime, memory_format_for, resolve_runtime
 from finetune.models import rebuild
+from finetune.results import confusion_figure
 
 
 @dataclass
 class Predictor:
-    model: nn.Module
+    model: Callable[[torch.Tensor], torch.Tensor]  # the model, or an exported file's runner
     class_names: list[str]
     transform: BatchTransform
     runtime: Runtime
@@ -65,18 +64,49 @@ def predictor_from(ckpt: dict[str, Any], device: str, precision: str) -> Predict
     return Predictor(model, list(ckpt["class_names"]), transform, runtime)
 
 
-# ---- eval --------------------------------------------------------------------------------
-def evaluate_checkpoint(path: str | Path, overrides: list[str], out: Path | None) -> dict[str, Any]:
-    """Score a checkpoint on its run's validation data (or the data given by `--set data.*`)."""
+def checkpoint_config(ckpt: dict[str, Any], overrides: list[str]) -> Config:
+    """The run's config from a checkpoint, with `--set data.*`, device or precision applied."""
     for item in overrides:
         if not item.startswith(("data.", "device=", "precision=")):
-            raise FinetuneError(f"eval --set {item}: only data.*, device and precision can be changed")
-    ckpt_path = Path(path)
-    ckpt = load_checkpoint(ckpt_path)
+            raise FinetuneError(f"--set {item}: only data.*, device and precision can be changed")
     raw = saved_config(ckpt["config"])
     for item in overrides:
         apply_override(raw, item)
-    cfg = from_dict(raw, source=f"{ckpt_path} config")
+    return from_dict(raw, source="the checkpoint's config")
+
+
+class ExportedModel:
+    """An exported file (`finetune export`) called like the model: float batch in, logits out."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
+        from finetune.export import run_exported
+
+        return torch.from_numpy(run_exported(self.path, inputs.contiguous().numpy()))
+
+
+def exported_predictor(path: Path) -> Predictor:
+    """A predictor for an exported model, preprocessing as its contract JSON says."""
+    contract_file = path.with_name(path.name + ".json")
+    if not contract_file.is_file():
+        raise FinetuneError(f"predict: {contract_file} is missing; export writes it beside {path.name}")
+    contract = json.loads(contract_file.read_text())
+    prep = contract["preprocessing"]
+    runtime = Runtime(torch.device("cpu"), "fp32", "contiguous")
+    transform = BatchTransform(
+        prep["image_size"], tuple(prep["mean"]), tuple(prep["std"]), runtime.device, runtime.layout
+    )
+    return Predictor(ExportedModel(path), list(contract["class_names"]), transform, runtime)
+
+
+# ---- eval --------------------------------------------------------------------------------
+def evaluate_checkpoint(path: str | Path, overrides: list[str], out: Path | None) -> dict[str, Any]:
+    """Score a checkpoint on its run's validation data (or the data given by `--set data.*`)."""
+    ckpt_path = Path(path)
+    ckpt = load_checkpoint(ckpt_path)
+    cfg = checkpoint_config(ckpt, overrides)
     predictor = predictor_from(ckpt, cfg.device, cfg.precision)
     data = load_data(cfg.data)
     if data.class_names != predictor.class_names:
@@ -119,17 +149,6 @@ def write_report(report: dict[str, Any], out: Path) -> None:
     confusion_figure(np.array(report["confusion_matrix"]), names).savefig(out / "confusion_matrix.png", dpi=110)
 
 
-def confusion_figure(matrix: np.ndarray, class_names: list[str]) -> Figure:
-    size = max(5.0, 0.6 * len(class_names) + 2)
-    fig = Figure(figsize=(size, size), layout="tight")
-    ax = fig.subplots()
-    metrics.ConfusionMatrixDisplay(matrix, display_labels=class_names).plot(
-        ax=ax, colorbar=False, xticks_rotation=45, values_format="d"
-    )
-    ax.set_title("Confusion matrix (rows: true class)")
-    return fig
-
-
 # ---- predict -----------------------------------------------------------------------------
 def image_files(paths: list[str]) -> list[Path]:
     files = []
@@ -151,7 +170,9 @@ def predict(path: str | Path, inputs: list[str], top_k: int, batch_size: int = 6
     if top_k < 1:
         raise FinetuneError(f"predict --top-k {top_k}: must be at least 1")
     files = image_files(inputs)
-    predictor = load_predictor(path)
+    path = Path(path)
+    exported = path.suffix == ".onnx" or path.name.endswith(".torchscript.pt")
+    predictor = exported_predictor(path) if exported else load_predictor(path)
     k = min(top_k, len(predictor.class_names))
     results = []
     for start in range(0, len(files), batch_size):

@@ -5,7 +5,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
+from sklearn import metrics
 
 TIMING_COLUMNS = ("epoch_seconds",)
 
@@ -45,3 +48,14 @@ class ResultsLog:
 
     def csv(self) -> str:
         return pd.DataFrame(self.rows).to_csv(index=False, float_format="%.6g")
+
+
+def confusion_figure(matrix: np.ndarray, class_names: list[str]) -> Figure:
+    size = max(5.0, 0.6 * len(class_names) + 2)
+    fig = Figure(figsize=(size, size), layout="tight")
+    ax = fig.subplots()
+    metrics.ConfusionMatrixDisplay(matrix, display_labels=class_names).plot(
+        ax=ax, colorbar=False, xticks_rotation=45, values_format="d"
+    )
+    ax.set_title("Confusion matrix (rows: true class)")
+    return fig

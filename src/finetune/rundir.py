@@ -9,7 +9,7 @@ from finetune.config import Config, apply_override, flatten, from_dict, read_yam
 from finetune.errors import FinetuneError
 from finetune.files import atomic_write_text
 
-RESUMABLE_CHANGES = {"train.epochs"}
+RESUMABLE_CHANGES = {"train.epochs", "log.tensorboard"}
 
 
 def new_run_dir(cfg: Config, run_dir: str | None) -> Path:

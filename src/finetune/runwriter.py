@@ -1,5 +1,6 @@
-"""Everything a run writes, in one place: config.yaml, best.pt, last.pt, results.csv and
-summary.json, each atomically. Under DDP only rank 0 has a writer."""
+"""Everything a run writes, in one place: config.yaml, best.pt, last.pt, results.csv,
+summary.json (each atomically) and, with `log.tensorboard`, a TensorBoard event stream.
+Under DDP only rank 0 has a writer."""
 
 from __future__ import annotations
 
@@ -7,31 +8,77 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from finetune.checkpoint import save_checkpoint
 from finetune.config import Config
+from finetune.errors import FinetuneError
 from finetune.files import atomic_write_text
-from finetune.results import ResultsLog
+from finetune.results import ResultsLog, confusion_figure
 from finetune.rundir import create_run_dir
+
+BOARD_COLUMNS = {  # results.csv column -> TensorBoard tag
+    "train_loss": "train/loss",
+    "train_acc": "train/acc",
+    "val_loss": "val/loss",
+    "val_acc": "val/acc",
+    "val_balanced_acc": "val/balanced_acc",
+    "epoch_seconds": "time/epoch_seconds",
+}
 
 
 class RunWriter:
     def __init__(self, run_dir: Path):
         self.run_dir = Path(run_dir)
+        self.board = None
 
-    def start(self, cfg: Config) -> None:
+    def start(self, cfg: Config, first_step: int) -> None:
+        """Create the run dir; open the event stream, dropping events a resume replays."""
         create_run_dir(self.run_dir, cfg)
+        if cfg.log.tensorboard:
+            self.board = _summary_writer(self.run_dir / "tensorboard", first_step)
 
-    def best(self, portable: dict[str, Any]) -> None:
+    def best(self, portable: dict[str, Any], confusion: np.ndarray, step: int) -> None:
         save_checkpoint(self.run_dir / "best.pt", portable)
+        if self.board:
+            figure = confusion_figure(confusion, portable["class_names"])
+            self.board.add_figure("val/confusion_matrix_at_best", figure, step)
 
     def last(self, state: dict[str, Any]) -> None:
         save_checkpoint(self.run_dir / "last.pt", state)
 
-    def epoch(self, state: dict[str, Any], log: ResultsLog, summary: dict[str, Any]) -> None:
+    def step(self, step: int, loss: float, lrs: dict[str, float]) -> None:
+        if self.board:
+            self.board.add_scalar("train/step_loss", loss, step)
+            for group, lr in lrs.items():
+                self.board.add_scalar(f"lr/{group}", lr, step)
+
+    def epoch(self, state: dict[str, Any], log: ResultsLog, summary: dict[str, Any], step: int) -> None:
         """last.pt first: results.csv and summary.json never get ahead of what resume restores."""
         self.last(state)
         self.results(log)
         atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        if self.board:
+            row, before = log.rows[-1], log.rows[-2] if len(log.rows) > 1 else None
+            for column, tag in BOARD_COLUMNS.items():
+                self.board.add_scalar(tag, row[column], step)
+            if before is None or before["stage"] != row["stage"]:
+                self.board.add_text("stage", f"epoch {row['epoch']}: stage {row['stage']} starts", step)
+            self.board.flush()
 
     def results(self, log: ResultsLog) -> None:
         atomic_write_text(self.run_dir / "results.csv", log.csv())
+
+    def close(self) -> None:
+        if self.board:
+            self.board.close()
+
+
+def _summary_writer(folder: Path, first_step: int):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise FinetuneError(
+            "log.tensorboard: tensorboard is not installed; pip install 'finetune[tensorboard]'"
+        ) from None
+    return SummaryWriter(str(folder), purge_step=first_step or None)

@@ -41,6 +41,8 @@ class Session:
             trainer.restore(state)
             print(f"resuming {run_dir} after epoch {trainer.progress.epoch}, step {trainer.progress.step}")
             _say_if_schedule_stretched(state["config"]["train"]["epochs"], cfg)
+        if trainer.writer:
+            trainer.writer.start(cfg, trainer.resume_step())
         stopped = trainer.stopping.report()
         if stopped is not None:
             print(f"{run_dir} is complete: stopped early at epoch {stopped['epoch']} ({stopped['reason']})")
@@ -48,7 +50,11 @@ class Session:
         if trainer.progress.epoch >= cfg.train.epochs:
             print(f"{run_dir} already finished {cfg.train.epochs} epochs; raise --set train.epochs=N to train longer")
             return None
-        return trainer.fit()
+        try:
+            return trainer.fit()
+        finally:
+            if trainer.writer:
+                trainer.writer.close()
 
     def prepare(self, cfg: Config, run_dir: Path) -> Trainer:
         """Validate what is cheap to check, then load data and weights, then write the run dir."""
@@ -76,8 +82,6 @@ class Session:
         store = self.stores.setdefault(folder, FeatureStore(folder))
         writer = RunWriter(run_dir) if self.ranks.main else None
         trainer = Trainer(cfg, data, built, runtime, run_dir, store, writer, self.ranks)
-        if writer:
-            writer.start(cfg)
         return trainer
 
     def _data(self, cfg: Config) -> DataSplits:

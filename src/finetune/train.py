@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import balanced_accuracy_score
+from sklearn.metrics import balanced_accuracy_score, confusion_matrix
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
@@ -86,6 +86,7 @@ class EvalResult:
     acc: float
     balanced_acc: float
     per_class: dict[str, float]
+    confusion: np.ndarray  # rows: true class
 
 
 class Trainer:
@@ -163,6 +164,10 @@ class Trainer:
         torch.set_rng_state(state["rng"]["cpu"])
         if self.device.type == "cuda" and state["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+
+    def resume_step(self) -> int:
+        """The global step training continues from (0 for a new run)."""
+        return self._global_step(self.progress.epoch + 1, self.progress.step)
 
     def portable_state(self, metrics: dict[str, float]) -> dict[str, Any]:
         """What best.pt holds: enough to rebuild and use the model with no config at hand."""
@@ -306,13 +311,20 @@ class Trainer:
                 stop = any_rank(self.stop_signal is not None, self.ranks)  # every rank stops at the same step
                 if (step + 1) % CHECK_EVERY == 0 or last or stop:
                     self._check_finite(losses, epoch, step)
-                    bar.set_postfix(loss=f"{losses[step].item():.3f}", refresh=False)
+                    loss = losses[step].item()
+                    bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+                    if self.writer:
+                        self.writer.step(first_step + step + 1, loss, group_lrs(self.optimizer))
                 if stop and not last:
                     self._save_interrupted(epoch, step + 1, losses, corrects, started)
         sizes = torch.tensor([len(b) for b in batches], dtype=torch.float64, device=self.device)
         loss_sum, correct, count = total([(losses * sizes).sum().item(), corrects.sum().item(), len(order)], self.ranks)
         self.epoch_train = (loss_sum / count, correct / count)
         return losses, corrects
+
+    def _global_step(self, epoch: int, step: int = 0) -> int:
+        """Steps done before `step` of `epoch` (1-based epoch): the x axis of TensorBoard."""
+        return (epoch - 1) * self.schedule.steps_per_epoch + step
 
     def _forward(self, epoch: int, cut: CutModel | None) -> nn.Module:
         """What a training step calls: the model, or the top above the cached cut; under DDP
@@ -395,7 +407,7 @@ class Trainer:
         self.progress = Progress(epoch=epoch, world=self.ranks.world)
         is_best = self.best.update(epoch, metrics)
         if is_best and self.writer:
-            self.writer.best(self.portable_state(metrics))
+            self.writer.best(self.portable_state(metrics), result.confusion, self._global_step(epoch + 1))
         new_stage = epoch > 1 and self.schedule.stage(epoch) != self.schedule.stage(epoch - 1)
         stopped = self.stopping.update(epoch, metrics[self.cfg.checkpoint.monitor], new_stage)
         record = EpochRecord(
@@ -416,7 +428,7 @@ class Trainer:
             checksum = check_same_weights(self.model, self.ranks)
             tqdm.write(f"weights identical on {self.ranks.world} ranks (checksum {checksum:.6f})")
         if self.writer:
-            self.writer.epoch(self.resume_state(metrics), self.log, self.summary())
+            self.writer.epoch(self.resume_state(metrics), self.log, self.summary(), self._global_step(epoch + 1))
         tqdm.write(_epoch_line(record, self.cfg.train.epochs, is_best))
         if stopped:
             tqdm.write(f"early stop after epoch {epoch}: {self.stopping.reason}")
@@ -467,6 +479,7 @@ def score(logits: torch.Tensor, labels: torch.Tensor, class_names: list[str]) ->
         acc=float((preds == truth).mean()),
         balanced_acc=float(balanced_accuracy_score(truth, preds)),
         per_class=per_class,
+        confusion=confusion_matrix(truth, preds, labels=range(len(class_names))),
     )
 
 

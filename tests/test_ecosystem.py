@@ -1,0 +1,101 @@
+"""The optional extras with the real libraries: timm backbones, ONNX / TorchScript export,
+TensorBoard logging."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import make_imagefolder, write_config
+from test_resume import Finetune, csv_rows, resume, stop_when
+
+from finetune.cli import main
+
+
+def test_a_timm_model_trains_in_stages_resumes_and_predicts(config_file, tmp_path, capsys):
+    config = str(config_file(model={"arch": "timm/convnext_atto", "weights": "none"}, train={"epochs": 1}))
+    run = tmp_path / "timm"
+    stages = "train.unfreeze=[{epoch: 0, modules: [stages.3]}]"
+    assert main(["train", config, "--run-dir", str(run), "--set", stages]) == 0
+    assert main(["train", "--resume", str(run), "--set", "train.epochs=2"]) == 0
+    results = pd.read_csv(run / "results.csv")
+    assert results["stage"].tolist() == ["stages.3", "stages.3"]
+    assert {"lr_head", "lr_stages.3"} <= set(results.columns)
+    best = torch.load(run / "best.pt", weights_only=True)
+    assert best["arch"] == "timm/convnext_atto" and best["head_name"] == "head.fc"
+    capsys.readouterr()
+    assert main(["predict", str(run / "best.pt"), str(tmp_path / "data" / "val" / "cat"), "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 4
+
+
+def test_timm_errors_are_one_line(config_file, capsys):
+    config = str(config_file())
+    assert main(["train", config, "--set", "model.arch=timm/convnext_ato"]) == 2
+    assert "unknown timm model 'convnext_ato' (did you mean timm/convnext_atto?)" in capsys.readouterr().err
+    assert main(["train", config, "--set", "model.arch=timm/convnext_atto", "model.weights=DEFAULT"]) == 2
+    assert "could not get timm's pretrained convnext_atto" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    data = make_imagefolder(root / "data")
+    config = write_config(root / "c.yaml", data, root / "runs", train={"epochs": 2})
+    assert main(["train", str(config), "--run-dir", str(root / "run")]) == 0
+    return root / "run" / "best.pt"
+
+
+@pytest.mark.parametrize(
+    ("fmt", "batch", "suffix"), [("onnx", "dynamic", ".onnx"), ("torchscript", "4", ".torchscript.pt")]
+)
+def test_export_round_trips_within_tolerance_and_predict_reads_it(trained, capsys, fmt, batch, suffix):
+    assert main(["export", str(trained), "--format", fmt, "--batch", batch]) == 0
+    printed = capsys.readouterr().out
+    exported = trained.with_name("best" + suffix)
+    assert f"wrote {exported}" in printed
+    diff = float(printed.rsplit("within ", 1)[1].split(" ")[0])
+    assert diff <= 1e-3
+    contract = json.loads(exported.with_name(exported.name + ".json").read_text())
+    assert contract["class_names"] == ["cat", "dog", "frog"]
+    assert contract["preprocessing"]["image_size"] == 32 and len(contract["preprocessing"]["mean"]) == 3
+    assert contract["input"]["shape"][0] == ("batch" if batch == "dynamic" else 4)
+    folder = str(trained.parent.parent / "data" / "val" / "dog")
+    probabilities = []
+    for model in (trained, exported):
+        assert main(["predict", str(model), folder, "--json", "--top-k", "3"]) == 0
+        found = json.loads(capsys.readouterr().out)
+        probabilities.append([[t["probability"] for t in r["top"]] for r in found])
+    np.testing.assert_allclose(probabilities[0], probabilities[1], atol=5e-3)  # best.pt runs in bf16 here
+
+
+def test_export_refuses_a_bad_batch(trained, capsys):
+    assert main(["export", str(trained), "--batch", "zero"]) == 2
+    assert "export --batch 'zero': use dynamic or a positive integer" in capsys.readouterr().err
+
+
+def test_tensorboard_stream_continues_after_a_resume_without_duplicate_steps(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    data = make_imagefolder(tmp_path / "data", train_per_class=40, val_per_class=10)
+    config = write_config(tmp_path / "c.yaml", data, tmp_path / "runs", data={"batch_size": 4}, train={"epochs": 2})
+    run = tmp_path / "run"
+    proc = Finetune("train", config, "--run-dir", run, "--tensorboard")
+    assert stop_when(proc, lambda: csv_rows(run) == 1, signal.SIGTERM, delay=1.0) == 143
+    resume(run)
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0, "images": 0}).Reload()
+    tags = events.Tags()
+    assert {"train/loss", "val/acc", "val/balanced_acc", "lr/head", "lr/backbone", "train/step_loss"} <= set(
+        tags["scalars"]
+    )
+    assert "val/confusion_matrix_at_best" in tags["images"]
+    for tag in ("train/step_loss", "lr/backbone", "val/acc"):
+        steps = [e.step for e in events.Scalars(tag)]
+        assert steps == sorted(set(steps)), f"{tag}: duplicate or unordered steps {steps}"
+    assert [e.step for e in events.Scalars("val/acc")] == [30, 60]  # 30 steps per epoch
+    assert [e.step for e in events.Scalars("train/step_loss")] == [10, 20, 30, 40, 50, 60]
+    backbone = {e.step: e.value for e in events.Scalars("lr/backbone")}
+    assert backbone[10] == 0 and backbone[40] == pytest.approx(1e-4)
