@@ -22,6 +22,37 @@ from finetune.errors import FinetuneError
 
 
 @dataclass
+class CropConfig:
+    scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    ratio: list[float] = field(default_factory=lambda: [0.75, 1.3333])
+
+
+@dataclass
+class JitterConfig:
+    brightness: float = 0.0
+    contrast: float = 0.0
+    saturation: float = 0.0
+    hue: float = 0.0
+
+
+@dataclass
+class AugmentConfig:
+    """Training-time augmentation of whole batches, per-sample (augment.py); eval never augments."""
+
+    random_resized_crop: CropConfig | None = None
+    color_jitter: JitterConfig | None = None
+    trivial_augment: bool = False
+    rand_augment: bool = False
+    random_erasing: float = 0.0  # probability per image
+    mixup: float = 0.0  # Beta alpha; 0 = off
+    cutmix: float = 0.0
+
+    @property
+    def active(self) -> bool:
+        return any(v not in (None, False, 0.0) for v in dataclasses.asdict(self).values())
+
+
+@dataclass
 class DataConfig:
     dataset: Literal["cifar10", "imagefolder", "digits"] = "cifar10"
     root: str = "data"
@@ -36,6 +67,7 @@ class DataConfig:
     hflip: bool = True
     memory_budget_mb: int = 4096
     split_seed: int = 42  # draws subsets and the digits split; the run's `seed` draws the training
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 @dataclass
@@ -213,12 +245,20 @@ def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             values[key] = _build(tp, value if value is not None else {}, f"{prefix}{key}.", source)
+        elif _optional_dataclass(tp) and value is not None:
+            values[key] = _build(_optional_dataclass(tp), value, f"{prefix}{key}.", source)
         elif _dataclass_list(tp) and isinstance(value, list):
             item_cls = _dataclass_list(tp)
             values[key] = [_build(item_cls, v, f"{prefix}{key}[{i}].", source) for i, v in enumerate(value)]
         else:
             values[key] = _check_type(value, tp, f"{prefix}{key}", source)
     return cls(**values)
+
+
+def _optional_dataclass(tp: Any) -> type | None:
+    """The section class of `SomeDataclass | None`, else None."""
+    options = typing.get_args(tp) if typing.get_origin(tp) in (Union, types.UnionType) else ()
+    return next((a for a in options if dataclasses.is_dataclass(a)), None)
 
 
 def _dataclass_list(tp: Any) -> type | None:
@@ -270,7 +310,7 @@ def _matches(value: Any, tp: Any) -> bool:
     if origin is list:
         return isinstance(value, list) and all(_matches(v, args[0]) for v in value)
     if dataclasses.is_dataclass(tp):
-        return False  # reached only for a list of sections given as something else
+        return False  # reached only for a section given as something else than a mapping
     if origin is dict:
         return isinstance(value, dict) and all(_matches(k, args[0]) and _matches(v, args[1]) for k, v in value.items())
     raise TypeError(f"unsupported config type {tp}")
@@ -336,6 +376,28 @@ def validate(cfg: Config) -> None:
     if d.train_classes == []:
         raise FinetuneError("config: data.train_classes = [] names no class; list some, or null for all")
     _validate_schedule(t)
+    _validate_augment(d.augment)
+
+
+def _validate_augment(a: AugmentConfig) -> None:
+    crop, jitter = a.random_resized_crop, a.color_jitter
+    checks = [("data.augment.random_erasing", a.random_erasing, 0 <= a.random_erasing <= 1, "must be in [0, 1]")]
+    checks += [(f"data.augment.{k}", v, v >= 0, "must be >= 0") for k, v in (("mixup", a.mixup), ("cutmix", a.cutmix))]
+    if crop is not None:
+        scale, ratio = crop.scale, crop.ratio
+        ok = len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1
+        checks.append(
+            ("data.augment.random_resized_crop.scale", scale, ok, "must be [low, high] with 0 < low <= high <= 1")
+        )
+        ok = len(ratio) == 2 and 0 < ratio[0] <= ratio[1]
+        checks.append(("data.augment.random_resized_crop.ratio", ratio, ok, "must be [low, high] with 0 < low <= high"))
+    if jitter is not None:
+        for key, value in dataclasses.asdict(jitter).items():
+            limit = 0.5 if key == "hue" else float("inf")
+            checks.append((f"data.augment.color_jitter.{key}", value, 0 <= value <= limit, f"must be in [0, {limit}]"))
+    for key, value, ok, rule in checks:
+        if not ok:
+            raise FinetuneError(f"config: {key} = {value} {rule}")
 
 
 def _validate_schedule(t: TrainConfig) -> None:

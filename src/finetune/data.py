@@ -10,7 +10,7 @@ import hashlib
 import os
 import urllib.error
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -448,11 +448,19 @@ class BatchTransform:
         self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
         self.device = device
 
-    def __call__(self, images: torch.Tensor, flips: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(
+        self,
+        images: torch.Tensor,
+        flips: torch.Tensor | None = None,
+        augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """`augment` (training only) works on floats in [0, 1], before resizing and normalizing."""
         x = images.to(self.device, non_blocking=True)
         if flips is not None:  # no `flips.any()` test: it would wait for the GPU every batch
             x = torch.where(flips.to(self.device).view(-1, 1, 1, 1), x.flip(-1), x)
         x = x.float().div_(255.0)
+        if augment is not None:
+            x = augment(x)
         if x.shape[-2:] != (self.size, self.size):
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
         x = (x - self.mean) / self.std

@@ -75,6 +75,8 @@ def decide_cache(
     """The one rule `train` and `plan` share: the schedule's cut, if the model is a chain
     there and the stage's activations fit in `data.memory_budget_mb`."""
     epochs = schedule.stage_epochs(epoch)
+    if cfg.data.augment.active:
+        return CacheDecision(None, epochs, "off: data.augment changes images per sample, which no cache can key")
     name = schedule.cache_cut(epoch)
     if name is None:
         why = "train.feature_cache off" if cfg.train.feature_cache == "off" else "the whole backbone trains"

@@ -11,6 +11,7 @@ import signal
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from finetune.augment import Augment
 from finetune.checkpoint import BestTracker
 from finetune.config import Config
 from finetune.data import BatchTransform, DataSplits, class_counts, epoch_plan, split_batches
@@ -108,6 +110,8 @@ class Trainer:
         self.model = built.model.to(self.device, memory_format=runtime.layout)
         self.built = built
         self.head = self.model.get_submodule(built.head_name)
+        augment = cfg.data.augment
+        self.augment = Augment(augment, cfg.data.image_size, data.num_classes, cfg.seed) if augment.active else None
         self.transform = BatchTransform(cfg.data.image_size, built.mean, built.std, self.device, runtime.layout)
         self.train_set, self.val_set = data.train.to(self.device), data.val.to(self.device)
         self.train_labels = data.train.labels.to(self.device)
@@ -296,16 +300,18 @@ class Trainer:
         if cut is not None:
             inputs_per_step = (self.cache.train_inputs(i, flips[i]) for i in todo)
         else:
-            hflip = self.cfg.data.hflip
+            hflip, augment = self.cfg.data.hflip, self.augment
             inputs_per_step = (
-                self.transform(x, flips[i] if hflip else None)
-                for i, x in zip(todo, self.train_set.batches(todo), strict=True)
+                self.transform(x, flips[i] if hflip else None, augment and partial(augment.images, epoch=epoch, step=s))
+                for s, (i, x) in enumerate(zip(todo, self.train_set.batches(todo), strict=True), start=done)
             )
         with tqdm(total=len(batches), initial=done, desc=f"epoch {epoch}", disable=None, leave=False) as bar:
             for step, inputs in enumerate(inputs_per_step, start=done):
                 index = batches[step]
                 set_lrs(self.optimizer, self.schedule, first_step + step)
-                losses[step], corrects[step] = self._step(forward, inputs, self.train_labels[index])
+                labels = self.train_labels[index]
+                inputs, targets = self.augment.mix(inputs, labels, epoch, step) if self.augment else (inputs, labels)
+                losses[step], corrects[step] = self._step(forward, inputs, targets, labels)
                 bar.update()
                 last = step + 1 == len(batches)
                 stop = any_rank(self.stop_signal is not None, self.ranks)  # every rank stops at the same step
@@ -341,11 +347,16 @@ class Trainer:
         return self.wrapped[1]
 
     def _step(
-        self, forward: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor, labels: torch.Tensor
+        self,
+        forward: Callable[[torch.Tensor], torch.Tensor],
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        labels: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step; `targets` are the labels, or MixUp/CutMix's soft labels."""
         with self.runtime.autocast():
             logits = forward(inputs)
-        loss = self.criterion(logits.float(), labels)
+        loss = self.criterion(logits.float(), targets)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)

@@ -1,0 +1,77 @@
+"""Batched augmentation: per-sample randomness, determinism under (seed, epoch, step), label
+mixing, the cache switched off, exact resume."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from finetune.augment import Augment
+from finetune.config import AugmentConfig, CropConfig, JitterConfig, load_config
+
+SAME = torch.rand(1, 3, 32, 32).repeat(6, 1, 1, 1)  # six copies of one image
+
+
+def augment(**kw) -> Augment:
+    return Augment(AugmentConfig(**kw), size=48, num_classes=3, seed=7)
+
+
+def test_each_image_of_a_batch_gets_its_own_crop_jitter_and_erasing():
+    aug = augment(random_resized_crop=CropConfig(scale=[0.35, 1.0]), color_jitter=JitterConfig(0.3, 0.3, 0.3, 0.05))
+    out = aug.images(SAME, epoch=1, step=0)
+    assert out.shape == (6, 3, 48, 48)
+    assert all(not torch.allclose(out[0], out[i]) for i in range(1, 6)), "per-sample parameters"
+    erased = augment(random_erasing=1.0).images(SAME, epoch=1, step=0)
+    assert len({tuple((e != SAME[0]).any(0).nonzero()[0].tolist()) for e in erased}) > 1, "patches differ"
+
+
+def test_draws_are_a_function_of_seed_epoch_and_step_and_leave_the_global_rng_alone():
+    aug = augment(random_resized_crop=CropConfig(), trivial_augment=True)
+    before = torch.get_rng_state()
+    a, b = aug.images(SAME, 2, 5), aug.images(SAME, 2, 5)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, aug.images(SAME, 2, 6)) and not torch.equal(a, aug.images(SAME, 3, 5))
+    assert torch.equal(torch.get_rng_state(), before), "dropout's RNG is untouched"
+
+
+def test_mixup_and_cutmix_mix_images_and_labels():
+    x = torch.rand(4, 3, 8, 8)
+    labels = torch.tensor([0, 1, 2, 0])
+    mixed, targets = augment(mixup=0.4).mix(x, labels, 1, 0)
+    assert targets.shape == (4, 3) and torch.allclose(targets.sum(1), torch.ones(4))
+    assert (targets.max(1).values < 1).any(), "soft labels"
+    lam = targets[0, 0].item() if labels[0] != labels[-1] else targets[1, 1].item()
+    assert torch.allclose(mixed, lam * x + (1 - lam) * x.roll(1, 0), atol=1e-6), (
+        "torchvision pairs each with the one before"
+    )
+    cut, cut_targets = augment(cutmix=1.0).mix(x, labels, 1, 0)
+    changed = (cut != x).any(1)
+    assert changed.any() and not changed.all(), "a box is pasted"
+    assert torch.allclose(cut_targets.sum(1), torch.ones(4))
+
+
+def test_bad_augment_values_are_config_errors():
+    with pytest.raises(Exception, match=r"data\.augment\.random_resized_crop\.scale = \[0\.5, 0\.2\]"):
+        load_config(None, ["data.augment.random_resized_crop.scale=[0.5, 0.2]"])
+    with pytest.raises(Exception, match=r"data\.augment\.color_jitter\.hue = 0\.9 must be in \[0, 0\.5\]"):
+        load_config(None, ["data.augment.color_jitter={hue: 0.9}"])
+
+
+AUGMENTED = ["data.augment={random_resized_crop: {scale: [0.5, 1]}, color_jitter: {brightness: 0.2}, mixup: 0.2}"]
+
+
+def test_augmented_training_skips_the_cache_and_resumes_exactly(make_trainer):
+    reference = make_trainer(*AUGMENTED, "train.epochs=2", run_name="reference")
+    reference.run_epoch(1)
+    assert reference.cache is None
+    assert "data.augment changes images per sample" in reference.decision.note
+    state = copy.deepcopy(reference.resume_state(metrics={}))
+    reference.run_epoch(2)
+    resumed = make_trainer(*AUGMENTED, "train.epochs=2", run_name="resumed")
+    resumed.restore(state)
+    resumed.run_epoch(2)
+    for key, value in reference.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
+    assert reference.log.rows[-1]["train_loss"] == resumed.log.rows[-1]["train_loss"]
