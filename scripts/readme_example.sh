@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Regenerate docs/example/: the seed's three setups on real CIFAR-10 (mobilenet_v2, 64 px,
-# 1000 train / 400 val images), compared with `finetune compare`. The README embeds the result.
+# Regenerate docs/example/ (the seed's three setups, compared with `finetune compare`) and
+# docs/sweep_example/ (the LR-after-unfreeze sweep over two seeds), both on real CIFAR-10
+# (mobilenet_v2, 64 px, 1000 train / 400 val images). The README embeds the results.
 # Usage: scripts/readme_example.sh [CIFAR10_IMAGEFOLDER_ROOT]
 set -euo pipefail
 cd "$(dirname "$0")/.."

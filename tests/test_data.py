@@ -127,3 +127,14 @@ def test_cifar10_download_failure_is_one_clear_line(tmp_path):
     cfg = DataConfig(dataset="cifar10", root=str(tmp_path / "cifar"), download=True)
     with pytest.raises(FinetuneError, match=r"could not be downloaded \(.+\); point data\.root at a copy"):
         load_data(cfg)
+
+
+def test_num_workers_0_means_one_per_core_in_memory_and_streamed(tmp_path):
+    import os
+
+    from finetune.data import worker_count
+
+    root = make_imagefolder(tmp_path / "data")
+    cfg = DataConfig(dataset="imagefolder", root=str(root), image_size=32, num_workers=0, memory_budget_mb=0)
+    assert load_data(cfg).train.workers == worker_count(0) == os.cpu_count()
+    assert worker_count(3) == 3

@@ -234,3 +234,35 @@ def test_ctrl_c_during_a_long_feature_extraction_stops_within_seconds(tmp_path):
     assert not (run / "last.pt").exists(), "nothing of the unfinished first epoch was written"
     resume(run)
     assert csv_rows(run) == 1
+
+
+def test_ctrl_c_during_a_long_evaluation_keeps_the_epochs_steps(tmp_path):
+    """One training step (9 images, batch 8: the last image joins the batch), then 450
+    validation images at 128 px: the signal lands in the evaluation (or in the step, which then
+    finishes), which stops within a batch; resume evaluates again and ends as the reference."""
+    data = make_imagefolder(tmp_path / "data", train_per_class=3, val_per_class=150)
+    sections = {
+        "data": {"image_size": 128, "batch_size": 8},
+        "train": {"epochs": 1, "freeze_backbone": False, "feature_cache": "off"},
+    }
+    config = write_config(tmp_path / "config.yaml", data, tmp_path / "runs", **sections)
+    reference = tmp_path / "reference"
+    proc = Finetune("train", config, "--run-dir", reference)
+    proc.finish()
+    assert proc.returncode == 0
+    run = tmp_path / "run"
+    proc = Finetune("train", config, "--run-dir", run)
+    deadline = time.monotonic() + 60
+    while not (run / "config.yaml").exists():
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.01)
+    time.sleep(1.5)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    proc.finish()
+    assert proc.returncode == 130
+    assert time.monotonic() - sent < 3
+    progress = torch.load(run / "last.pt", weights_only=True)["progress"]
+    assert (progress["epoch"], progress["step"]) == (0, 1), "the epoch's step is kept"
+    resume(run)
+    assert_same_as_reference(run, reference)
