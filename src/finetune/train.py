@@ -238,9 +238,14 @@ class Trainer:
         self._finish_epoch(epoch, result, time.perf_counter() - started + self.progress.seconds)
 
     def _unless_stopped(self, batches: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
-        """Batches of a long extraction or evaluation, ended within one batch of Ctrl-C / SIGTERM."""
+        """Batches of a long extraction or evaluation, ended within one batch of Ctrl-C / SIGTERM.
+
+        Under DDP the ranks extract different amounts and agree on stopping only at training
+        steps (a collective per batch here could wait on a rank that has none), so there a
+        signal takes effect at the next step.
+        """
         for batch in batches:
-            if self.stop_signal:
+            if self.stop_signal and not self.ranks.many:
                 raise Interrupted(self.stop_signal, self.run_dir)
             yield batch
 
