@@ -32,11 +32,15 @@ class RunWriter:
         self.run_dir = Path(run_dir)
         self.board = None
 
-    def start(self, cfg: Config, first_step: int) -> None:
-        """Create the run dir; open the event stream, dropping events a resume replays."""
+    def start(self, cfg: Config, steps_done: int) -> None:
+        """Create the run dir; open the event stream, dropping the events a resume replays.
+
+        Events are logged at the number of steps done, so those of steps after `steps_done`
+        (written before a kill, trained again now) go; the one at `steps_done` stays.
+        """
         create_run_dir(self.run_dir, cfg)
         if cfg.log.tensorboard:
-            self.board = _summary_writer(self.run_dir / "tensorboard", first_step)
+            self.board = _summary_writer(self.run_dir / "tensorboard", steps_done + 1 if steps_done else None)
 
     def best(self, portable: dict[str, Any], confusion: np.ndarray, step: int) -> None:
         save_checkpoint(self.run_dir / "best.pt", portable)
@@ -74,11 +78,11 @@ class RunWriter:
             self.board.close()
 
 
-def _summary_writer(folder: Path, first_step: int):
+def _summary_writer(folder: Path, purge_step: int | None):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         raise FinetuneError(
             "log.tensorboard: tensorboard is not installed; pip install 'finetune[tensorboard]'"
         ) from None
-    return SummaryWriter(str(folder), purge_step=first_step or None)
+    return SummaryWriter(str(folder), purge_step=purge_step)
