@@ -28,11 +28,7 @@ def setup(tmp_path_factory):
     data = make_imagefolder(root / "data", train_per_class=40, val_per_class=10)
     sections = {"data": {"batch_size": 4}, "train": {"epochs": 3, "unfreeze_epoch": 1}}
     config = write_config(root / "config.yaml", data, root / "runs", **sections)
-    reference = root / "reference"
-    proc = Finetune("train", config, "--run-dir", reference)
-    proc.finish()
-    assert proc.returncode == 0
-    return config, reference
+    return config, reference_run(config, root / "reference")
 
 
 class Finetune(subprocess.Popen):
@@ -103,6 +99,14 @@ def assert_same_as_reference(run: Path, reference: Path) -> None:
     assert not temp_files(run)
 
 
+def reference_run(config: Path, run: Path) -> Path:
+    """An uninterrupted run of `config` in a real process, to compare a resumed one with."""
+    proc = Finetune("train", config, "--run-dir", run)
+    proc.finish()
+    assert proc.returncode == 0
+    return run
+
+
 def resume(run: Path) -> str:
     proc = Finetune("train", "--resume", run)
     out, err = proc.finish()
@@ -169,11 +173,7 @@ def staged(tmp_path_factory):
         "unfreeze_warmup_epochs": 1.0,
     }
     config = write_config(root / "config.yaml", data, root / "runs", data={"batch_size": 4}, train=train)
-    reference = root / "reference"
-    proc = Finetune("train", config, "--run-dir", reference)
-    proc.finish()
-    assert proc.returncode == 0
-    return config, reference
+    return config, reference_run(config, root / "reference")
 
 
 def test_kills_inside_unfreeze_warmups_of_a_three_stage_cosine_run_resume_bit_identical(staged, tmp_path):
@@ -202,10 +202,7 @@ def test_mid_epoch_resume_of_a_model_with_dropout_is_bit_identical(tmp_path, bud
         "train": {"epochs": 2, "freeze_backbone": False},
     }
     config = write_config(tmp_path / "config.yaml", data, tmp_path / "runs", **sections)
-    reference = tmp_path / "reference"
-    proc = Finetune("train", config, "--run-dir", reference)
-    proc.finish()
-    assert proc.returncode == 0
+    reference = reference_run(config, tmp_path / "reference")
     run = tmp_path / "run"
     proc = Finetune("train", config, "--run-dir", run)
     assert stop_when(proc, lambda: csv_rows(run) == 1, signal.SIGTERM, delay=0.5) == 143
@@ -220,10 +217,7 @@ def test_ctrl_c_during_a_long_feature_extraction_stops_within_seconds(tmp_path):
     config = write_config(tmp_path / "config.yaml", data, tmp_path / "runs", **sections)
     run = tmp_path / "run"
     proc = Finetune("train", config, "--run-dir", run)
-    deadline = time.monotonic() + 60
-    while not (run / "config.yaml").exists():
-        assert time.monotonic() < deadline and proc.poll() is None
-        time.sleep(0.01)
+    assert proc.wait_for(lambda: (run / "config.yaml").exists()), "the run dir never appeared"
     time.sleep(1.0)  # inside the extraction of 300 images at 224 px
     sent = time.monotonic()
     proc.send_signal(signal.SIGINT)
@@ -246,16 +240,10 @@ def test_ctrl_c_during_a_long_evaluation_keeps_the_epochs_steps(tmp_path):
         "train": {"epochs": 1, "freeze_backbone": False, "feature_cache": "off"},
     }
     config = write_config(tmp_path / "config.yaml", data, tmp_path / "runs", **sections)
-    reference = tmp_path / "reference"
-    proc = Finetune("train", config, "--run-dir", reference)
-    proc.finish()
-    assert proc.returncode == 0
+    reference = reference_run(config, tmp_path / "reference")
     run = tmp_path / "run"
     proc = Finetune("train", config, "--run-dir", run)
-    deadline = time.monotonic() + 60
-    while not (run / "config.yaml").exists():
-        assert time.monotonic() < deadline and proc.poll() is None
-        time.sleep(0.01)
+    assert proc.wait_for(lambda: (run / "config.yaml").exists()), "the run dir never appeared"
     time.sleep(1.5)
     sent = time.monotonic()
     proc.send_signal(signal.SIGINT)
