@@ -114,3 +114,10 @@ def test_killed_sweep_rerun_skips_finished_runs_and_resumes_the_interrupted_one(
     assert "[2/3] lr_backbone=3e-4: resuming" in printed
     for name in ("lr_backbone=1e-4", "lr_backbone=3e-4", "lr_backbone=1e-3"):
         assert_same_as_reference(out / name, reference / name)
+
+
+def test_a_sweep_under_torchrun_is_refused(config_file, monkeypatch, capsys):
+    """Every rank would train every run into the same dirs."""
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")
+    assert main(["sweep", str(config_file())]) == 2
+    assert "under torchrun, use finetune train per config" in capsys.readouterr().err

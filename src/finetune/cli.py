@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -137,6 +138,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        raise FinetuneError("sweep runs its runs in one process; under torchrun, use finetune train per config")
     from finetune.sweep import default_out, expand, run_sweep
 
     overrides = [item for group in args.overrides for item in group]
