@@ -227,7 +227,7 @@ def plot_per_class(table: pd.DataFrame) -> Figure:
 
 
 def markdown(table: pd.DataFrame) -> str:
-    """The table as markdown, empty cells (a phase a run never had) shown as `-`."""
+    """The table as markdown, empty cells (a stage a run never had) shown as `-`."""
     cells = table.astype(object).where(table.notna(), None)
     return cells.to_markdown(index=False, floatfmt=".4g", missingval="-")
 
