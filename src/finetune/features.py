@@ -82,7 +82,6 @@ def decide_cache(
         why = "train.feature_cache off" if cfg.train.feature_cache == "off" else "the whole backbone trains"
         why = why if cfg.train.freeze_bn else "freeze_bn is false, so frozen BatchNorm is in train mode"
         return CacheDecision(None, epochs, f"off: {why}")
-    needed = needed_variants(n_train, cfg.seed, epochs, cfg.data.hflip)
     cut = CutModel(model, name, schedule.head_name)
     if name == schedule.head_name:
         return CacheDecision(cut, epochs, "head input")
@@ -90,6 +89,7 @@ def decide_cache(
     shape = cut.exact(cfg.data.image_size, device)
     if shape is None:
         return CacheDecision(None, epochs, f"off: the model's forward is not a chain of modules at {name}")
+    needed = needed_variants(n_train, cfg.seed, epochs, cfg.data.hflip)  # the stage's draws, for the budget
     megabytes = (int(needed.sum()) + n_val) * shape.numel() * (4 if runtime.dtype is None else 2) / 2**20
     if megabytes > cfg.data.memory_budget_mb:
         note = f"off: {name} input needs {megabytes:.0f} MB, over data.memory_budget_mb={cfg.data.memory_budget_mb}"

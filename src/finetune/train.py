@@ -295,7 +295,7 @@ class Trainer:
         order, flips = shard(order, self.ranks).to(self.device), flips.to(self.device)
         batches = split_batches(order, self.cfg.data.batch_size)  # on the device: no copies per step
         forward = self._forward(epoch, cut)
-        first_step = (epoch - 1) * len(batches)
+        first_step = self._global_step(epoch)
         done = self.progress.step
         losses = torch.zeros(len(batches), dtype=torch.float64, device=self.device)
         corrects = torch.zeros(len(batches), dtype=torch.long, device=self.device)
