@@ -1,9 +1,11 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from finetune.errors import FinetuneError
-from finetune.losses import class_weights
+from finetune.losses import WeightedCrossEntropy, class_weights
 
 NAMES = ["a", "b", "c", "d"]
 
@@ -43,3 +45,51 @@ def test_mapping_by_name_or_index_and_unknown_class():
     assert w.tolist() == [1.0, 2.0, 1.0, 0.5]
     with pytest.raises(FinetuneError, match="'zebra' is not a class"):
         class_weights({"zebra": 2.0}, np.array([1, 1, 1, 1]), NAMES)
+
+
+# the batch: six samples of class 0, one each of the classes weighted 10
+LABELS = torch.tensor([0, 0, 0, 0, 0, 0, 1, 2])
+LOGITS = torch.randn(8, 3, generator=torch.Generator().manual_seed(0))
+WEIGHT = torch.tensor([1.0, 10.0, 10.0])
+
+
+@pytest.mark.parametrize("weight", [None, WEIGHT])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_class_indices_give_torchs_cross_entropy(weight, smoothing):
+    expected = nn.CrossEntropyLoss(weight=weight, label_smoothing=smoothing)(LOGITS, LABELS)
+    assert WeightedCrossEntropy(weight, smoothing)(LOGITS, LABELS).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("weight", [None, WEIGHT])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_one_hot_targets_give_the_same_loss_as_their_class_indices(weight, smoothing):
+    loss = WeightedCrossEntropy(weight, smoothing)
+    one_hot = F.one_hot(LABELS, 3).float()
+    assert loss(LOGITS, one_hot).item() == pytest.approx(loss(LOGITS, LABELS).item(), rel=1e-6)
+    if weight is not None:  # torch divides soft targets by the batch size instead (the bug)
+        torch_soft = nn.CrossEntropyLoss(weight=weight, label_smoothing=smoothing)(LOGITS, one_hot)
+        assert torch_soft.item() > 2 * loss(LOGITS, one_hot).item()
+
+
+def test_soft_targets_are_normalised_by_their_summed_class_weights():
+    targets = torch.tensor([[0.7, 0.3, 0.0], [0.0, 0.2, 0.8]])
+    logits = LOGITS[:2]
+    logp = logits.log_softmax(1)
+    per_sample = -(targets * WEIGHT * logp).sum(1)
+    expected = per_sample.sum() / (0.7 * 1 + 0.3 * 10 + 0.2 * 10 + 0.8 * 10)
+    assert WeightedCrossEntropy(WEIGHT)(logits, targets).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_unweighted_soft_targets_give_torchs_batch_mean():
+    targets = torch.rand(8, 3).softmax(1)
+    expected = nn.CrossEntropyLoss(label_smoothing=0.1)(LOGITS, targets)
+    assert WeightedCrossEntropy(None, 0.1)(LOGITS, targets).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_the_weight_moves_with_the_module_and_gradients_match_torchs():
+    assert WeightedCrossEntropy(WEIGHT).double().weight.dtype == torch.float64, "a buffer, so .to(device) moves it"
+    logits = LOGITS.clone().requires_grad_()
+    WeightedCrossEntropy(WEIGHT)(logits, LABELS).backward()
+    expected = LOGITS.clone().requires_grad_()
+    nn.CrossEntropyLoss(weight=WEIGHT)(expected, LABELS).backward()
+    assert torch.allclose(logits.grad, expected.grad, atol=1e-6)

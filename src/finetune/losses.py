@@ -1,4 +1,4 @@
-"""Class weights for the cross-entropy loss."""
+"""Class weights and the class-weighted cross-entropy loss."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import warnings
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from sklearn.utils.class_weight import compute_class_weight
+from torch import nn
 
 from finetune.data import class_index
 from finetune.errors import FinetuneError
@@ -52,3 +54,32 @@ def _weights_from_mapping(spec: dict, class_names: list[str]) -> list[float]:
     for key, value in spec.items():
         weights[class_index(key, class_names, "train.class_weights")] = float(value)
     return weights
+
+
+class WeightedCrossEntropy(nn.Module):
+    """Class-weighted cross-entropy for class indices and soft (MixUp/CutMix) targets alike.
+
+    torch's `CrossEntropyLoss` divides the weighted loss by the batch's summed weights for class
+    indices but by the batch size for soft targets, so a one-hot target and its class index give
+    different losses (weights [1, 10, 10] on a 6/1/1 batch: 2.23 vs 7.23). Here both divide by the
+    summed target weights, a soft target weighing sum_c t_c * w_c: class indices give torch's value
+    (to rounding), and a one-hot target the same value as its index. Label smoothing applies to the
+    numerator only, as torch does for class indices: the smoothed target (1 - eps) * t + eps / C
+    weighs each class's log-probability, while the sample still weighs sum_c t_c * w_c.
+    """
+
+    def __init__(self, weight: torch.Tensor | None, label_smoothing: float = 0.0):
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.label_smoothing = label_smoothing
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean loss over the batch; `targets` are class indices (N,) or probabilities (N, C)."""
+        classes = logits.shape[1]
+        if not targets.is_floating_point():
+            targets = F.one_hot(targets, classes)
+        targets = targets.float()
+        weight = self.weight if self.weight is not None else logits.new_ones(classes, dtype=torch.float32)
+        smoothed = targets * (1 - self.label_smoothing) + self.label_smoothing / classes
+        per_sample = -(F.log_softmax(logits.float(), dim=1) * smoothed * weight).sum(1)
+        return per_sample.sum() / (targets * weight).sum()
