@@ -1,6 +1,9 @@
-"""Every classification family torchvision ships builds, trains a step and evaluates."""
+"""Every classification family torchvision ships builds, trains a step and evaluates; a weights
+file loads into torchvision and timm models alike."""
 
 from __future__ import annotations
+
+import sys
 
 import pytest
 import torch
@@ -58,3 +61,28 @@ def test_aux_heads_are_dropped_and_transform_input_follows_the_weights(arch, aux
 def test_squeezenet_is_refused_in_the_config_check():
     with pytest.raises(FinetuneError, match="squeezenet1_1 ends in a 1x1 convolution"):
         check_model_config(ModelConfig(arch="squeezenet1_1", weights="none"))
+
+
+def test_a_weights_file_with_auxiliary_heads_loads_into_the_model_without_them(tmp_path):
+    source = architecture("googlenet", torchvision_weights=False)
+    path = tmp_path / "googlenet.pth"
+    torch.save({"model": source.state_dict()}, path)  # a checkpoint's `model` entry, aux heads included
+    built = build_model(ModelConfig(arch="googlenet", weights=str(path)), num_classes=3)
+    assert torch.equal(built.model.conv1.conv.weight, source.conv1.conv.weight)
+
+
+def test_a_timm_model_loads_a_weights_file(tmp_path):
+    timm = pytest.importorskip("timm")
+    source = timm.create_model("convnext_atto", pretrained=False)
+    path = tmp_path / "convnext.pth"
+    torch.save(source.state_dict(), path)
+    cfg = ModelConfig(arch="timm/convnext_atto", weights=str(path))
+    check_model_config(cfg)
+    built = build_model(cfg, num_classes=3)
+    assert torch.equal(built.model.stem[0].weight, source.stem[0].weight) and built.head_name == "head.fc"
+
+
+def test_a_timm_arch_without_timm_installed_is_one_line(monkeypatch):
+    monkeypatch.setitem(sys.modules, "timm", None)  # import timm raises ImportError
+    with pytest.raises(FinetuneError, match=r"timm is not installed; pip install 'finetune\[timm\]'"):
+        check_model_config(ModelConfig(arch="timm/convnext_atto", weights="none"))

@@ -1,5 +1,5 @@
 """Build a classifier, load its weights, replace its head: torchvision's here, timm's
-(`timm/<name>`) in timm_models.py.
+(`timm/<name>`) in timm_models.py, a weights file read by weights.py for both.
 
 A torchvision model's head is its last `nn.Linear` (resnet `fc`, mobilenet `classifier.1`,
 vit `heads.head` ...); everything else is the backbone.
@@ -22,6 +22,7 @@ from torchvision.models import WeightsEnum
 from finetune import timm_models
 from finetune.config import ModelConfig
 from finetune.errors import FinetuneError
+from finetune.weights import is_none, load_weights_file
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -82,12 +83,8 @@ def check_model_config(cfg: ModelConfig) -> None:
     _resolve_weights(cfg)
 
 
-def _is_none(weights: str | None) -> bool:
-    return weights is None or weights.lower() == "none"
-
-
 def _resolve_weights(cfg: ModelConfig) -> WeightsEnum | Path | None:
-    if _is_none(cfg.weights):
+    if is_none(cfg.weights):
         return None
     enum = torchvision.models.get_model_weights(cfg.arch)
     if cfg.weights == "DEFAULT":
@@ -132,7 +129,7 @@ def build_model(cfg: ModelConfig, num_classes: int) -> BuiltModel:
         mean, std = tuple(preset.mean), tuple(preset.std)
     drop_aux_heads(model, cfg.arch)
     if isinstance(weights, Path):
-        load_weights_file(model, weights, cfg.arch)
+        load_weights_file(model, weights, cfg.arch, dropped=AUX_HEADS.get(cfg.arch, ()))
     head_name = replace_head(model, num_classes)
     return BuiltModel(model, head_name, mean, std, isinstance(weights, WeightsEnum))
 
@@ -166,25 +163,6 @@ def rebuild(arch: str, num_classes: int, torchvision_weights: bool) -> nn.Module
     return model
 
 
-def load_weights_file(model: nn.Module, path: Path, arch: str) -> None:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise FinetuneError(
-            f"model.weights: {path} is not a loadable state_dict ({exc.__class__.__name__}); "
-            "give a file saved with torch.save(model.state_dict())"
-        ) from None
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
-    if isinstance(state, dict):  # the auxiliary heads were dropped: their weights are not needed
-        state = {k: v for k, v in state.items() if k.split(".")[0] not in AUX_HEADS.get(arch, ())}
-    try:
-        model.load_state_dict(state)
-    except (RuntimeError, TypeError, AttributeError) as exc:
-        detail = str(exc).splitlines()[0][:100]
-        raise FinetuneError(f"model.weights: {path} does not fit arch {arch} ({detail})") from None
-
-
 def replace_head(model: nn.Module, num_classes: int) -> str:
     """Swap the last Linear for a new one with `num_classes` outputs; return its dotted name."""
     linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
@@ -196,7 +174,3 @@ def replace_head(model: nn.Module, num_classes: int) -> str:
     old = getattr(parent, attr)
     setattr(parent, attr, nn.Linear(old.in_features, num_classes))
     return name
-
-
-def head_of(model: nn.Module, head_name: str) -> nn.Module:
-    return model.get_submodule(head_name)

@@ -10,6 +10,7 @@ from torch import nn
 
 from finetune.config import ModelConfig
 from finetune.errors import FinetuneError
+from finetune.weights import is_none, load_weights_file
 
 PREFIX = "timm/"
 
@@ -26,6 +27,11 @@ def _timm():
     return timm
 
 
+def _pretrained_or_none(weights: str | None) -> bool:
+    """DEFAULT (timm's pretrained weights) or none; any other value names a state_dict file."""
+    return weights == "DEFAULT" or is_none(weights)
+
+
 def check(cfg: ModelConfig) -> None:
     """An unknown timm name (with close names) or weights that are neither DEFAULT, none nor a file."""
     timm, name = _timm(), cfg.arch.removeprefix(PREFIX)
@@ -33,7 +39,7 @@ def check(cfg: ModelConfig) -> None:
         close = difflib.get_close_matches(name, timm.list_models(), n=1, cutoff=0.6)
         hint = f" (did you mean timm/{close[0]}?)" if close else "; see timm.list_models()"
         raise FinetuneError(f"model.arch: unknown timm model {name!r}{hint}")
-    if cfg.weights not in (None, "DEFAULT") and cfg.weights.lower() != "none" and not Path(cfg.weights).is_file():
+    if not _pretrained_or_none(cfg.weights) and not Path(cfg.weights).is_file():
         raise FinetuneError(
             f"model.weights: {cfg.weights!r} for a timm model must be DEFAULT (timm's pretrained weights), "
             "none, or an existing state_dict file"
@@ -51,9 +57,7 @@ def build(cfg: ModelConfig, num_classes: int) -> tuple[nn.Module, str, tuple, tu
             f"model.weights DEFAULT: could not get timm's pretrained {name} ({str(exc).splitlines()[0][:80]}); "
             "put it in the Hugging Face cache (HF_HOME), set model.weights to a local file, or use model.weights=none"
         ) from None
-    if cfg.weights not in (None, "DEFAULT") and cfg.weights.lower() != "none":
-        from finetune.models import load_weights_file
-
+    if not _pretrained_or_none(cfg.weights):
         load_weights_file(model, Path(cfg.weights), cfg.arch)
     model.reset_classifier(num_classes)
     return model, head_name(model, cfg.arch), tuple(model.pretrained_cfg["mean"]), tuple(model.pretrained_cfg["std"])
