@@ -10,8 +10,6 @@ import pandas as pd
 from matplotlib.figure import Figure
 from sklearn import metrics
 
-TIMING_COLUMNS = ("epoch_seconds",)
-
 
 @dataclass
 class EpochRecord:
