@@ -1,5 +1,6 @@
-"""Batched augmentation: per-sample randomness, determinism under (seed, epoch, step), label
-mixing, the cache switched off, exact resume."""
+"""Batched augmentation: per-sample randomness (TrivialAugment/RandAugment ops included),
+determinism under (seed, rank, epoch, step) without colliding streams, label mixing, the cache
+switched off, exact resume."""
 
 from __future__ import annotations
 
@@ -14,8 +15,18 @@ from finetune.config import AugmentConfig, CropConfig, JitterConfig, load_config
 SAME = torch.rand(1, 3, 32, 32).repeat(6, 1, 1, 1)  # six copies of one image
 
 
-def augment(**kw) -> Augment:
-    return Augment(AugmentConfig(**kw), size=48, num_classes=3, seed=7)
+def augment(rank: int = 0, **kw) -> Augment:
+    return Augment(AugmentConfig(**kw), size=48, num_classes=3, seed=7, rank=rank)
+
+
+# 32 copies of an image that is flat per channel: an intensity op keeps each channel flat, a
+# geometric op (rotate, shear, translate) fills part of it with zeros
+FLAT = torch.tensor([0.3, 0.5, 0.7]).view(1, 3, 1, 1).expand(32, 3, 16, 16).contiguous()
+
+
+def moved(out: torch.Tensor) -> set[bool]:
+    """Which of {moved by a geometric op, kept flat} occur across the batch."""
+    return {bool((image != image[:, :1, :1]).any()) for image in out}
 
 
 def test_each_image_of_a_batch_gets_its_own_crop_jitter_and_erasing():
@@ -34,6 +45,36 @@ def test_draws_are_a_function_of_seed_epoch_and_step_and_leave_the_global_rng_al
     assert torch.equal(a, b)
     assert not torch.equal(a, aug.images(SAME, 2, 6)) and not torch.equal(a, aug.images(SAME, 3, 5))
     assert torch.equal(torch.get_rng_state(), before), "dropout's RNG is untouched"
+
+
+def test_streams_never_collide_and_each_rank_draws_its_own():
+    crop = CropConfig(scale=[0.35, 1.0])
+    rank0, rank1 = augment(random_resized_crop=crop), augment(rank=1, random_resized_crop=crop)
+    x, labels = torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 0])
+    before = torch.get_rng_state()
+    assert not torch.equal(rank0.images(SAME, 1, 10_007), rank0.images(SAME, 2, 0)), "collided under the affine seed"
+    assert not torch.equal(rank0.images(SAME, 1, 0), rank1.images(SAME, 1, 0))
+    assert torch.equal(rank1.images(SAME, 1, 0), rank1.images(SAME, 1, 0)), "a pure function: resume is exact"
+    mixed0, mixed1 = (augment(rank=r, mixup=0.4).mix(x, labels, 1, 0)[1] for r in (0, 1))
+    assert not torch.equal(mixed0, mixed1)
+    assert torch.equal(torch.get_rng_state(), before), "dropout's RNG is untouched"
+
+
+def test_kornias_policies_pick_one_op_per_batch():
+    """Why `_PerImage` exists: every image of a kornia TrivialAugment/RandAugment call gets the same ops."""
+    from kornia.augmentation.auto import RandAugment, TrivialAugment
+
+    torch.manual_seed(0)
+    assert all(len(moved(policy(FLAT))) == 1 for policy in [TrivialAugment(), RandAugment(n=2, m=10)] * 8)
+
+
+@pytest.mark.parametrize("policy", ["trivial_augment", "rand_augment"])
+def test_trivial_and_rand_augment_pick_their_ops_per_image(policy):
+    aug = augment(**{policy: True})
+    for step in range(3):  # per batch: one kind per batch; per image: both, but for a 1e-7 chance
+        out = aug.images(FLAT, epoch=1, step=step)
+        assert out.shape == FLAT.shape and moved(out) == {True, False}
+    assert torch.equal(aug.images(FLAT, 1, 0), aug.images(FLAT, 1, 0))
 
 
 def test_mixup_and_cutmix_mix_images_and_labels():
