@@ -27,7 +27,6 @@ OLD_PHASES = {"frozen": "head", "unfrozen": "backbone"}
 @dataclass
 class Run:
     name: str
-    path: Path
     config: dict[str, Any]  # flattened: {"train.lr_head": 0.001, ...}
     results: pd.DataFrame
     summary: dict[str, Any]
@@ -73,7 +72,7 @@ def load_run(path: Path) -> Run | None:
     results = pd.read_csv(results_file)
     if "phase" in results:  # runs written before stages: frozen/unfrozen were head/backbone
         results = results.rename(columns={"phase": "stage"}).replace({"stage": OLD_PHASES})
-    return Run(path.name, path, config, results, summary)
+    return Run(path.name, config, results, summary)
 
 
 def differing_keys(runs: list[Run]) -> list[str]:
