@@ -16,7 +16,13 @@ from test_resume import Finetune, csv_rows, resume, stop_when
 from finetune.cli import main
 
 
+def event_accumulator():
+    """TensorBoard's event reader; skips the test on an install without the tensorboard extra."""
+    return pytest.importorskip("tensorboard.backend.event_processing.event_accumulator").EventAccumulator
+
+
 def test_a_timm_model_trains_in_stages_resumes_and_predicts(config_file, tmp_path, capsys):
+    pytest.importorskip("timm")
     config = str(config_file(model={"arch": "timm/convnext_atto", "weights": "none"}, train={"epochs": 1}))
     run = tmp_path / "timm"
     stages = "train.unfreeze=[{epoch: 0, modules: [stages.3]}]"
@@ -33,6 +39,7 @@ def test_a_timm_model_trains_in_stages_resumes_and_predicts(config_file, tmp_pat
 
 
 def test_timm_errors_are_one_line(config_file, capsys):
+    pytest.importorskip("timm")
     config = str(config_file())
     assert main(["train", config, "--set", "model.arch=timm/convnext_ato"]) == 2
     assert "unknown timm model 'convnext_ato' (did you mean timm/convnext_atto?)" in capsys.readouterr().err
@@ -78,8 +85,7 @@ def test_export_refuses_a_bad_batch(trained, capsys):
 
 
 def test_tensorboard_stream_continues_after_a_resume_without_duplicate_steps(tmp_path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
+    EventAccumulator = event_accumulator()
     data = make_imagefolder(tmp_path / "data", train_per_class=40, val_per_class=10)
     config = write_config(tmp_path / "c.yaml", data, tmp_path / "runs", data={"batch_size": 4}, train={"epochs": 2})
     run = tmp_path / "run"
@@ -105,9 +111,8 @@ def test_tensorboard_stream_continues_after_a_resume_without_duplicate_steps(tmp
 def test_a_resumed_event_stream_replaces_the_steps_it_trains_again(tmp_path, config_file):
     """Killed after 5 logged steps with 3 in last.pt: steps 4 and 5 are trained (and logged)
     again, and only the second session's values remain."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    from finetune.config import load_config
+    EventAccumulator = event_accumulator()
+    from finetune.config_load import load_config
     from finetune.runwriter import RunWriter
 
     cfg = load_config(config_file(), ["log.tensorboard=true"])
