@@ -100,3 +100,49 @@ def make_trainer(tmp_path: Path, imagefolder: Path):
         return Trainer(cfg, data, built, resolve_runtime(cfg.device, cfg.precision), run_dir, writer=RunWriter(run_dir))
 
     return make
+
+
+# Test tiers (markers in pyproject.toml). `./scripts/test.sh --fast` deselects all three;
+# CI runs everything. A whole module is tiered by its name, a test in a mixed module by its
+# own, and every test that asks for `make_trainer` trains in-process.
+MODULE_TIERS = {
+    "test_resume": ("process",),  # kills and resumes `finetune train` processes
+    "test_distributed": ("process",),  # torchrun
+    "test_cli": ("training",),
+    "test_compare": ("training",),  # its runs are trained first
+    "test_inference": ("training",),  # ditto
+    "test_augment": ("extras",),  # kornia
+    "test_ecosystem": ("extras",),  # timm, onnx, tensorboard
+}
+TEST_TIERS = {
+    "test_cli.py::test_train_end_to_end_in_a_real_process": ("process",),
+    "test_sweep.py::test_killed_sweep_rerun_skips_finished_runs_and_resumes_the_interrupted_one": ("process",),
+    "test_ecosystem.py::test_tensorboard_stream_continues_after_a_resume_without_duplicate_steps": ("process",),
+    "test_ecosystem.py::test_a_timm_model_trains_in_stages_resumes_and_predicts": ("training",),
+    "test_ecosystem.py::test_export_round_trips_within_tolerance_and_predict_reads_it": ("training",),
+    "test_sweep.py::test_grid_over_seeds_writes_each_run_as_train_would_and_aggregates_seeds": ("training",),
+    "test_sweep.py::test_a_list_of_configs_is_one_sweep_with_shared_sets": ("training",),
+    "test_sweep.py::test_a_user_error_in_a_later_run_stops_the_sweep_and_keeps_finished_runs": ("training",),
+    "test_schedule.py::test_three_stage_cosine_run_records_the_lrs_plan_printed": ("training",),
+    "test_schedule.py::test_early_stopping_resets_at_a_new_stage_and_is_reported": ("training",),
+    "test_schedule.py::test_patience_running_out_on_the_last_epoch_leaves_the_run_extendable": ("training",),
+    "test_edge_cases.py::test_training_on_33_images_in_batches_of_32_runs_cached_and_uncached": ("training",),
+    "test_hardware.py::test_summary_records_the_memory_format": ("training",),
+    "test_bad_input.py::test_nan_loss_stops_with_epoch_and_step_and_keeps_best": ("training",),
+    "test_bad_input.py::test_weights_that_turn_non_finite_on_an_epochs_last_step_are_never_saved": ("training",),
+    "test_models.py::test_a_timm_model_loads_a_weights_file": ("extras",),
+}
+
+
+def tiers(item: pytest.Function) -> set[str]:
+    module = item.path.stem
+    found = {*MODULE_TIERS.get(module, ()), *TEST_TIERS.get(f"{item.path.name}::{item.originalname}", ())}
+    if "make_trainer" in item.fixturenames:
+        found.add("training")
+    return found
+
+
+def pytest_collection_modifyitems(items: list[pytest.Function]) -> None:
+    for item in items:
+        for tier in tiers(item):
+            item.add_marker(tier)
