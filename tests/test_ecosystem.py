@@ -14,6 +14,8 @@ from conftest import make_imagefolder, write_config
 from test_resume import Finetune, csv_rows, resume, stop_when
 
 from finetune.cli import main
+from finetune.errors import FinetuneError
+from finetune.export import export
 
 
 def event_accumulator():
@@ -82,6 +84,18 @@ def test_export_round_trips_within_tolerance_and_predict_reads_it(trained, capsy
 def test_export_refuses_a_bad_batch(trained, capsys):
     assert main(["export", str(trained), "--batch", "zero"]) == 2
     assert "export --batch 'zero': use dynamic or a positive integer" in capsys.readouterr().err
+
+
+def test_a_failed_export_leaves_the_earlier_export_as_it_was(trained, tmp_path):
+    """The parity check runs on a staged model: one that fails replaces nothing and leaves
+    no temp file, so a model never sits beside another model's contract (issue 15, bug 10)."""
+    out = tmp_path / "model.torchscript.pt"
+    export(trained, "torchscript", out, "dynamic", [])
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert set(before) == {"model.torchscript.pt", "model.torchscript.pt.json"}
+    with pytest.raises(FinetuneError, match=r"model\.torchscript\.pt would give logits .*; nothing was written"):
+        export(trained, "torchscript", out, "4", [], tolerance=-1.0)  # no difference is small enough
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
 def test_tensorboard_stream_continues_after_a_resume_without_duplicate_steps(tmp_path):

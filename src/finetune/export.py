@@ -6,16 +6,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from finetune.checkpoint import load_checkpoint
 from finetune.data import load_data
 from finetune.errors import FinetuneError
+from finetune.exported import ExportedModel, contract_path
 from finetune.files import atomic_write_text
 from finetune.inference import checkpoint_config, predictor_from
 
@@ -24,8 +26,15 @@ TOLERANCE = 1e-3  # largest absolute logit difference accepted (fp32 on CPU)
 CHECK_IMAGES = 8
 
 
-def export(path: str | Path, fmt: str, out: Path | None, batch: str, overrides: list[str]) -> dict[str, Any]:
-    """Write the exported model and its contract; return what was written and the parity check."""
+def export(
+    path: str | Path, fmt: str, out: Path | None, batch: str, overrides: list[str], tolerance: float = TOLERANCE
+) -> dict[str, Any]:
+    """Write the exported model and its contract; return what was written and the parity check.
+
+    Both are written to a temp folder beside `out` and the model is checked there: only a model
+    that passes is renamed into place, its contract after it, so a failed export leaves any
+    earlier model and contract as they were, and no model without its contract.
+    """
     ckpt_path = Path(path)
     ckpt = load_checkpoint(ckpt_path)
     fixed = _batch_size(batch)
@@ -34,25 +43,42 @@ def export(path: str | Path, fmt: str, out: Path | None, batch: str, overrides: 
     images = _check_batch(ckpt, overrides, predictor)
     if fixed:  # the check runs at the fixed size; a dynamic model is checked at another than it was traced at
         images = images.repeat((fixed + len(images) - 1) // len(images), 1, 1, 1)[:fixed]
-    example = images if fixed else images[:2]
     out = out or ckpt_path.with_name(ckpt_path.stem + SUFFIXES[fmt])
     out.parent.mkdir(parents=True, exist_ok=True)
-    if fmt == "onnx":
-        _onnx(model, example, out, dynamic=fixed is None)
-    else:
-        _torchscript(model, example, out)
-    with torch.inference_mode():
-        expected = model(images).numpy()
-    diff = float(np.abs(run_exported(out, images.numpy()) - expected).max())
-    if diff > TOLERANCE:
-        raise FinetuneError(f"export: {out} gives logits up to {diff:.2g} away from PyTorch's (over {TOLERANCE})")
-    contract = _contract(ckpt, fmt, fixed)
-    atomic_write_text(contract_path(out), json.dumps(contract, indent=2) + "\n")
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as staging:
+        staged = Path(staging) / out.name
+        _write_model(model, images if fixed else images[:2], staged, fmt, dynamic=fixed is None)
+        diff = _parity(model, staged, images)
+        if diff > tolerance:
+            other = next(f for f in SUFFIXES if f != fmt)
+            raise FinetuneError(
+                f"export: {out} would give logits up to {diff:.2g} away from PyTorch's (over {tolerance}); "
+                f"nothing was written, try --format {other}"
+            )
+        atomic_write_text(contract_path(staged), json.dumps(_contract(ckpt, fmt, fixed), indent=2) + "\n")
+        _fsync(staged)
+        os.replace(staged, out)
+        os.replace(contract_path(staged), contract_path(out))
     return {"file": str(out), "contract": str(contract_path(out)), "max_abs_diff": diff, "images": len(images)}
 
 
-def contract_path(exported: Path) -> Path:
-    return exported.with_name(exported.name + ".json")
+def _write_model(model: torch.nn.Module, example: torch.Tensor, out: Path, fmt: str, dynamic: bool) -> None:
+    if fmt == "onnx":
+        _onnx(model, example, out, dynamic)
+    else:
+        _torchscript(model, example, out)
+
+
+def _parity(model: torch.nn.Module, exported: Path, images: torch.Tensor) -> float:
+    """Largest absolute difference between the exported model's logits and PyTorch's."""
+    with torch.inference_mode():
+        expected = model(images)
+    return float((ExportedModel(exported)(images) - expected).abs().max())
+
+
+def _fsync(path: Path) -> None:
+    with path.open("rb") as f:
+        os.fsync(f.fileno())
 
 
 def _batch_size(batch: str) -> int | None:
@@ -67,7 +93,7 @@ def _check_batch(ckpt: dict[str, Any], overrides: list[str], predictor) -> torch
     """A few of the run's validation images, preprocessed as in training."""
     cfg = checkpoint_config(ckpt, overrides)
     data = load_data(dataclasses.replace(cfg.data, train_size=1, val_size=CHECK_IMAGES))
-    return predictor.transform(data.val.images).contiguous()
+    return predictor.transform(torch.cat(list(data.val.in_order(CHECK_IMAGES)))).contiguous()
 
 
 def _onnx(model: torch.nn.Module, example: torch.Tensor, out: Path, dynamic: bool) -> None:
@@ -88,18 +114,6 @@ def _torchscript(model: torch.nn.Module, example: torch.Tensor, out: Path) -> No
         torch.jit.trace(model, example).save(str(out))
 
 
-def run_exported(path: Path, images: np.ndarray) -> np.ndarray:
-    """Logits from an exported model file, by onnxruntime or TorchScript."""
-    if path.suffix == ".onnx":
-        import onnxruntime
-
-        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        return session.run(None, {session.get_inputs()[0].name: images.astype(np.float32)})[0]
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch.jit")  # TorchScript is what was asked for
-        return torch.jit.load(str(path), map_location="cpu")(torch.from_numpy(images)).numpy()
-
-
 def _contract(ckpt: dict[str, Any], fmt: str, fixed: int | None) -> dict[str, Any]:
     size = ckpt["image_size"]
     return {
@@ -109,7 +123,8 @@ def _contract(ckpt: dict[str, Any], fmt: str, fixed: int | None) -> dict[str, An
         "output": {"name": "logits", "shape": [fixed or "batch", len(ckpt["class_names"])]},
         "preprocessing": {
             "image_size": size,
-            "resize": "each image to image_size x image_size, bilinear with antialiasing",
+            "decode": "PIL: Image.draft('RGB', (image_size, image_size)), then convert('RGB')",
+            "resize": "PIL: resize((image_size, image_size), Image.BILINEAR)",
             "scale": "RGB pixels / 255",
             "mean": list(ckpt["mean"]),
             "std": list(ckpt["std"]),
