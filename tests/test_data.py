@@ -1,11 +1,15 @@
+import multiprocessing
+
 import numpy as np
 import pytest
 import torch
 from conftest import CLASSES, make_imagefolder, write_image
 
+from finetune.batching import BatchTransform, epoch_plan
 from finetune.config import DataConfig
-from finetune.data import BatchTransform, choose_subset, epoch_plan, load_data
+from finetune.data import choose_subset, load_data
 from finetune.errors import FinetuneError
+from finetune.imageset import worker_count
 
 
 def test_stratified_subset_keeps_proportions_and_is_seeded():
@@ -132,9 +136,48 @@ def test_cifar10_download_failure_is_one_clear_line(tmp_path):
 def test_num_workers_0_means_one_per_core_in_memory_and_streamed(tmp_path):
     import os
 
-    from finetune.data import worker_count
-
     root = make_imagefolder(tmp_path / "data")
     cfg = DataConfig(dataset="imagefolder", root=str(root), image_size=32, num_workers=0, memory_budget_mb=0)
     assert load_data(cfg).train.workers == worker_count(0) == os.cpu_count()
     assert worker_count(3) == 3
+
+
+def test_batch_transform_stays_float32_for_numpy_statistics():
+    """A mean and std given as numpy float64 (as a library preset may be) must not make
+    batches float64: MPS has no float64."""
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    t = BatchTransform(8, tuple(mean), tuple(std), device=torch.device("cpu"))
+    out = t(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), torch.tensor([False, True]))
+    assert t.mean.dtype == t.std.dtype == out.dtype == torch.float32
+
+
+def streamed_pass(images, index):
+    """The batches of one pass over a streamed set and the worker processes alive during it."""
+    batches, pids = [], set()
+    for batch in images.batches(index):
+        batches.append(batch)
+        pids |= {child.pid for child in multiprocessing.active_children()}
+    return batches, pids
+
+
+def test_streamed_batches_keep_their_worker_processes_across_epochs(tmp_path):
+    root = mixed_size_folder(tmp_path)
+    cfg = DataConfig(dataset="imagefolder", root=str(root), image_size=32, num_workers=2, memory_budget_mb=0)
+    train = load_data(cfg).train
+    index = [torch.tensor([5, 0, 26]), torch.tensor([3, 4])]
+    first, first_pids = streamed_pass(train, index)
+    second, second_pids = streamed_pass(train, index)
+    assert len(first_pids) == 2 and second_pids == first_pids
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+    reordered, _ = streamed_pass(train, [torch.tensor([26, 0, 5])])
+    assert torch.equal(reordered[0], first[0][[2, 1, 0]]), "a new pass serves its own index batches"
+
+
+def test_a_second_pass_over_streamed_files_takes_the_workers_from_an_unfinished_one(tmp_path):
+    cfg = DataConfig(dataset="imagefolder", root=str(make_imagefolder(tmp_path)), num_workers=1, memory_budget_mb=0)
+    val = load_data(cfg).val
+    older = val.in_order(2)
+    next(older)
+    assert len(list(val.in_order(5))) == 3
+    with pytest.raises(RuntimeError, match="another pass over these image files started"):
+        next(older)

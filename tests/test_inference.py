@@ -1,12 +1,15 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import make_imagefolder, write_config, write_image
+from conftest import CLASSES, make_imagefolder, write_config, write_image
 from PIL import Image
 
+from finetune.checkpoint import load_checkpoint
 from finetune.cli import main
+from finetune.inference import val_probabilities
 
 
 @pytest.fixture(scope="module")
@@ -91,3 +94,34 @@ def test_predict_marks_unreadable_files_and_batches_the_rest(run, tmp_path, caps
     results = json.loads(capsys.readouterr().out)
     assert [("error" in r) for r in results] == [False, True, False, False, False, False]
     assert all(len(r["top"]) == 3 for r in results if "top" in r), "top-k is capped at the number of classes"
+
+
+def write_photo(path: Path, label: int, rng: np.random.Generator) -> None:
+    """A 2000x1500 JPEG with detail finer than the model's pixels, as a camera's photo has."""
+    pixels = rng.integers(0, 80, (150, 200, 3), dtype=np.uint8)
+    pixels[..., label] += 150
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).resize((2000, 1500), Image.NEAREST).save(path, quality=90)
+
+
+def test_eval_and_predict_give_identical_probabilities_for_large_photos(tmp_path, capsys):
+    """Training decodes a large JPEG at a reduced scale and resizes it with PIL; predict once
+    resized the full image in torch instead, inputs up to 0.4 apart (issue 15, bug 12)."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for label, name in enumerate(CLASSES):
+            for i in range(2):
+                write_photo(tmp_path / "photos" / split / name / f"{i}.jpg", label, rng)
+    config = write_config(
+        tmp_path / "c.yaml", tmp_path / "photos", tmp_path / "runs", train={"epochs": 1, "unfreeze_epoch": 0}
+    )
+    assert main(["train", str(config), "--run-dir", str(tmp_path / "run")]) == 0
+    capsys.readouterr()
+    checkpoint = tmp_path / "run" / "best.pt"
+    assert main(["predict", str(checkpoint), str(tmp_path / "photos" / "val"), "--json", "--top-k", "3"]) == 0
+    predicted = [{t["class"]: t["probability"] for t in r["top"]} for r in json.loads(capsys.readouterr().out)]
+    ckpt = load_checkpoint(checkpoint)
+    for streamed in ("data.memory_budget_mb=0", "data.memory_budget_mb=1000"):
+        probabilities, _, names = val_probabilities(ckpt, [streamed])
+        expected = [[round(p, 6) for p in row] for row in probabilities.tolist()]  # as predict prints them
+        assert [[p[name] for name in names] for p in predicted] == expected, streamed

@@ -1,8 +1,8 @@
 """Use a trained checkpoint: rebuild its model, evaluate it on data, predict image files.
 
 A checkpoint is self-describing (arch, classes, image size, normalization), so images are
-preprocessed exactly as in training: decoded to RGB uint8, then resized and normalized as
-a batch by the same BatchTransform.
+preprocessed exactly as in training: decoded to uint8 at the image size by the same
+`decode_file`, then normalized as a batch by the same BatchTransform.
 """
 
 from __future__ import annotations
@@ -19,14 +19,18 @@ import torch
 from sklearn import metrics
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from finetune.batching import BatchTransform
 from finetune.checkpoint import load_checkpoint
-from finetune.config import Config, apply_override, from_dict, saved_config
-from finetune.data import BatchTransform, load_data, read_rgb
+from finetune.config import Config
+from finetune.config_load import apply_override, from_dict, saved_config
+from finetune.data import load_data
+from finetune.decode import decode_file
 from finetune.errors import FinetuneError
+from finetune.exported import ExportedModel, read_contract
 from finetune.files import atomic_write_text
-from finetune.hardware import Runtime, memory_format_for, resolve_runtime
 from finetune.models import rebuild
 from finetune.results import confusion_figure
+from finetune.runtime import Runtime, inference_runtime
 
 
 @dataclass
@@ -39,7 +43,7 @@ class Predictor:
     @torch.inference_mode()
     def classify(self, inputs: torch.Tensor) -> torch.Tensor:
         """Class probabilities for inputs already resized and normalized."""
-        with self.runtime.autocast():
+        with self.runtime.autocast(inference=True):
             return self.model(inputs).float().softmax(1).cpu()
 
     def probabilities(self, batches: Iterable[torch.Tensor]) -> torch.Tensor:
@@ -55,8 +59,7 @@ def load_predictor(path: str | Path, device: str = "auto", precision: str = "aut
 def predictor_from(ckpt: dict[str, Any], device: str, precision: str) -> Predictor:
     model = rebuild(ckpt["arch"], len(ckpt["class_names"]), ckpt.get("torchvision_weights", False))
     model.load_state_dict(ckpt["model"])
-    runtime = resolve_runtime(device, precision)
-    runtime.memory_format = memory_format_for("auto", runtime.device, model)
+    runtime = inference_runtime(device, precision, model)
     model = model.to(runtime.device, memory_format=runtime.layout).eval()
     transform = BatchTransform(
         ckpt["image_size"], tuple(ckpt["mean"]), tuple(ckpt["std"]), runtime.device, runtime.layout
@@ -75,24 +78,9 @@ def checkpoint_config(ckpt: dict[str, Any], overrides: list[str]) -> Config:
     return from_dict(raw, source="the checkpoint's config")
 
 
-class ExportedModel:
-    """An exported file (`finetune export`) called like the model: float batch in, logits out."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
-        from finetune.export import run_exported
-
-        return torch.from_numpy(run_exported(self.path, inputs.contiguous().numpy()))
-
-
 def exported_predictor(path: Path) -> Predictor:
     """A predictor for an exported model, preprocessing as its contract JSON says."""
-    contract_file = path.with_name(path.name + ".json")
-    if not contract_file.is_file():
-        raise FinetuneError(f"predict: {contract_file} is missing; export writes it beside {path.name}")
-    contract = json.loads(contract_file.read_text())
+    contract = read_contract(path)
     prep = contract["preprocessing"]
     runtime = Runtime(torch.device("cpu"), "fp32", "contiguous")
     transform = BatchTransform(
@@ -105,7 +93,15 @@ def exported_predictor(path: Path) -> Predictor:
 def evaluate_checkpoint(path: str | Path, overrides: list[str], out: Path | None) -> dict[str, Any]:
     """Score a checkpoint on its run's validation data (or the data given by `--set data.*`)."""
     ckpt_path = Path(path)
-    ckpt = load_checkpoint(ckpt_path)
+    probabilities, labels, class_names = val_probabilities(load_checkpoint(ckpt_path), overrides)
+    report = scores(labels.numpy(), probabilities.argmax(1).numpy(), class_names)
+    out = out or ckpt_path.parent / f"eval-{ckpt_path.stem}"
+    write_report(report, out)
+    return report
+
+
+def val_probabilities(ckpt: dict[str, Any], overrides: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Class probabilities for the validation images eval scores, their labels, the class names."""
     cfg = checkpoint_config(ckpt, overrides)
     predictor = predictor_from(ckpt, cfg.device, cfg.precision)
     data = load_data(cfg.data)
@@ -114,11 +110,7 @@ def evaluate_checkpoint(path: str | Path, overrides: list[str], out: Path | None
             f"eval: the data's classes ({', '.join(data.class_names)}) are not the checkpoint's "
             f"({', '.join(predictor.class_names)}); point data.root at data with the same class folders"
         )
-    preds = predictor.probabilities(data.val.in_order(64)).argmax(1).numpy()
-    report = scores(data.val.labels.numpy(), preds, predictor.class_names)
-    out = out or ckpt_path.parent / f"eval-{ckpt_path.stem}"
-    write_report(report, out)
-    return report
+    return predictor.probabilities(data.val.in_order(64)), data.val.labels, predictor.class_names
 
 
 def scores(truth: np.ndarray, preds: np.ndarray, class_names: list[str]) -> dict[str, Any]:
@@ -181,13 +173,13 @@ def predict(path: str | Path, inputs: list[str], top_k: int, batch_size: int = 6
 
 
 def _predict_batch(files: list[Path], predictor: Predictor, k: int) -> list[dict[str, Any]]:
-    """Each image is resized on its own by the training transform; the batch is classified at once."""
-    arrays = [read_rgb(f) for f in files]
-    inputs = [predictor.transform(torch.from_numpy(a).permute(2, 0, 1)[None]) for a in arrays if a is not None]
-    probs = iter(predictor.classify(torch.cat(inputs)) if inputs else [])
+    """Each file is decoded as training decodes it; the readable ones are classified at once."""
+    images = [decode_file(f, predictor.transform.size) for f in files]
+    readable = [image for image in images if image is not None]
+    probs = iter(predictor.probabilities([torch.stack(readable)]) if readable else [])
     results = []
-    for file, array in zip(files, arrays, strict=True):
-        if array is None:
+    for file, image in zip(files, images, strict=True):
+        if image is None:
             results.append({"file": str(file), "error": "unreadable image"})
             continue
         values, index = next(probs).topk(k)
