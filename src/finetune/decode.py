@@ -2,7 +2,9 @@
 
 Training (in memory and streamed), eval and predict all decode through `decode_file`, so a
 model is served exactly the pixels it was trained on: resizing a large photo in another
-library, or from another decoded scale, shifts the normalized inputs by up to 0.4.
+library, or from another decoded scale, shifts the normalized inputs by up to 0.4. (A set of
+small images all of one size is held at that size and upsampled per batch on the device;
+PIL's upsampling here agrees with it to one grey level, the uint8 rounding.)
 """
 
 from __future__ import annotations
