@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from finetune.augment import Augment
-from finetune.config import AugmentConfig, CropConfig, JitterConfig, load_config
+from finetune.config import AugmentConfig, CropConfig, JitterConfig
+from finetune.config_load import load_config
 
 SAME = torch.rand(1, 3, 32, 32).repeat(6, 1, 1, 1)  # six copies of one image
 
@@ -106,8 +107,8 @@ AUGMENTED = ["data.augment={random_resized_crop: {scale: [0.5, 1]}, color_jitter
 def test_augmented_training_skips_the_cache_and_resumes_exactly(make_trainer):
     reference = make_trainer(*AUGMENTED, "train.epochs=2", run_name="reference")
     reference.run_epoch(1)
-    assert reference.cache is None
-    assert "data.augment changes images per sample" in reference.decision.note
+    assert reference.features.cache is None
+    assert "data.augment changes images per sample" in reference.features.decision.note
     state = copy.deepcopy(reference.resume_state(metrics={}))
     reference.run_epoch(2)
     resumed = make_trainer(*AUGMENTED, "train.epochs=2", run_name="resumed")
@@ -115,4 +116,4 @@ def test_augmented_training_skips_the_cache_and_resumes_exactly(make_trainer):
     resumed.run_epoch(2)
     for key, value in reference.model.state_dict().items():
         assert torch.equal(value, resumed.model.state_dict()[key]), key
-    assert reference.log.rows[-1]["train_loss"] == resumed.log.rows[-1]["train_loss"]
+    assert reference.book.log.rows[-1]["train_loss"] == resumed.book.log.rows[-1]["train_loss"]

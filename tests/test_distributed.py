@@ -153,3 +153,18 @@ def test_two_nodes_on_localhost(tmp_path, config_file):
     assert [node.returncode for node in nodes] == [0, 0], outs
     assert "2 processes" in nodes[0].rank_log(0, "stdout")
     assert pd.read_csv(run / "results.csv")["epoch"].tolist() == [1, 2]
+
+
+@pytest.mark.parametrize("nproc", [2, 1])
+def test_resume_between_epochs_under_torchrun_trains_the_added_epoch(tmp_path, config_file, nproc):
+    """last.pt written at an epoch boundary holds no per-rank steps; resuming it must not index them."""
+    config = config_file(train={"epochs": 1, "unfreeze_epoch": None})
+    run = tmp_path / "run"
+    first = Torchrun(tmp_path / "logs", "train", config, "--run-dir", run, nproc=nproc)
+    out = first.finish()
+    assert first.returncode == 0, out + first.rank_log(0, "stderr")
+    again = Torchrun(tmp_path / "logs2", "train", "--resume", run, "--set", "train.epochs=2", nproc=nproc)
+    out = again.finish()
+    assert again.returncode == 0, out + again.rank_log(0, "stderr") + again.rank_log(1, "stderr")
+    assert "after epoch 1, step 0" in again.rank_log(0, "stdout")
+    assert pd.read_csv(run / "results.csv")["epoch"].tolist() == [1, 2]

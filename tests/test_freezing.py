@@ -56,7 +56,7 @@ def test_only_head_trains_while_frozen_then_everything_with_its_own_lr(make_trai
     assert changed(after, final, backbone) == backbone
     assert changed(after, final, bn_stats) == bn_stats
 
-    rows = trainer.log.rows
+    rows = trainer.book.log.rows
     assert [r["stage"] for r in rows] == ["head", "backbone"]
     assert [r["lr_backbone"] for r in rows] == [0.0, 1e-4]
     total = sum(p.numel() for p in trainer.model.parameters())
@@ -87,7 +87,7 @@ def test_head_trained_on_cached_features_matches_uncached(make_trainer):
         trainer = make_trainer("train.epochs=2", "train.unfreeze_epoch=null", f"train.feature_cache={cache}")
         trainer.run_epoch(1)
         trainer.run_epoch(2)
-        assert (trainer.cache is not None) == (cache == "auto")
+        assert (trainer.features.cache is not None) == (cache == "auto")
         heads.append([p.detach().clone() for p in trainer.head.parameters()])
     for cached, uncached in zip(*heads, strict=True):
         torch.testing.assert_close(cached, uncached, rtol=1e-4, atol=1e-5)
@@ -97,20 +97,20 @@ def test_cache_computes_only_the_variants_the_frozen_epochs_draw(make_trainer):
     trainer = make_trainer("train.epochs=2", "train.unfreeze_epoch=1")
     trainer.run_epoch(1)
     n = len(trainer.data.train)
-    held = trainer.cache.slot >= 0
-    assert int(held.sum()) == len(trainer.cache.train) == n, "one frozen epoch needs one variant per image"
+    held = trainer.features.cache.slot >= 0
+    assert int(held.sum()) == len(trainer.features.cache.train) == n, "one frozen epoch needs one variant per image"
     assert held.any(dim=0).all()
 
 
 def test_feature_cache_on_disk_is_reused_by_a_later_run(make_trainer):
     first = make_trainer("train.epochs=3", "train.unfreeze_epoch=null", run_name="a")
     first.run_epoch(1)
-    files = list(first.store.folder.glob("*.pt"))
+    files = list(first.features.store.folder.glob("*.pt"))
     assert len(files) == 1
     written = files[0].stat().st_mtime_ns
     second = make_trainer("train.epochs=3", "train.unfreeze_epoch=null", run_name="b")
     second.run_epoch(1)
     assert files[0].stat().st_mtime_ns == written, "nothing new to compute, nothing rewritten"
-    torch.testing.assert_close(second.cache.train, first.cache.train, rtol=0, atol=0)
+    torch.testing.assert_close(second.features.cache.train, first.features.cache.train, rtol=0, atol=0)
     for a, b in zip(first.head.parameters(), second.head.parameters(), strict=True):
         assert torch.equal(a, b)

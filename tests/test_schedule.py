@@ -13,7 +13,8 @@ import torch
 import torchvision
 
 from finetune.cli import main
-from finetune.config import SchedulerConfig, StageConfig, TrainConfig, load_config
+from finetune.config import SchedulerConfig, StageConfig, TrainConfig
+from finetune.config_load import load_config
 from finetune.schedule import Schedule
 
 STEPS = 10  # steps per epoch in the pure tests
@@ -172,7 +173,7 @@ def test_partial_cache_trains_the_same_weights_as_the_full_forward(make_trainer)
         for epoch in (1, 2, 3):
             trainer.run_epoch(epoch)
             if cache == "auto":
-                assert trainer.cache.cut == ("fc" if epoch == 1 else "layer4")
+                assert trainer.features.cache.cut == ("fc" if epoch == 1 else "layer4")
         finals.append({k: v.clone() for k, v in trainer.model.state_dict().items()})
     for key, value in finals[0].items():
         torch.testing.assert_close(value, finals[1][key], rtol=1e-4, atol=1e-5, msg=key)
@@ -181,8 +182,8 @@ def test_partial_cache_trains_the_same_weights_as_the_full_forward(make_trainer)
 def test_cache_falls_back_to_the_full_forward_where_the_model_is_no_chain(make_trainer):
     trainer = make_trainer("train.epochs=2", "train.unfreeze=[{epoch: 0, modules: [layer4.0.conv2]}]")
     trainer.run_epoch(1)
-    assert trainer.cache is None
-    assert "not a chain of modules at layer4.0.conv2" in trainer.decision.note
+    assert trainer.features.cache is None
+    assert "not a chain of modules at layer4.0.conv2" in trainer.features.decision.note
 
 
 def test_mobilenet_v2_is_a_chain_at_its_feature_blocks():
@@ -228,3 +229,14 @@ def test_a_run_saved_before_stages_existed_resumes(make_trainer):
     resumed.run_epoch(2)
     for key, value in reference.model.state_dict().items():
         assert torch.equal(value, resumed.model.state_dict()[key]), key
+
+
+def test_patience_running_out_on_the_last_epoch_leaves_the_run_extendable(config_file, tmp_path, capsys):
+    """A run that reached its last epoch is finished, not stopped early: --resume can add epochs."""
+    run = tmp_path / "run"
+    sets = ["train.epochs=2", "train.unfreeze_epoch=null", "train.early_stopping={patience: 1, min_delta: 1.0}"]
+    assert main(["train", str(config_file()), "--run-dir", str(run), "--set", *sets]) == 0
+    assert json.loads((run / "summary.json").read_text())["stopped_early"] is None
+    assert "early stop" not in capsys.readouterr().out
+    assert main(["train", "--resume", str(run), "--set", "train.epochs=3"]) == 0
+    assert pd.read_csv(run / "results.csv")["epoch"].tolist() == [1, 2, 3]

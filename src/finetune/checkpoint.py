@@ -38,10 +38,11 @@ def load_checkpoint(path: Path, required: str = "model") -> dict[str, Any]:
     return payload
 
 
-def is_improvement(monitor: str, value: float, best: float | None) -> bool:
+def is_improvement(monitor: str, value: float, best: float | None, min_delta: float = 0.0) -> bool:
+    """Whether `value` beats `best` by more than `min_delta`: the one rule for best.pt and early stopping."""
     if best is None or math.isnan(best):
         return not math.isnan(value)
-    return value > best if MAXIMIZE[monitor] else value < best
+    return value > best + min_delta if MAXIMIZE[monitor] else value < best - min_delta
 
 
 class BestTracker:

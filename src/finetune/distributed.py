@@ -1,5 +1,6 @@
-"""Several processes under torchrun: the process group, each rank's shard of an epoch, and the
-few things ranks must agree on (when to stop, what the metrics were, that weights match).
+"""Several processes under torchrun: the process group, each rank's shard of an epoch, and
+objects sent between ranks (a run dir's name, rank 0's metrics). The training loop's
+collectives are in training/replicas.py.
 
 Without torchrun there is one process and every function here is a no-op.
 """
@@ -75,24 +76,6 @@ def shard_size(n: int, ranks: Ranks) -> int:
     return math.ceil(n / ranks.world)
 
 
-def any_rank(flag: bool, ranks: Ranks) -> bool:
-    """True on every rank if it is true on any (a stop signal seen by one rank)."""
-    if not ranks.many:
-        return flag
-    value = torch.tensor([int(flag)])
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
-
-
-def total(values: list[float], ranks: Ranks) -> list[float]:
-    """Element-wise sums over ranks."""
-    if not ranks.many:
-        return values
-    tensor = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(tensor)
-    return tensor.tolist()
-
-
 def from_main(obj: Any, ranks: Ranks) -> Any:
     """Rank 0's object on every rank: decisions (best epoch, early stop) are made on one set of numbers."""
     if not ranks.many:
@@ -109,15 +92,6 @@ def gather(obj: Any, ranks: Ranks) -> list[Any]:
     objects = [None] * ranks.world
     dist.all_gather_object(objects, obj)
     return objects
-
-
-def check_same_weights(model: torch.nn.Module, ranks: Ranks) -> float:
-    """A checksum of the weights, checked equal on every rank (DDP keeps replicas identical)."""
-    checksum = float(sum(p.detach().double().sum() for p in model.parameters()))
-    sums = gather(checksum, ranks)
-    if len(set(sums)) > 1:
-        raise RuntimeError(f"weights differ between ranks: checksums {sums}")
-    return checksum
 
 
 def close() -> None:

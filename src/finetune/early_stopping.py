@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
-from finetune.checkpoint import MAXIMIZE
+from finetune.checkpoint import is_improvement
 from finetune.config import EarlyStoppingConfig
 
 
@@ -29,17 +28,21 @@ class EarlyStopping:
         self.best, self.bad_epochs = best, bad_epochs
         self.stopped_epoch, self.reason = stopped_epoch, reason
 
-    def update(self, epoch: int, value: float, new_stage: bool) -> bool:
-        """Count this epoch; return whether training should stop after it."""
+    def update(self, epoch: int, value: float, new_stage: bool, last_epoch: int) -> bool:
+        """Count this epoch; return whether training should stop after it.
+
+        Patience running out on `last_epoch` stops nothing: the run simply ended, and a
+        resume with more epochs continues it.
+        """
         if self.cfg.patience is None:
             return False
         if new_stage:
             self.best, self.bad_epochs = None, 0
-        if self._improved(value):
+        if is_improvement(self.monitor, value, self.best, self.cfg.min_delta):
             self.best, self.bad_epochs = value, 0
             return False
         self.bad_epochs += 1
-        if self.bad_epochs < self.cfg.patience:
+        if self.bad_epochs < self.cfg.patience or epoch >= last_epoch:
             return False
         self.stopped_epoch = epoch
         self.reason = (
@@ -47,12 +50,6 @@ class EarlyStopping:
             f"epoch(s) of this stage (its best: {self.best:.4f})"
         )
         return True
-
-    def _improved(self, value: float) -> bool:
-        if self.best is None or math.isnan(self.best):
-            return not math.isnan(value)
-        delta = self.cfg.min_delta
-        return value > self.best + delta if MAXIMIZE[self.monitor] else value < self.best - delta
 
     def state(self) -> dict[str, Any]:
         keys = ("best", "bad_epochs", "stopped_epoch", "reason")

@@ -24,15 +24,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from finetune.batching import epoch_plan
 from finetune.checkpoint import load_checkpoint, save_checkpoint
 from finetune.config import Config
-from finetune.data import epoch_plan
 from finetune.distributed import SINGLE, Ranks, shard
 from finetune.errors import FinetuneError
-from finetune.hardware import Runtime
+from finetune.runtime import Runtime
 from finetune.schedule import Schedule
 
-CACHE_FORMAT = 2  # part of the disk key: a new layout never reads an old file
+CACHE_FORMAT = 3  # part of the disk key: a new layout never reads an old file
 
 
 @dataclass
@@ -46,13 +46,19 @@ class FeatureCache:
         return self.train[self.slot[flips.long(), index]]
 
     def fill(self, needed: torch.Tensor, compute: Callable[[torch.Tensor, bool], torch.Tensor]) -> bool:
-        """Compute the needed variants not yet held; return whether anything was computed."""
+        """Compute the needed variants not yet held; return whether anything was computed.
+
+        Slots point at rows only once the rows exist: a fill stopped by Ctrl-C leaves the
+        cache as it was (a sweep keeps caches across runs, so a dangling slot would poison
+        every later run).
+        """
         missing = needed.to(self.slot.device) & (self.slot < 0)
         for variant in (0, 1):
             index = missing[variant].nonzero().flatten()
             if len(index):
+                rows = compute(index, bool(variant))
                 self.slot[variant, index] = torch.arange(len(index), device=self.slot.device) + len(self.train)
-                self.train = torch.cat([self.train, compute(index, bool(variant))])
+                self.train = torch.cat([self.train, rows])
         return bool(missing.any())
 
 
@@ -95,6 +101,21 @@ def decide_cache(
         note = f"off: {name} input needs {megabytes:.0f} MB, over data.memory_budget_mb={cfg.data.memory_budget_mb}"
         return CacheDecision(None, epochs, note)
     return CacheDecision(cut, epochs, f"{name} input, {megabytes:.0f} MB")
+
+
+class CachePlanner:
+    """`decide_cache` once per stage, for `train` and `plan` alike: a stage's cut and budget
+    are decided at its first epoch and hold for the rest of it."""
+
+    def __init__(self, cfg: Config, schedule: Schedule, model: nn.Module, n_train: int, n_val: int, runtime: Runtime):
+        self.cfg, self.schedule, self.model, self.runtime = cfg, schedule, model, runtime
+        self.sizes = n_train, n_val
+        self.current: CacheDecision | None = None
+
+    def decide(self, epoch: int) -> CacheDecision:
+        if self.current is None or epoch not in self.current.epochs:
+            self.current = decide_cache(self.cfg, self.schedule, self.model, epoch, *self.sizes, self.runtime)
+        return self.current
 
 
 def needed_variants(n: int, seed: int, epochs: Iterable[int], hflip: bool, ranks: Ranks = SINGLE) -> torch.Tensor:
@@ -235,7 +256,7 @@ class FeatureStore:
         self.folder = Path(folder)
         self.held: dict[str, FeatureCache] = {}
 
-    def load(self, key: str, cut: str, device: torch.device) -> FeatureCache | None:
+    def load(self, key: str, device: torch.device) -> FeatureCache | None:
         if key in self.held:
             return self.held[key]
         path = self.folder / f"{key}.pt"
@@ -245,10 +266,11 @@ class FeatureStore:
             state = load_checkpoint(path, required="slot")
         except FinetuneError:
             return None  # an unreadable cache is recomputed, never fatal
-        return FeatureCache(cut, state["slot"].to(device), state["train"].to(device), state["val"].to(device))
+        tensors = (state[k].to(device) for k in ("slot", "train", "val"))
+        return FeatureCache(state["cut"], *tensors)
 
     def save(self, key: str, cache: FeatureCache) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        state = {"slot": cache.slot.cpu(), "train": cache.train.cpu(), "val": cache.val.cpu()}
+        state = {"cut": cache.cut, "slot": cache.slot.cpu(), "train": cache.train.cpu(), "val": cache.val.cpu()}
         save_checkpoint(self.folder / f"{key}.pt", state)
         self.held[key] = cache

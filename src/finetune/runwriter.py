@@ -36,11 +36,12 @@ class RunWriter:
         """Create the run dir; open the event stream, dropping the events a resume replays.
 
         Events are logged at the number of steps done, so those of steps after `steps_done`
-        (written before a kill, trained again now) go; the one at `steps_done` stays.
+        (written before a kill, trained again now) go; the one at `steps_done` stays. A run
+        killed before its first checkpoint restarts at 0, and its earlier events go too.
         """
         create_run_dir(self.run_dir, cfg)
         if cfg.log.tensorboard:
-            self.board = _summary_writer(self.run_dir / "tensorboard", steps_done + 1 if steps_done else None)
+            self.board = _summary_writer(self.run_dir / "tensorboard", steps_done + 1)
 
     def best(self, portable: dict[str, Any], confusion: np.ndarray, step: int) -> None:
         save_checkpoint(self.run_dir / "best.pt", portable)
@@ -78,7 +79,7 @@ class RunWriter:
             self.board.close()
 
 
-def _summary_writer(folder: Path, purge_step: int | None):
+def _summary_writer(folder: Path, purge_step: int):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:

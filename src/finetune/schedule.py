@@ -59,6 +59,14 @@ class Schedule:
         """The name of the group that joined last by this epoch (`head` before any unfreeze)."""
         return self.active(epoch)[-1].name  # groups are in joining order
 
+    def starts_stage(self, epoch: int) -> bool:
+        """Whether more of the model trains in `epoch` than in the epoch before."""
+        return epoch > 1 and self.stage(epoch) != self.stage(epoch - 1)
+
+    def global_step(self, epoch: int, step: int = 0) -> int:
+        """Steps done before `step` of 1-based `epoch`: what LRs, resume and TensorBoard count."""
+        return (epoch - 1) * self.steps_per_epoch + step
+
     def stage_epochs(self, epoch: int) -> range:
         """The epochs from `epoch` on during which the same groups train."""
         later = [g.epoch for g in self.groups if g.epoch >= epoch]

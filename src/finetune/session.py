@@ -20,11 +20,11 @@ from finetune.data import DataSplits, load_data
 from finetune.distributed import SINGLE, Ranks
 from finetune.errors import FinetuneError
 from finetune.features import FeatureStore
-from finetune.hardware import memory_format_for, resolve_runtime
+from finetune.runtime import Subject, resolve_runtime
 from finetune.models import build_model, check_model_config, skeleton
 from finetune.runwriter import RunWriter
 from finetune.schedule import check_stages
-from finetune.train import Trainer
+from finetune.training.loop import Trainer
 
 
 class Session:
@@ -43,7 +43,7 @@ class Session:
             _say_if_schedule_stretched(state["config"]["train"]["epochs"], cfg)
         if trainer.writer:
             trainer.writer.start(cfg, trainer.resume_step())
-        stopped = trainer.stopping.report()
+        stopped = trainer.book.stopped_early()
         if stopped is not None:
             print(f"{run_dir} is complete: stopped early at epoch {stopped['epoch']} ({stopped['reason']})")
             return None
@@ -62,13 +62,11 @@ class Session:
         if cfg.train.unfreeze is not None:  # stage names against the arch, before any data loads
             bare = skeleton(cfg.model, num_classes=2)
             check_stages(cfg.train, bare.model, bare.head_name)
-        runtime = resolve_runtime(cfg.device, cfg.precision)
-        if runtime.device.type == "cuda" and self.ranks.many:
-            runtime.device = torch.device("cuda", self.ranks.local_rank)
         torch.manual_seed(cfg.seed)
         data = self._data(cfg)
         built = build_model(cfg.model, data.num_classes)
-        runtime.memory_format = memory_format_for(cfg.train.memory_format, runtime.device, built.model)
+        subject = Subject(built.model, built.head_name, len(data.train), len(data.val))
+        runtime = resolve_runtime(cfg, subject, self.ranks)
         print(
             f"{cfg.name}: {cfg.model.arch} on {len(data.train)} train / {len(data.val)} val images, "
             f"{data.num_classes} classes, {runtime.describe()}, run dir {run_dir}"

@@ -1,0 +1,1 @@
+"""The training loop (loop.py) and the small units it calls, one job each."""

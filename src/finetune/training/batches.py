@@ -1,0 +1,64 @@
+"""The epoch's batch source: (epoch, steps done, cut) -> this rank's batches as model inputs.
+
+An epoch's order and flips are a function of (seed, epoch) (data.epoch_plan), dealt to the
+ranks like DistributedSampler (distributed.shard), so a resumed epoch continues at its step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+
+from finetune.augment import Augment
+from finetune.batching import BatchTransform, epoch_plan, split_batches
+from finetune.config import Config
+from finetune.distributed import Ranks, shard, shard_size
+from finetune.features import CutModel, FeatureCache
+from finetune.imageset import ImageSet
+
+
+def steps_per_epoch(n: int, batch_size: int, world: int = 1) -> int:
+    """Steps of one epoch on each rank: the one count the schedule, plan and the loop use."""
+    return len(split_batches(torch.arange(shard_size(n, Ranks(world=world))), batch_size))
+
+
+@dataclass
+class EpochBatches:
+    index: tuple[torch.Tensor, ...]  # this rank's batches of the epoch's order, on the device
+    flips: torch.Tensor  # per image of the dataset, on the device
+    inputs: Iterator[torch.Tensor]  # model inputs of the steps from `first` on
+    first: int  # steps done before (a resumed epoch)
+
+
+class BatchSource:
+    def __init__(
+        self,
+        cfg: Config,
+        train_set: ImageSet,
+        transform: BatchTransform,
+        augment: Augment | None,
+        ranks: Ranks,
+        device: torch.device,
+    ):
+        self.cfg, self.train_set, self.transform, self.augment = cfg, train_set, transform, augment
+        self.ranks, self.device = ranks, device
+
+    def epoch(self, epoch: int, done: int, cut: CutModel | None, cache: FeatureCache | None) -> EpochBatches:
+        """The epoch's batches, and inputs from step `done` on: cached activations above the
+        cut, else uint8 images through the batch transform (and augmentation)."""
+        order, flips = epoch_plan(len(self.train_set), self.cfg.seed, epoch, self.cfg.data.hflip)
+        order, flips = shard(order, self.ranks).to(self.device), flips.to(self.device)
+        index = split_batches(order, self.cfg.data.batch_size)  # on the device: no copies per step
+        todo = index[done:]
+        if cut is not None:
+            inputs = (cache.train_inputs(i, flips[i]) for i in todo)
+        else:
+            hflip, augment = self.cfg.data.hflip, self.augment
+            inputs = (
+                self.transform(x, flips[i] if hflip else None, augment and partial(augment.images, epoch=epoch, step=s))
+                for s, (i, x) in enumerate(zip(todo, self.train_set.batches(todo), strict=True), start=done)
+            )
+        return EpochBatches(index, flips, inputs, done)

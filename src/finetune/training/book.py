@@ -1,0 +1,99 @@
+"""The epoch book: at each epoch's end, its row, whether it is the best, whether to stop early."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from finetune.checkpoint import BestTracker
+from finetune.config import Config
+from finetune.early_stopping import EarlyStopping
+from finetune.results import EpochRecord, ResultsLog
+from finetune.training.evaluator import EvalResult
+
+
+@dataclass
+class EpochOutcome:
+    record: EpochRecord
+    metrics: dict[str, float]
+    is_best: bool
+    stopped: bool  # early stopping ends the run after this epoch
+    confusion: np.ndarray
+
+
+class EpochBook:
+    def __init__(self, cfg: Config, saved: dict[str, Any] | None = None):
+        """`saved`: last.pt, whose book entries continue (old runs named the tracker `saver`)."""
+        saved = saved or {}
+        self.cfg, self.monitor = cfg, cfg.checkpoint.monitor
+        self.best = BestTracker(self.monitor, **saved.get("best", saved.get("saver", {})))
+        self.stopping = EarlyStopping(cfg.train.early_stopping, self.monitor, **saved.get("stopping", {}))
+        self.log = ResultsLog(saved.get("rows"))
+
+    def close(
+        self,
+        epoch: int,
+        stage: str,
+        new_stage: bool,
+        train: tuple[float, float],
+        result: EvalResult,
+        seconds: float,
+        lrs: dict[str, float],
+        trainable_params: int,
+    ) -> EpochOutcome:
+        metrics = result.metrics()
+        is_best = self.best.update(epoch, metrics)
+        stopped = self.stopping.update(epoch, metrics[self.monitor], new_stage, self.cfg.train.epochs)
+        record = EpochRecord(
+            epoch=epoch,
+            stage=stage,
+            train_loss=train[0],
+            train_acc=train[1],
+            val_loss=result.loss,
+            val_acc=result.acc,
+            val_balanced_acc=result.balanced_acc,
+            trainable_params=trainable_params,
+            epoch_seconds=seconds,
+            lrs=lrs,
+            val_acc_per_class=result.per_class,
+        )
+        self.log.append(record, self.best.best_epoch)
+        return EpochOutcome(record, metrics, is_best, stopped, result.confusion)
+
+    def state(self) -> dict[str, Any]:
+        return {"best": self.best.state(), "stopping": self.stopping.state(), "rows": self.log.rows}
+
+    def stopped_early(self) -> dict[str, Any] | None:
+        return self.stopping.report()
+
+    def summary(self) -> dict[str, Any]:
+        """The run's results so far, for summary.json."""
+        rows = self.log.rows
+        seconds = [r["epoch_seconds"] for r in rows]
+        stages = dict.fromkeys(r["stage"] for r in rows)
+        return {
+            "epochs_completed": len(rows),
+            "epochs": self.cfg.train.epochs,
+            "monitor": self.monitor,
+            "best_epoch": self.best.best_epoch,
+            "best_value": self.best.best_value,
+            "best_val_acc": max((r["val_acc"] for r in rows), default=None),
+            "final_val_acc": rows[-1]["val_acc"] if rows else None,
+            "final_val_balanced_acc": rows[-1]["val_balanced_acc"] if rows else None,
+            "stopped_early": self.stopped_early(),
+            "time_per_epoch": float(np.mean(seconds)) if seconds else None,
+            "time_per_epoch_by_stage": {
+                s: float(np.mean([r["epoch_seconds"] for r in rows if r["stage"] == s])) for s in stages
+            },
+            "total_seconds": float(sum(seconds)),
+        }
+
+
+def epoch_line(r: EpochRecord, epochs: int, is_best: bool) -> str:
+    return (
+        f"epoch {r.epoch}/{epochs} {r.stage} | train loss {r.train_loss:.4f} acc {r.train_acc:.3f} | "
+        f"val loss {r.val_loss:.4f} acc {r.val_acc:.3f} bal {r.val_balanced_acc:.3f} | "
+        f"{r.epoch_seconds:.1f}s" + (" | best" if is_best else "")
+    )

@@ -1,0 +1,90 @@
+"""Evaluation on the validation split: from cached activations above the cut, or full images."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import balanced_accuracy_score, confusion_matrix
+from torch import nn
+
+from finetune.batching import BatchTransform
+from finetune.errors import FinetuneError
+from finetune.features import CutModel
+from finetune.runtime import Runtime
+from finetune.imageset import ImageSet
+from finetune.training.replicas import Replicas
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    acc: float
+    balanced_acc: float
+    per_class: dict[str, float]
+    confusion: np.ndarray  # rows: true class
+
+    def metrics(self) -> dict[str, float]:
+        return {"val_acc": self.acc, "val_loss": self.loss, "val_balanced_acc": self.balanced_acc}
+
+
+class Evaluator:
+    def __init__(
+        self,
+        model: nn.Module,
+        transform: BatchTransform,
+        val_set: ImageSet,
+        class_names: list[str],
+        runtime: Runtime,
+        batch_size: int,
+        guard: Callable[[Iterable], Iterator],
+        replicas: Replicas,
+    ):
+        self.model, self.transform, self.val_set, self.class_names = model, transform, val_set, class_names
+        self.runtime, self.batch_size, self.guard, self.replicas = runtime, batch_size, guard, replicas
+
+    @torch.inference_mode()
+    def __call__(self, cut: CutModel | None, cached: torch.Tensor | None) -> EvalResult:
+        """Scores on every rank; rank 0's numbers decide for all, so ranks never disagree."""
+        self.model.eval()
+        chunks = []
+        with self.runtime.autocast():
+            if cut is not None:
+                for activations in self.guard(cached.split(self.batch_size * 2)):
+                    chunks.append(cut.top(activations).float())
+            else:
+                for images in self.guard(self.val_set.in_order(self.batch_size * 2)):
+                    chunks.append(self.model(self.transform(images)).float())
+        logits = torch.cat(chunks).cpu()
+        return self.replicas.from_main(score(logits, self.val_set.labels, self.class_names))
+
+
+def score(logits: torch.Tensor, labels: torch.Tensor, class_names: list[str]) -> EvalResult:
+    """Loss (unweighted), accuracy, balanced accuracy and per-class accuracy on one split."""
+    preds = logits.argmax(1).numpy()
+    truth = labels.numpy()
+    per_class = {}
+    for index, name in enumerate(class_names):
+        mask = truth == index
+        per_class[name] = float((preds[mask] == index).mean()) if mask.any() else math.nan
+    return EvalResult(
+        loss=float(F.cross_entropy(logits, labels)),
+        acc=float((preds == truth).mean()),
+        balanced_acc=float(balanced_accuracy_score(truth, preds)),
+        per_class=per_class,
+        confusion=confusion_matrix(truth, preds, labels=range(len(class_names))),
+    )
+
+
+def require_finite(result: EvalResult, head: nn.Module, epoch: int) -> None:
+    """A model whose evaluation loss or head is not finite is never written to disk."""
+    if math.isfinite(result.loss) and all(bool(torch.isfinite(p).all()) for p in head.parameters()):
+        return
+    raise FinetuneError(
+        f"the model became non-finite in epoch {epoch} (validation loss {result.loss}); lower "
+        "train.lr_head / train.lr_backbone (best.pt and last.pt were left as they were)"
+    )

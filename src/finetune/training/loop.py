@@ -1,0 +1,197 @@
+"""The Trainer: `fit` runs each epoch as stage -> cut -> steps -> evaluate -> book -> write -> stop.
+
+Each of those is a small unit of its own (training/*.py); this file wires them and reads
+top to bottom. Under DDP only rank 0 has a writer; every decision is agreed by all ranks.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from finetune.augment import Augment
+from finetune.batching import BatchTransform
+from finetune.config import Config
+from finetune.data import DataSplits, class_counts
+from finetune.distributed import SINGLE, Ranks
+from finetune.errors import Interrupted
+from finetune.features import CachePlanner, FeatureStore
+from finetune.freezing import apply_stage, build_optimizer, group_lrs, set_train_mode, trainable_count
+from finetune.runtime import Runtime
+from finetune.losses import WeightedCrossEntropy, class_weights
+from finetune.models import BuiltModel
+from finetune.runwriter import RunWriter
+from finetune.schedule import Schedule
+from finetune.training.batches import BatchSource, steps_per_epoch
+from finetune.training.book import EpochBook, EpochOutcome, epoch_line
+from finetune.training.cache import CacheProvider
+from finetune.training.evaluator import Evaluator, require_finite
+from finetune.training.replicas import Replicas
+from finetune.training.state import Progress, portable_state, restore_training, resume_state
+from finetune.training.steps import StepRunner, StepStats
+from finetune.training.stop import StopRequested, StopSignal
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: Config,
+        data: DataSplits,
+        built: BuiltModel,
+        runtime: Runtime,
+        run_dir: Path,
+        store: FeatureStore | None = None,
+        writer: RunWriter | None = None,
+        ranks: Ranks = SINGLE,
+    ):
+        """`writer` writes the run; under DDP only rank 0 has one."""
+        self.cfg, self.data, self.built, self.runtime = cfg, data, built, runtime
+        self.run_dir, self.writer, self.ranks = Path(run_dir), writer, ranks
+        device = runtime.device
+        self.model = built.model.to(device, memory_format=runtime.layout)
+        self.head = self.model.get_submodule(built.head_name)
+        self.replicas, self.stop = Replicas(ranks, device), StopSignal(ranks)
+        train_set, val_set = data.train.to(device), data.val.to(device)
+        self.labels = data.train.labels.to(device)
+        transform = BatchTransform(cfg.data.image_size, built.mean, built.std, device, runtime.layout)
+        steps = steps_per_epoch(len(data.train), cfg.data.batch_size, ranks.world)
+        lr_scale = ranks.world if cfg.train.scale_lr == "linear" else 1
+        self.schedule = Schedule(cfg.train, self.model, built.head_name, steps, lr_scale)
+        self.optimizer = build_optimizer(cfg.train, self.model, self.schedule)
+        self.scaler = runtime.grad_scaler()
+        counts = class_counts(data.train.labels, data.num_classes)
+        self.weights = class_weights(cfg.train.class_weights, counts, data.class_names)
+        criterion = WeightedCrossEntropy(self.weights, cfg.train.label_smoothing).to(device)
+        augment = None
+        if cfg.data.augment.active:
+            augment = Augment(cfg.data.augment, cfg.data.image_size, data.num_classes, cfg.seed, ranks.rank)
+        planner = CachePlanner(cfg, self.schedule, self.model, len(train_set), len(val_set), runtime)
+        store = store or FeatureStore(Path(cfg.out_dir) / ".feature_cache")
+        sets = (train_set, val_set)
+        self.features = CacheProvider(cfg, planner, built, sets, transform, runtime, store, ranks, self.stop.guard)
+        self.batches = BatchSource(cfg, train_set, transform, augment, ranks, device)
+        self.steps = StepRunner(
+            self.optimizer, self.scaler, criterion, self.schedule, runtime, augment, self.replicas, self.stop, writer
+        )
+        guard, batch, names = self.stop.guard, cfg.data.batch_size, data.class_names
+        self.evaluate = Evaluator(self.model, transform, val_set, names, runtime, batch, guard, self.replicas)
+        self.book = EpochBook(cfg)
+        self.progress = Progress(world=ranks.world)
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue from last.pt: weights, optimizer, loss scale, RNG, progress and the book.
+
+        LRs are a function of the step and every group is in the optimizer from the first
+        step, so nothing about the schedule needs restoring beyond the step itself.
+        """
+        self.progress = Progress.restored(state["progress"], self.ranks)
+        restore_training(state, self.model, self.optimizer, self.scaler)
+        self.book = EpochBook(self.cfg, state)
+        if self.writer:
+            self.writer.results(self.book.log)
+
+    def resume_step(self) -> int:
+        """The global step training continues from (0 for a new run)."""
+        return self.schedule.global_step(self.progress.epoch + 1, self.progress.step)
+
+    def fit(self) -> dict[str, Any]:
+        shown = None if self.ranks.main else True
+        bar = tqdm(total=self.cfg.train.epochs, initial=self.progress.epoch, desc="epochs", leave=False, disable=shown)
+        with self.stop, bar:
+            try:
+                for epoch in range(self.progress.epoch + 1, self.cfg.train.epochs + 1):
+                    self.run_epoch(epoch)
+                    bar.update()
+                    if self.book.stopped_early():
+                        break
+            except StopRequested:
+                raise Interrupted(self.stop.signum or signal.SIGTERM, self.run_dir) from None
+        return self.summary()
+
+    def run_epoch(self, epoch: int) -> None:
+        started = time.perf_counter()
+        apply_stage(self.model, self.schedule, epoch)
+        cut = self.features.cut_for(epoch)
+        set_train_mode(self.model, self.schedule, epoch)
+        forward = self.replicas.wrap(cut if cut is not None else self.model, (self.schedule.stage(epoch), cut))
+        batches = self.batches.epoch(epoch, self.progress.step, cut, self.features.cache)
+        stats = self.steps.run(epoch, forward, batches, self.labels, self.progress)
+        if not stats.complete:
+            self._interrupt(epoch, stats, started)
+        try:
+            result = self.evaluate(cut, self.features.cache.val if cut is not None else None)
+        except StopRequested:  # the steps are done: keep them, evaluate again on resume
+            self._interrupt(epoch, stats, started)
+        require_finite(result, self.head, epoch)
+        seconds = time.perf_counter() - started + self.progress.seconds
+        outcome = self.book.close(
+            epoch,
+            self.schedule.stage(epoch),
+            self.schedule.starts_stage(epoch),
+            stats.means(self.replicas),
+            result,
+            seconds,
+            group_lrs(self.optimizer),
+            trainable_count(self.model),
+        )
+        self.progress = Progress(epoch=epoch, world=self.ranks.world)
+        self._write(epoch, outcome)
+        stop = self.replicas.any(self.stop.requested)  # every rank votes, so none waits in a collective
+        if stop and not outcome.stopped and epoch < self.cfg.train.epochs:
+            raise StopRequested
+
+    def _write(self, epoch: int, outcome: EpochOutcome) -> None:
+        if self.ranks.many:
+            checksum = self.replicas.check_same_weights(self.model)
+            tqdm.write(f"weights identical on {self.ranks.world} ranks (checksum {checksum:.6f})")
+        if self.writer:
+            step = self.schedule.global_step(epoch + 1)
+            if outcome.is_best:
+                self.writer.best(self.portable_state(outcome.metrics), outcome.confusion, step)
+            self.writer.epoch(self.resume_state(outcome.metrics), self.book.log, self.summary(), step)
+        tqdm.write(epoch_line(outcome.record, self.cfg.train.epochs, outcome.is_best))
+        if outcome.stopped:
+            tqdm.write(f"early stop after epoch {epoch}: {self.book.stopping.reason}")
+
+    def _interrupt(self, epoch: int, stats: StepStats, started: float) -> None:
+        """Save the epoch's steps so far (every rank's) in last.pt, then stop."""
+        mine = (stats.losses[: stats.done].tolist(), stats.corrects[: stats.done].tolist())
+        losses, corrects = zip(*self.replicas.gather(mine), strict=True) if self.ranks.many else mine
+        seconds = self.progress.seconds + time.perf_counter() - started
+        self.progress = Progress(epoch - 1, stats.done, list(losses), list(corrects), seconds, self.ranks.world)
+        if self.writer:
+            self.writer.last(self.resume_state(metrics={}))
+        raise StopRequested
+
+    def portable_state(self, metrics: dict[str, float]) -> dict[str, Any]:
+        return portable_state(self.cfg, self.built, self.data.class_names, self.progress.epoch, metrics)
+
+    def resume_state(self, metrics: dict[str, float]) -> dict[str, Any]:
+        runtime = {"precision": self.runtime.precision, "memory_format": self.runtime.memory_format}
+        return resume_state(
+            self.portable_state(metrics),
+            self.optimizer,
+            self.scaler,
+            self.progress,
+            self.book.state(),
+            runtime,
+            self.runtime.device,
+        )
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "name": self.cfg.name,
+            **self.book.summary(),
+            "class_weights": self.weights.tolist() if self.weights is not None else None,
+            "class_names": list(self.data.class_names),
+            "train_size": len(self.data.train),
+            "val_size": len(self.data.val),
+            "device": str(self.runtime.device),
+            "precision": self.runtime.precision,
+            "memory_format": self.runtime.memory_format,
+            "processes": self.ranks.world,
+        }

@@ -1,0 +1,103 @@
+"""Training progress and the checkpoints that carry it: best.pt (portable) and last.pt (resumable).
+
+Every random draw of an epoch (order, flips, augmentation) is a function of (seed, epoch,
+step), and the torch RNG (dropout) is saved with last.pt, so a resumed run continues
+bit-identically.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from finetune.config import Config
+from finetune.distributed import Ranks
+from finetune.freezing import load_optimizer_state
+from finetune.models import BuiltModel
+
+
+@dataclass
+class Progress:
+    """Where training stands: completed epochs and, mid-epoch, the steps done so far."""
+
+    epoch: int = 0
+    step: int = 0
+    losses: list = field(default_factory=list)  # per step of this rank; in last.pt one list per rank under DDP
+    corrects: list = field(default_factory=list)
+    seconds: float = 0.0
+    world: int = 1  # processes that trained the steps of a part-done epoch
+
+    @classmethod
+    def restored(cls, saved: dict[str, Any], ranks: Ranks) -> Progress:
+        """This rank's progress from last.pt. Between epochs nothing is per rank; inside an
+        epoch trained by another number of processes the epoch starts over."""
+        progress = cls(**saved)
+        if not progress.step:
+            return cls(epoch=progress.epoch, world=ranks.world)
+        if progress.world != ranks.world:
+            print(
+                f"the run stopped inside epoch {progress.epoch + 1} with {progress.world} process(es), "
+                f"now {ranks.world}: that epoch starts over (its first steps stay in the weights)"
+            )
+            return cls(epoch=progress.epoch, world=ranks.world)
+        if ranks.many:
+            progress.losses, progress.corrects = progress.losses[ranks.rank], progress.corrects[ranks.rank]
+        return progress
+
+
+def portable_state(
+    cfg: Config, built: BuiltModel, class_names: list[str], epoch: int, metrics: dict[str, float]
+) -> dict[str, Any]:
+    """What best.pt holds: enough to rebuild and use the model with no config at hand."""
+    return {
+        "format": 1,
+        "arch": cfg.model.arch,
+        "torchvision_weights": built.torchvision_weights,
+        "head_name": built.head_name,
+        "class_names": list(class_names),
+        "image_size": cfg.data.image_size,
+        "mean": list(built.mean),
+        "std": list(built.std),
+        "epoch": epoch,
+        "metrics": metrics,
+        "config": cfg.to_dict(),
+        "model": {k: v.detach().cpu() for k, v in built.model.state_dict().items()},
+    }
+
+
+def resume_state(
+    portable: dict[str, Any],
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    progress: Progress,
+    book: dict[str, Any],
+    runtime: dict[str, Any],
+    device: torch.device,
+) -> dict[str, Any]:
+    """What last.pt holds: best.pt's content plus everything an exact resume restores."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return {
+        **portable,
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "rng": {"cpu": torch.get_rng_state(), "cuda": cuda},
+        "progress": asdict(progress),
+        "runtime": runtime,
+        **book,
+    }
+
+
+def restore_training(
+    state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler
+) -> None:
+    """Weights, optimizer (by group name), loss scale and the RNG, as last.pt saved them."""
+    model.load_state_dict(state["model"])
+    load_optimizer_state(optimizer, state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng"]["cpu"])
+    device = next(model.parameters()).device
+    if device.type == "cuda" and state["rng"].get("cuda") is not None:
+        torch.cuda.set_rng_state(state["rng"]["cuda"], device)

@@ -1,0 +1,129 @@
+"""The step runner: an epoch's batches -> optimizer steps, with every step's loss and hits.
+
+The host syncs (progress bar, finiteness check, TensorBoard) happen every `CHECK_EVERY`
+steps, not per step, so a GPU is never waited on per batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from finetune.augment import Augment
+from finetune.errors import FinetuneError
+from finetune.freezing import group_lrs, set_lrs
+from finetune.runtime import Runtime
+from finetune.runwriter import RunWriter
+from finetune.schedule import Schedule
+from finetune.training.batches import EpochBatches
+from finetune.training.replicas import Replicas
+from finetune.training.state import Progress
+from finetune.training.stop import StopSignal
+
+CHECK_EVERY = 10  # steps between host syncs
+
+
+@dataclass
+class StepStats:
+    """One epoch's steps on this rank: losses and correct counts per step, on the device."""
+
+    losses: torch.Tensor
+    corrects: torch.Tensor
+    sizes: torch.Tensor
+    done: int
+
+    @classmethod
+    def start(cls, batches: EpochBatches, progress: Progress, device: torch.device) -> StepStats:
+        """Room for every step; those a resumed epoch did already come from its progress."""
+        n, done = len(batches.index), batches.first
+        losses = torch.zeros(n, device=device)
+        corrects = torch.zeros(n, dtype=torch.long, device=device)
+        losses[:done] = torch.tensor(progress.losses[:done])
+        corrects[:done] = torch.tensor(progress.corrects[:done], dtype=torch.long)
+        sizes = torch.tensor([len(b) for b in batches.index], device=device, dtype=torch.float32)
+        return cls(losses, corrects, sizes, done)
+
+    @property
+    def complete(self) -> bool:
+        return self.done == len(self.losses)
+
+    def means(self, replicas: Replicas) -> tuple[float, float]:
+        """(train loss, train accuracy) of the epoch over every rank's images."""
+        loss_sum = (self.losses * self.sizes).sum()
+        totals = replicas.sum(torch.stack([loss_sum, self.corrects.sum().float(), self.sizes.sum()])).tolist()
+        return totals[0] / totals[2], totals[1] / totals[2]
+
+
+class StepRunner:
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler,
+        criterion: nn.Module,
+        schedule: Schedule,
+        runtime: Runtime,
+        augment: Augment | None,
+        replicas: Replicas,
+        stop: StopSignal,
+        writer: RunWriter | None,
+    ):
+        self.optimizer, self.scaler, self.criterion = optimizer, scaler, criterion
+        self.schedule, self.runtime, self.augment = schedule, runtime, augment
+        self.replicas, self.stop, self.writer = replicas, stop, writer
+
+    def run(
+        self, epoch: int, forward: nn.Module, batches: EpochBatches, labels: torch.Tensor, progress: Progress
+    ) -> StepStats:
+        """Train the epoch's remaining steps; stop early (stats not `complete`) where the
+        ranks agreed on a stop signal."""
+        stats = StepStats.start(batches, progress, self.runtime.device)
+        first, n = self.schedule.global_step(epoch), len(batches.index)
+        shown = None if self.replicas.main else True  # only rank 0 draws progress
+        with tqdm(total=n, initial=stats.done, desc=f"epoch {epoch}", leave=False, disable=shown) as bar:
+            for step, inputs in enumerate(batches.inputs, start=batches.first):
+                set_lrs(self.optimizer, self.schedule, first + step)
+                truth = labels[batches.index[step]]
+                inputs, targets = self.augment.mix(inputs, truth, epoch, step) if self.augment else (inputs, truth)
+                stats.losses[step], stats.corrects[step] = self._step(forward, inputs, targets, truth)
+                stats.done = step + 1
+                bar.update()
+                last = stats.complete
+                stop = self.replicas.stop_after(step, last, self.stop.requested)
+                if (step + 1) % CHECK_EVERY == 0 or last or stop:
+                    self._check(stats, epoch, first + step, bar)
+                if stop and not last:
+                    break
+        return stats
+
+    def _step(
+        self, forward: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor, targets: torch.Tensor, truth
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step; `targets` are the labels, or MixUp/CutMix's soft labels, while
+        accuracy counts the unmixed labels (`truth`)."""
+        with self.runtime.autocast():
+            logits = forward(inputs)
+        loss = self.criterion(logits.float(), targets)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss.detach(), (logits.argmax(1) == truth).sum()
+
+    def _check(self, stats: StepStats, epoch: int, global_step: int, bar: tqdm) -> None:
+        """The host sync every few steps: stop on a non-finite loss, show and log the last one."""
+        done = stats.losses[: stats.done]
+        bad = torch.nonzero(~torch.isfinite(done))
+        if len(bad):
+            first = int(bad[0])
+            raise FinetuneError(
+                f"loss became {done[first].item()} at epoch {epoch}, step {first + 1}; lower train.lr_head / "
+                "train.lr_backbone or check the data (best.pt and last.pt were left as they were)"
+            )
+        loss = done[-1].item()
+        bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+        if self.writer:
+            self.writer.step(global_step + 1, loss, group_lrs(self.optimizer))
