@@ -1,37 +1,38 @@
-"""Device-dependent choices, as pure functions of the device facts."""
+"""Device facts: what the device runs, and the name its measurements are cached under."""
 
 from __future__ import annotations
+
+import json
 
 import torch
 import torchvision
 
-from finetune.hardware import auto_memory_format, has_depthwise, memory_format_for, precision_for
+from finetune.hardware import device_name, has_depthwise, native_precisions
 
-CPU, CUDA = torch.device("cpu"), torch.device("cuda")
-
-
-def test_precision_follows_native_bf16():
-    assert precision_for("cuda", native_bf16=True) == "bf16"
-    assert precision_for("cuda", native_bf16=False) == "fp16"
-    assert precision_for("cpu", native_bf16=True) == "bf16"
-    assert precision_for("cpu", native_bf16=False) == "fp32"
-    assert precision_for("mps", native_bf16=False) == "fp32"
+CPU = torch.device("cpu")
 
 
-def test_depthwise_models_run_contiguous_on_cuda_only():
-    mobilenet, resnet = torchvision.models.mobilenet_v2(), torchvision.models.resnet18()
-    assert has_depthwise(mobilenet) and not has_depthwise(resnet)
-    assert auto_memory_format(CUDA, depthwise=True) == "contiguous"
-    assert auto_memory_format(CUDA, depthwise=False) == "channels_last"
-    assert auto_memory_format(CPU, depthwise=True) == "channels_last"
-    assert memory_format_for("auto", CUDA, mobilenet) == "contiguous"
-    assert memory_format_for("auto", CUDA, resnet) == "channels_last"
-    assert memory_format_for("channels_last", CUDA, mobilenet) == "channels_last", "an explicit choice wins"
+def test_depthwise_convolutions_are_recognised():
+    assert has_depthwise(torchvision.models.mobilenet_v2())
+    assert not has_depthwise(torchvision.models.resnet18())
+
+
+def test_the_cpu_times_fp32_first_and_never_fp16():
+    precisions = native_precisions(CPU)
+    assert precisions[0] == "fp32" and "fp16" not in precisions
+
+
+def test_the_cpu_name_changes_with_the_threads_that_set_its_rates():
+    threads = torch.get_num_threads()
+    try:
+        named = device_name(CPU)
+        torch.set_num_threads(threads + 1)
+        assert device_name(CPU) != named
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_summary_records_the_memory_format(config_file, tmp_path):
-    import json
-
     from finetune.cli import main
 
     run = tmp_path / "run"

@@ -1,44 +1,18 @@
-"""Pick the device and numeric precision, detecting what the hardware does natively."""
+"""Facts about the device at hand: which it is, what it runs natively, and a name for it.
+
+What runs fastest on it is not decided here: runtime.py measures that (issue 16), because a
+rule written from one machine ("native bf16 -> bf16") was wrong on the next.
+"""
 
 from __future__ import annotations
 
-import contextlib
-from dataclasses import dataclass
+import platform
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from finetune.errors import FinetuneError
-
-DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-LAYOUTS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
-
-
-@dataclass
-class Runtime:
-    device: torch.device
-    precision: str  # fp32 | bf16 | fp16
-    memory_format: str = "channels_last"  # channels_last | contiguous
-
-    @property
-    def layout(self) -> torch.memory_format:
-        return LAYOUTS[self.memory_format]
-
-    @property
-    def dtype(self) -> torch.dtype | None:
-        return DTYPES[self.precision]
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        if self.dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
-
-    def grad_scaler(self) -> torch.amp.GradScaler:
-        """Only fp16 needs loss scaling; a disabled scaler is a pass-through."""
-        return torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
-
-    def describe(self) -> str:
-        return f"{self.device} {self.precision} {self.memory_format}"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -59,47 +33,51 @@ def resolve_device(name: str) -> torch.device:
 
 
 def cpu_has_native_bf16() -> bool:
-    """AMX tiles or AVX512-BF16: bf16 matmuls run faster than fp32, not emulated."""
+    """AMX tiles or AVX512-BF16: bf16 runs in hardware rather than emulated (slow for sure)."""
     checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
-def auto_precision(device: torch.device) -> str:
+def native_precisions(device: torch.device) -> list[str]:
+    """The precisions worth timing on this device, fp32 first; fp16 needs a GPU here."""
     if device.type == "cuda":
-        return precision_for("cuda", torch.cuda.is_bf16_supported(including_emulation=False))
-    return precision_for(device.type, device.type == "cpu" and cpu_has_native_bf16())
-
-
-def precision_for(device_type: str, native_bf16: bool) -> str:
-    """bf16 where the hardware runs it natively; else fp16 with a grad scaler on CUDA, fp32 elsewhere."""
-    if native_bf16:
-        return "bf16"
-    return "fp16" if device_type == "cuda" else "fp32"
+        bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+        return ["fp32", *(["bf16"] if bf16 else []), "fp16"]
+    if device.type == "mps":
+        return ["fp32", "fp16"]
+    return ["fp32", *(["bf16"] if cpu_has_native_bf16() else [])]
 
 
 def has_depthwise(model: nn.Module) -> bool:
     return any(isinstance(m, nn.Conv2d) and 1 < m.groups == m.in_channels for m in model.modules())
 
 
-def auto_memory_format(device: torch.device, depthwise: bool) -> str:
-    """channels_last, except for models with depthwise convolutions on CUDA.
-
-    Measured on an H200 (shared/perf/gpu-2026-11-28.md, batch 32, 224 px): cuDNN's depthwise
-    kernels in channels_last pay seconds of set-up for every new input shape (MobileNetV2 bf16:
-    first step 7.8 s vs 0.9 s contiguous, the short last batch 9.7 s vs 0.25 s) and step slower
-    (1,098 vs 1,440 img/s); ResNet18 runs alike in both. On CPU oneDNN prefers channels_last.
-    """
-    return "contiguous" if device.type == "cuda" and depthwise else "channels_last"
-
-
-def memory_format_for(setting: str, device: torch.device, model: nn.Module) -> str:
-    """`train.memory_format`, with `auto` decided by `auto_memory_format`."""
-    return auto_memory_format(device, has_depthwise(model)) if setting == "auto" else setting
+def device_name(device: torch.device) -> str:
+    """What makes measured rates differ between machines: the chip, its vector flags, threads."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"{torch.cuda.get_device_name(device)} sm{major}{minor}"
+    if device.type == "mps":
+        return f"mps {platform.machine()}"
+    flags = "+".join(f for f in ("amx_tile", "avx512_bf16", "avx512_fp16") if f in _cpu_flags())
+    capability = torch.backends.cpu.get_cpu_capability()
+    return f"{_cpu_model()} {capability} {flags or 'no-bf16'} {torch.get_num_threads()} threads"
 
 
-def resolve_runtime(device_name: str, precision: str) -> Runtime:
-    device = resolve_device(device_name)
-    chosen = auto_precision(device) if precision == "auto" else precision
-    if chosen == "fp16" and device.type == "cpu":
-        raise FinetuneError("precision = fp16 is not supported on CPU; use auto, bf16 or fp32")
-    return Runtime(device, chosen)
+def _cpu_model() -> str:
+    for line in _cpuinfo().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _cpu_flags() -> set[str]:
+    for line in _cpuinfo().splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def _cpuinfo() -> str:
+    path = Path("/proc/cpuinfo")
+    return path.read_text() if path.exists() else ""

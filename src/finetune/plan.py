@@ -1,8 +1,9 @@
 """`finetune plan`: the schedule a config will run, epoch by epoch, before paying for it.
 
-It asks the same units `train` asks (schedule.py for groups and LRs, features.py for the
-cache rule) on a weightless model, so the two cannot disagree; no image is decoded and no
-weights are read.
+It asks the same units `train` asks (runtime.py for precision, memory format and LR scale,
+schedule.py for groups and LRs, features.py for the cache rule) on a weightless model, so the
+two cannot disagree; no image is decoded, no weights are read and nothing is measured: a
+runtime that `train` will measure shows as such (with the cache sized for fp32 until then).
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ from typing import Any
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from finetune.batching import split_batches
 from finetune.config import Config
-from finetune.data import split_batches, split_sizes
+from finetune.data import split_sizes
+from finetune.distributed import SINGLE, Ranks, shard_size
 from finetune.features import decide_cache
-from finetune.hardware import Runtime
 from finetune.models import check_model_config, skeleton
+from finetune.runtime import Subject, resolve_runtime
 from finetune.schedule import Schedule
 
 
@@ -32,6 +35,7 @@ class EpochPlan:
     lr_end: dict[str, float]
     bn_train: str  # BatchNorm layers in train mode, "k/N"
     cache: str
+    runtime: str  # precision and memory format, or that train will measure them
 
 
 @dataclass
@@ -40,16 +44,19 @@ class Plan:
     train_size: int
     groups: list[dict[str, Any]]
     epochs: list[EpochPlan]
+    runtime: str  # one line: the choice and how it was decided, or that train will measure it
 
 
-def make_plan(cfg: Config) -> Plan:
+def make_plan(cfg: Config, ranks: Ranks = SINGLE) -> Plan:
+    """The run as each of `ranks.world` processes will train it."""
     check_model_config(cfg.model)
     names, n_train, n_val = split_sizes(cfg.data)
     built = skeleton(cfg.model, len(names))
-    model = built.model.to(memory_format=torch.channels_last)
-    steps = len(split_batches(torch.arange(n_train), cfg.data.batch_size))
-    schedule = Schedule(cfg.train, model, built.head_name, steps)
-    runtime = Runtime(torch.device("cpu"), "fp32" if cfg.precision == "fp32" else "bf16")  # 16-bit unless fp32
+    runtime = resolve_runtime(cfg, Subject(built.model, built.head_name, n_train, n_val), ranks, measure=False)
+    model = built.model.to(memory_format=runtime.layout)
+    steps = len(split_batches(torch.arange(shard_size(n_train, ranks)), cfg.data.batch_size))
+    schedule = Schedule(cfg.train, model, built.head_name, steps, runtime.lr_scale)
+    shown = "measured by train" if runtime.decided_by == "pending" else runtime.describe()
     sizes = dict(model.named_parameters())
     bns = [name for name, m in model.named_modules() if isinstance(m, _BatchNorm)]
     rows = []
@@ -70,13 +77,14 @@ def make_plan(cfg: Config) -> Plan:
                 lr_end=schedule.lrs(first + steps - 1),
                 bn_train=f"{bn_train}/{len(bns)}",
                 cache=decision.note,
+                runtime=shown,
             )
         )
     groups = [
         {"group": g.name, "modules": ", ".join(g.modules), "trains from epoch": g.epoch + 1, "base lr": g.lr}
         for g in schedule.groups
     ]
-    return Plan(steps, n_train, groups, rows)
+    return Plan(steps, n_train, groups, rows, runtime.note())
 
 
 def plan_table(plan: Plan) -> list[dict[str, Any]]:
@@ -85,7 +93,7 @@ def plan_table(plan: Plan) -> list[dict[str, Any]]:
     for e in plan.epochs:
         row = {"epoch": e.epoch, "stage": e.stage, "trains": ", ".join(e.trainable), "params": e.trainable_params}
         row.update({f"lr {g}": _lr_cell(e.lr_start[g], e.lr_end[g]) for g in e.lr_start})
-        row.update({"BN train": e.bn_train, "feature cache": e.cache})
+        row.update({"BN train": e.bn_train, "feature cache": e.cache, "runtime": e.runtime})
         rows.append(row)
     return rows
 

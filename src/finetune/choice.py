@@ -1,0 +1,107 @@
+"""The runtime choice as a pure function: candidates, measured rates and the run's size in,
+(precision, inference precision, memory format) out.
+
+Kept apart from the measuring (calibrate.py) so the choice is tested on given rates: timings
+taken on a busy machine could not test it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+LAYOUTS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
+FORMATS = ["contiguous", "channels_last"]  # contiguous first: cuDNN's channels_last set-up is the slow one
+
+
+@dataclass(frozen=True)
+class Candidate:
+    precision: str  # fp32 | bf16 | fp16
+    memory_format: str  # channels_last | contiguous
+
+    @property
+    def label(self) -> str:
+        return f"{self.precision} {self.memory_format}"
+
+    @property
+    def layout(self) -> torch.memory_format:
+        return LAYOUTS[self.memory_format]
+
+
+@dataclass(frozen=True)
+class Measured:
+    """One candidate's rates on the run's model, at the measured batch."""
+
+    precision: str
+    memory_format: str
+    train: float  # img/s of a forward+backward step of the stage that trains most
+    infer: float  # img/s of a forward without grad (evaluation, feature-cache extraction)
+    setup: float = 0.0  # seconds the first step at a new input shape costs over a steady one
+
+    @property
+    def candidate(self) -> Candidate:
+        return Candidate(self.precision, self.memory_format)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """How many images the run pushes through each path, per process."""
+
+    train_images: int
+    infer_images: int
+    shapes: int = 2  # a full and a short last batch: each new shape pays `setup` once
+
+    def seconds(self, m: Measured) -> tuple[float, float]:
+        """(train, inference) seconds the whole run would take with this candidate."""
+        return self.shapes * m.setup + self.train_images / m.train, self.infer_images / m.infer
+
+
+@dataclass(frozen=True)
+class Choice:
+    precision: str
+    infer_precision: str
+    memory_format: str
+
+
+def candidates(precision: str, memory_format: str, native: list[str]) -> list[Candidate]:
+    """What `auto` may pick: the device's native precisions x both formats, less what the config pins."""
+    precisions = native if precision == "auto" else [precision]
+    formats = FORMATS if memory_format == "auto" else [memory_format]
+    return [Candidate(p, f) for f in formats for p in precisions]
+
+
+def choose(measured: list[Measured], work: Workload) -> Choice:
+    """The format whose best train and best inference precision finish the run soonest.
+
+    A model has one memory format for the run, so both paths are timed in the same one; the
+    precision may differ between them (autocast is per call).
+    """
+    best: tuple[float, Choice] | None = None
+    for fmt in FORMATS:
+        here = [m for m in measured if m.memory_format == fmt]
+        if not here:
+            continue
+        train = min(here, key=lambda m: work.seconds(m)[0])
+        infer = min(here, key=lambda m: work.seconds(m)[1])
+        total = work.seconds(train)[0] + work.seconds(infer)[1]
+        if best is None or total < best[0]:
+            best = (total, Choice(train.precision, infer.precision, fmt))
+    if best is None:
+        raise ValueError("choose: nothing was measured")
+    return best[1]
+
+
+def only_choice(options: list[Candidate]) -> Choice | None:
+    """The choice when the config pins both precision and memory format: nothing to measure."""
+    if len(options) != 1:
+        return None
+    return Choice(options[0].precision, options[0].precision, options[0].memory_format)
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Autocast to a 16-bit precision; fp32 runs as it is."""
+    dtype = DTYPES[precision]
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)

@@ -1,0 +1,215 @@
+"""The runtime of a run: device, precision (training and inference), memory format and LR scale.
+
+One function, `resolve_runtime`, answers for `plan` and `train` alike, since two answers to
+this question are where they disagreed (issue 15, bug 5). `auto` is decided by measuring the
+run's model (calibrate.py) unless a recorded choice (resume), the config or the cache already
+answers; `plan` never measures: it shows the cached choice or says it will be measured.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from finetune import calibration_cache
+from finetune.calibrate import Calibration, calibrate
+from finetune.choice import DTYPES, LAYOUTS, Candidate, Choice, Workload, autocast, candidates, choose, only_choice
+from finetune.config import Config
+from finetune.distributed import SINGLE, Ranks, from_main
+from finetune.errors import FinetuneError
+from finetune.hardware import device_name, has_depthwise, native_precisions, resolve_device
+from finetune.schedule import Schedule
+
+PENDING = Choice("fp32", "fp32", "channels_last")  # what plan sizes by until train has measured
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    precision: str  # fp32 | bf16 | fp16: the train step's autocast
+    memory_format: str = "channels_last"  # channels_last | contiguous
+    infer_precision: str = ""  # evaluation and feature-cache extraction; "" = as `precision`
+    lr_scale: float = 1.0  # the number of processes with train.scale_lr linear, else 1
+    decided_by: str = "config"  # config | measured | cached | recorded | pending (plan, not measured yet)
+    calibration: Calibration | None = None
+
+    def __post_init__(self) -> None:
+        self.infer_precision = self.infer_precision or self.precision
+
+    @property
+    def layout(self) -> torch.memory_format:
+        return LAYOUTS[self.memory_format]
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        return DTYPES[self.precision]
+
+    @property
+    def infer_dtype(self) -> torch.dtype | None:
+        return DTYPES[self.infer_precision]
+
+    def autocast(self, inference: bool = False) -> contextlib.AbstractContextManager:
+        return autocast(self.device, self.infer_precision if inference else self.precision)
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        """Only fp16 needs loss scaling; a disabled scaler is a pass-through."""
+        return torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+
+    def describe(self) -> str:
+        infer = f" (inference {self.infer_precision})" if self.infer_precision != self.precision else ""
+        return f"{self.device} {self.precision} {self.memory_format}{infer}"
+
+    def record(self) -> dict[str, Any]:
+        """The choice and what it was decided from, for last.pt (resume keeps it) and summary.json."""
+        record = {
+            "precision": self.precision,
+            "infer_precision": self.infer_precision,
+            "memory_format": self.memory_format,
+            "lr_scale": self.lr_scale,
+            "decided_by": self.decided_by,
+        }
+        return {**record, "calibration": asdict(self.calibration) if self.calibration else None}
+
+    def note(self) -> str:
+        """One line: the choice, how it was decided and the measured rates."""
+        scale = f"; LRs x{self.lr_scale:g} (train.scale_lr linear)" if self.lr_scale != 1 else ""
+        if self.decided_by == "pending":
+            return (
+                f"runtime: {self.device}, precision/memory format measured when train starts (about "
+                f"5 s, once per machine, model and size); until then sized as {self.describe()}{scale}"
+            )
+        how = {"config": "set in the config", "recorded": "kept from last.pt", "cached": "measured earlier"}
+        line = f"runtime: {self.describe()}, {how.get(self.decided_by, 'measured')}{scale}"
+        if self.calibration is None:
+            return line
+        c = self.calibration
+        train = ", ".join(f"{m.precision} {m.memory_format} {m.train:.1f}" for m in c.measured)
+        infer = ", ".join(f"{m.precision} {m.memory_format} {m.infer:.1f}" for m in c.measured)
+        skipped = f"; over budget, not measured: {', '.join(c.skipped)}" if c.skipped else ""
+        return f"{line} (in {c.seconds:.1f} s at batch {c.batch}); img/s train: {train}; inference: {infer}{skipped}"
+
+
+@dataclass
+class Subject:
+    """What the run trains: its model (weightless for plan), head and images per epoch."""
+
+    model: nn.Module
+    head_name: str
+    n_train: int
+    n_val: int
+
+
+def resolve_runtime(
+    cfg: Config,
+    subject: Subject | None = None,
+    ranks: Ranks = SINGLE,
+    recorded: dict[str, Any] | None = None,
+    measure: bool = True,
+) -> Runtime:
+    """The run's runtime: the config's pins, then a recorded choice, the cache, a measurement.
+
+    Without `subject` or with `measure` false (plan), nothing is measured: an `auto` that the
+    cache cannot answer comes back `pending`. Under torchrun rank 0 decides for every rank.
+    """
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and ranks.many:
+        device = torch.device("cuda", ranks.local_rank)
+    check_precision(cfg.precision, device)
+    lr_scale = float(ranks.world) if cfg.train.scale_lr == "linear" else 1.0
+    options = candidates(cfg.precision, cfg.train.memory_format, native_precisions(device))
+    pinned = only_choice(options)
+    if pinned is not None:
+        return _runtime(device, pinned, lr_scale, "config")
+    if recorded is not None:
+        kept = _kept(cfg, recorded)
+        check_precision(kept.precision, device)
+        saved = recorded.get("calibration")
+        return _runtime(device, kept, lr_scale, "recorded", Calibration.from_dict(saved) if saved else None)
+    if subject is None:
+        return _runtime(device, _pending(cfg), lr_scale, "pending")
+    key = calibration_key(cfg, subject, device, [c.label for c in options])
+    if measure:
+        found = from_main(_find_or_measure(cfg, subject, device, options, key) if ranks.main else None, ranks)
+    else:
+        found = (calibration_cache.load(key), "cached")
+    calibration, how = found
+    if calibration is None:
+        return _runtime(device, _pending(cfg), lr_scale, "pending")
+    runtime = _runtime(device, choose(calibration.measured, workload(cfg, subject, ranks)), lr_scale, how, calibration)
+    if measure:
+        print(runtime.note())
+    return runtime
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    if precision == "fp16" and device.type == "cpu":
+        raise FinetuneError("precision = fp16 is not supported on CPU; use auto, bf16 or fp32")
+
+
+def calibration_key(cfg: Config, subject: Subject, device: torch.device, labels: list[str]) -> dict[str, Any]:
+    """What measured rates depend on: the machine, torch, the model, its input and what trains."""
+    schedule = Schedule(cfg.train, subject.model, subject.head_name, steps_per_epoch=1)
+    return {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "arch": cfg.model.arch,
+        "image_size": cfg.data.image_size,
+        "batch_size": cfg.data.batch_size,
+        "trains": sorted(m for g in schedule.active(cfg.train.epochs) for m in g.modules),
+        "freeze_bn": cfg.train.freeze_bn,
+        "candidates": labels,
+    }
+
+
+def workload(cfg: Config, subject: Subject, ranks: Ranks) -> Workload:
+    """Images per process over the whole run: every epoch trains and evaluates."""
+    per_rank = [math.ceil(n / ranks.world) for n in (subject.n_train, subject.n_val)]
+    return Workload(cfg.train.epochs * per_rank[0], cfg.train.epochs * per_rank[1])
+
+
+def inference_runtime(device: str, precision: str, model: nn.Module) -> Runtime:
+    """predict/eval of a saved model: fp32 unless pinned (exact, nothing to measure for a one-off);
+    contiguous for depthwise models on CUDA, whose channels_last kernels pay seconds per shape."""
+    resolved = resolve_device(device)
+    chosen = "fp32" if precision == "auto" else precision
+    check_precision(chosen, resolved)
+    fmt = "contiguous" if resolved.type == "cuda" and has_depthwise(model) else "channels_last"
+    return Runtime(resolved, chosen, fmt)
+
+
+def _find_or_measure(
+    cfg: Config, subject: Subject, device: torch.device, options: list[Candidate], key: dict[str, Any]
+) -> tuple[Calibration, str]:
+    cached = calibration_cache.load(key)
+    if cached is not None:
+        return cached, "cached"
+    measured = calibrate(cfg, subject.model, subject.head_name, device, options)
+    if not measured.skipped:  # a machine too busy to finish is measured again next time
+        calibration_cache.save(key, measured)
+    return measured, "measured"
+
+
+def _runtime(
+    device: torch.device, choice: Choice, lr_scale: float, how: str, calibration: Calibration | None = None
+) -> Runtime:
+    return Runtime(device, choice.precision, choice.memory_format, choice.infer_precision, lr_scale, how, calibration)
+
+
+def _pending(cfg: Config) -> Choice:
+    """fp32 unless pinned: the widest activations, so plan's feature-cache sizes are not too small."""
+    precision = PENDING.precision if cfg.precision == "auto" else cfg.precision
+    fmt = PENDING.memory_format if cfg.train.memory_format == "auto" else cfg.train.memory_format
+    return Choice(precision, precision, fmt)
+
+
+def _kept(cfg: Config, recorded: dict[str, Any]) -> Choice:
+    """The recorded choice, where the config does not pin it now."""
+    precision = recorded["precision"] if cfg.precision == "auto" else cfg.precision
+    infer = recorded.get("infer_precision", precision) if cfg.precision == "auto" else cfg.precision
+    fmt = recorded["memory_format"] if cfg.train.memory_format == "auto" else cfg.train.memory_format
+    return Choice(precision, infer, fmt)

@@ -1,0 +1,179 @@
+"""One runtime for plan and train (issue 15, bug 5) and `auto` decided by measurement (issue 16).
+
+The choice itself is tested from given rates (test_choice.py); here: when measuring happens
+and when it must not, what it leaves behind, and that plan shows what train uses.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from finetune import calibrate as calibrate_module
+from finetune import calibration_cache
+from finetune.calibrate import Bench, Calibration, calibrate, measure
+from finetune.choice import Measured, Workload, candidates, choose
+from finetune.config_load import apply_override, from_dict
+from finetune.distributed import Ranks
+from finetune.hardware import native_precisions
+from finetune.models import skeleton
+from finetune.plan import make_plan
+from finetune.runtime import Subject, calibration_key, resolve_runtime
+
+CPU = torch.device("cpu")
+AUTO = ["precision=auto", "train.memory_format=auto"]
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("FINETUNE_CACHE_DIR", str(folder))
+    return folder
+
+
+@pytest.fixture
+def config(imagefolder, tmp_path):
+    def make(*overrides: str):
+        raw = tiny_config(imagefolder, tmp_path / "runs")
+        for item in overrides:
+            apply_override(raw, item)
+        return from_dict(raw)
+
+    return make
+
+
+def subject_for(cfg) -> Subject:
+    built = skeleton(cfg.model, 3)
+    return Subject(built.model, built.head_name, 24, 12)
+
+
+def cached_files(folder) -> list:
+    return sorted(folder.rglob("*.json")) if folder.exists() else []
+
+
+def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.delenv("FINETUNE_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert calibration_cache.cache_dir() == tmp_path / "xdg" / "finetune"
+    monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path / "own"))
+    assert calibration_cache.cache_dir() == tmp_path / "own"
+
+
+def test_a_pinned_config_is_not_measured(cache, config):
+    cfg = config("precision=fp32", "train.memory_format=contiguous")
+    runtime = resolve_runtime(cfg, subject_for(cfg))
+    assert (runtime.precision, runtime.memory_format, runtime.decided_by) == ("fp32", "contiguous", "config")
+    assert cached_files(cache) == [] and runtime.calibration is None
+
+
+def test_a_cached_measurement_answers_without_measuring(cache, config):
+    cfg = config(*AUTO)
+    subject = subject_for(cfg)
+    options = candidates("auto", "auto", native_precisions(CPU))
+    given = [Measured(c.precision, c.memory_format, train=10.0 + i, infer=50.0 - i) for i, c in enumerate(options)]
+    key = calibration_key(cfg, subject, CPU, [c.label for c in options])
+    calibration_cache.save(key, Calibration(given, batch=8, seconds=1.5))
+    runtime = resolve_runtime(cfg, subject)
+    assert runtime.decided_by == "cached" and runtime.calibration.measured == given, "the stored rates, not new ones"
+    expected = choose(given, Workload(3 * 24, 3 * 12))
+    assert (runtime.precision, runtime.infer_precision, runtime.memory_format) == (
+        expected.precision,
+        expected.infer_precision,
+        expected.memory_format,
+    )
+
+
+def test_a_recorded_choice_is_kept_and_a_pin_still_wins(cache, config):
+    recorded = {"precision": "bf16", "infer_precision": "fp32", "memory_format": "contiguous", "calibration": None}
+    runtime = resolve_runtime(config(*AUTO), subject_for(config(*AUTO)), recorded=recorded)
+    assert (runtime.precision, runtime.infer_precision, runtime.memory_format) == ("bf16", "fp32", "contiguous")
+    assert runtime.decided_by == "recorded" and cached_files(cache) == []
+    pinned = resolve_runtime(config("precision=fp32"), subject_for(config()), recorded=recorded)
+    assert (pinned.precision, pinned.infer_precision, pinned.memory_format) == ("fp32", "fp32", "contiguous")
+
+
+def test_a_record_round_trips(cache, config):
+    cfg = config(*AUTO)
+    first = resolve_runtime(cfg, subject_for(cfg))
+    again = resolve_runtime(cfg, subject_for(cfg), recorded=json.loads(json.dumps(first.record())))
+    assert again.describe() == first.describe() and again.calibration == first.calibration
+
+
+def test_auto_measures_a_copy_once_then_reads_the_cache(cache, config, monkeypatch):
+    monkeypatch.setattr(calibrate_module, "BUDGET_S", 120.0)  # every candidate, however busy the machine
+    cfg = config(*AUTO)
+    subject = subject_for(cfg)
+    model = subject.model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    grads, modes, rng = (
+        [p.requires_grad for p in model.parameters()],
+        [m.training for m in model.modules()],
+        torch.get_rng_state(),
+    )
+    measured = resolve_runtime(cfg, subject)
+    assert measured.decided_by == "measured" and len(cached_files(cache)) == 1
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "weights and BatchNorm untouched"
+    assert [p.requires_grad for p in model.parameters()] == grads and [m.training for m in model.modules()] == modes
+    assert torch.equal(torch.get_rng_state(), rng), "the run draws the same numbers as without measuring"
+    again = resolve_runtime(cfg, subject)
+    assert again.decided_by == "cached" and again.describe() == measured.describe()
+    head_only = config(*AUTO, "train.unfreeze_epoch=null")
+    assert resolve_runtime(head_only, subject_for(head_only)).decided_by == "measured", "another trainable part"
+
+
+def test_measuring_times_every_candidate_when_the_budget_allows():
+    cfg = from_dict(tiny_config("unused", "unused"))
+    built = skeleton(cfg.model, 3)
+    options = candidates("auto", "auto", native_precisions(CPU))
+    result = measure(Bench(built.model, CPU, 32), options, batch=8, budget=120.0)
+    assert [m.candidate for m in result.measured] == options and result.skipped == []
+    assert 2 <= result.batch <= 8 and all(m.train > 0 and m.infer > 0 and m.setup >= 0 for m in result.measured)
+
+
+def test_a_measurement_cut_short_by_the_budget_is_not_cached(cache, config, monkeypatch):
+    monkeypatch.setattr(calibrate_module, "BUDGET_S", 0.0)
+    cfg = config(*AUTO)
+    runtime = resolve_runtime(cfg, subject_for(cfg))
+    assert runtime.decided_by == "measured" and len(runtime.calibration.measured) == 1
+    assert runtime.calibration.skipped and "not measured" in runtime.note()
+    assert cached_files(cache) == [], "a busy machine's partial answer is measured again next time"
+
+
+def test_calibrate_measures_the_last_stage(config):
+    """Only the last stage's groups take gradients in the measured copy: a head-only run's
+    backward stops at the head, so it trains faster than a run that unfreezes the backbone."""
+    cfg = config(*AUTO, "train.unfreeze_epoch=null")
+    built = skeleton(cfg.model, 3)
+    options = candidates("fp32", "channels_last", ["fp32"])
+    assert calibrate(cfg, built.model, built.head_name, CPU, options).measured[0].candidate == options[0]
+
+
+def test_plan_says_train_will_measure_then_shows_what_train_chose(cache, config, tmp_path, monkeypatch):
+    """Bug 5: plan and train resolve the runtime with one function, so after train measured,
+    plan shows train's choice, and the columns that follow from it (LRs, feature cache) agree."""
+    from finetune.session import Session
+
+    monkeypatch.setattr(calibrate_module, "BUDGET_S", 120.0)  # a complete measurement is cached
+    cfg = config(*AUTO, "train.unfreeze=[{epoch: 1, modules: [layer4]}]", "train.epochs=3")
+    pending = make_plan(cfg)
+    assert {e.runtime for e in pending.epochs} == {"measured by train"}
+    assert "measured when train starts" in pending.runtime
+    trainer = Session().prepare(cfg, tmp_path / "run")
+    plan = make_plan(cfg)
+    assert {e.runtime for e in plan.epochs} == {trainer.runtime.describe()}
+    planner = trainer.features.planner
+    for e in plan.epochs:
+        first = (e.epoch - 1) * plan.steps_per_epoch
+        assert e.cache == planner.decide(e.epoch).note
+        assert e.lr_start == trainer.schedule.lrs(first) and e.stage == trainer.schedule.stage(e.epoch)
+
+
+def test_scale_lr_multiplies_the_lrs_plan_shows_by_the_processes(cache, config):
+    cfg = config("train.scale_lr=linear", "train.unfreeze_epoch=null")
+    assert resolve_runtime(cfg, subject_for(cfg), Ranks(0, 4, 0), measure=False).lr_scale == 4
+    one, two = make_plan(cfg), make_plan(cfg, Ranks(0, 2, 0))
+    assert two.epochs[0].lr_start["head"] == pytest.approx(2 * one.epochs[0].lr_start["head"])
+    assert "LRs x2" in two.runtime
