@@ -1,0 +1,180 @@
+"""Value checks on a typed Config, before any data or weights are loaded.
+
+Every number a config can hold has a range in RANGES: finite, and no larger than a machine
+can hold or a schedule can mean. An unbounded size is not a typo caught late, it is a plan
+that runs for minutes or a train that never starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import reprlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from finetune.config import AugmentConfig, Config, TrainConfig, stage_name
+from finetune.errors import FinetuneError
+
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:[0-9]{1,3})?")
+MAX_EPOCHS = 10_000
+MAX_IMAGES = 10**8
+MAX_SEED = 2**32 - 1  # numpy's and most tools' seed range
+MAX_LR = 1e38  # float32's largest is 3.4e38: any step at a larger LR makes every weight inf
+
+_SHOW = reprlib.Repr()
+_SHOW.maxstring = _SHOW.maxother = _SHOW.maxlong = 60
+_SHOW.maxlevel = 3
+
+
+def show(value: Any) -> str:
+    """`repr(value)` cut to fit one short line, however long or deeply nested the value."""
+    return _SHOW.repr(value)
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a number may take; `interval` says it as "in [low, high]" (fractions, probabilities)."""
+
+    low: float
+    high: float
+    low_open: bool = False
+    high_open: bool = False
+    interval: bool = False
+
+    def problem(self, value: float) -> str | None:
+        """Why `value` is out of range ("must be ..."), or None when it is in."""
+        if isinstance(value, float) and not math.isfinite(value):
+            return "must be a finite number"
+        low_ok = value > self.low if self.low_open else value >= self.low
+        high_ok = value < self.high if self.high_open else value <= self.high
+        if low_ok and high_ok:
+            return None
+        if self.interval:
+            left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            return f"must be in {left}{_num(self.low)}, {_num(self.high)}{right}"
+        if not low_ok:
+            if self.low_open:
+                return f"must be greater than {_num(self.low)}"
+            return "must not be negative" if self.low == 0 else f"must be >= {_num(self.low)}"
+        return f"must be at most {_num(self.high)}"
+
+
+def _num(x: float) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+POSITIVE_LR = Range(0.0, MAX_LR, low_open=True)
+EPOCHS = Range(0.0, float(MAX_EPOCHS))
+FRACTION = Range(0.0, 1.0, interval=True)
+
+RANGES: dict[str, Range] = {
+    "seed": Range(0, MAX_SEED),
+    "data.train_size": Range(0, MAX_IMAGES, low_open=True),
+    "data.val_size": Range(0, MAX_IMAGES, low_open=True),
+    "data.train_classes[]": Range(0, MAX_IMAGES),  # a class index (or a folder named by a number)
+    "data.image_size": Range(16, 1024),  # plan and train probe the model at this size
+    "data.batch_size": Range(0, 65_536, low_open=True),
+    "data.num_workers": Range(0, 256),
+    "data.memory_budget_mb": Range(0, 2**24),  # 16 TiB
+    "data.split_seed": Range(0, MAX_SEED),
+    "data.augment.random_resized_crop.scale[]": Range(0.0, 1.0, low_open=True, interval=True),
+    "data.augment.random_resized_crop.ratio[]": Range(0.0, 100.0, low_open=True, interval=True),
+    "data.augment.color_jitter.brightness": Range(0.0, 10.0),
+    "data.augment.color_jitter.contrast": Range(0.0, 10.0),
+    "data.augment.color_jitter.saturation": Range(0.0, 10.0),
+    "data.augment.color_jitter.hue": Range(0.0, 0.5, interval=True),
+    "data.augment.random_erasing": FRACTION,
+    "data.augment.mixup": Range(0.0, 100.0),  # Beta alpha
+    "data.augment.cutmix": Range(0.0, 100.0),
+    "train.epochs": Range(0, MAX_EPOCHS, low_open=True),
+    "train.lr_head": POSITIVE_LR,
+    "train.lr_backbone": POSITIVE_LR,
+    "train.weight_decay": Range(0.0, 100.0),
+    "train.unfreeze_epoch": Range(0, MAX_EPOCHS),
+    "train.class_weights[]": Range(0.0, 1e6),
+    "train.label_smoothing": Range(0.0, 1.0, high_open=True, interval=True),
+    "train.unfreeze[].epoch": Range(0, MAX_EPOCHS),
+    "train.unfreeze[].lr": POSITIVE_LR,
+    "train.layer_lr_decay": Range(1e-6, 1.0, interval=True),  # later (lower) stages learn slower
+    "train.scheduler.warmup_epochs": EPOCHS,
+    "train.scheduler.min_lr_ratio": FRACTION,
+    "train.scheduler.step_epochs": Range(0.0, float(MAX_EPOCHS), low_open=True),
+    "train.scheduler.gamma": Range(0.0, 1.0, low_open=True, interval=True),
+    "train.unfreeze_warmup_epochs": EPOCHS,
+    "train.early_stopping.patience": Range(1, MAX_EPOCHS),
+    "train.early_stopping.min_delta": Range(0.0, 1e6),
+}
+
+
+def numbers(node: Any, key: str = "", pattern: str = "") -> Iterator[tuple[str, str, float]]:
+    """(RANGES key, key as printed, value) for every number in a config, lists and mappings included."""
+    if dataclasses.is_dataclass(node):
+        for f in dataclasses.fields(node):
+            name = f"{key}.{f.name}" if key else f.name
+            yield from numbers(getattr(node, f.name), name, f"{pattern}.{f.name}" if pattern else f.name)
+    elif isinstance(node, (list, dict)):
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        for index, value in items:
+            yield from numbers(value, f"{key}[{show(index)}]", f"{pattern}[]")
+    elif isinstance(node, (int, float)) and not isinstance(node, bool):
+        yield pattern, key, node
+
+
+def validate(cfg: Config) -> None:
+    """Checks on values (not types) that would otherwise fail deep inside training."""
+    for pattern, key, value in numbers(cfg):
+        problem = RANGES[pattern].problem(value)
+        if problem:
+            raise FinetuneError(f"config: {key} = {show(value)} {problem}")
+    d, t = cfg.data, cfg.train
+    if not DEVICE_PATTERN.fullmatch(cfg.device):
+        raise FinetuneError(f"config: device = {show(cfg.device)} is invalid; use auto, cpu, cuda, cuda:N or mps")
+    if cfg.name in ("", ".", "..") or "/" in cfg.name or not cfg.name.isprintable() or len(cfg.name.encode()) > 200:
+        raise FinetuneError(f"config: name = {show(cfg.name)} must be a printable folder name without '/', 1-200 bytes")
+    shorthand = t.unfreeze is None  # with stages, freeze_backbone / unfreeze_epoch are not used
+    if shorthand and t.freeze_backbone and t.unfreeze_epoch is not None and not t.unfreeze_epoch < t.epochs:
+        raise FinetuneError(
+            f"config: train.unfreeze_epoch = {t.unfreeze_epoch} must be between 0 and "
+            f"train.epochs - 1 = {t.epochs - 1}, or null to never unfreeze"
+        )
+    if d.train_classes == []:
+        raise FinetuneError("config: data.train_classes = [] names no class; list some, or null for all")
+    _validate_schedule(t)
+    _validate_augment(d.augment)
+
+
+def _validate_augment(a: AugmentConfig) -> None:
+    crop = a.random_resized_crop
+    if crop is None:
+        return
+    scale, ratio = crop.scale, crop.ratio
+    if not (len(scale) == 2 and scale[0] <= scale[1]):
+        rule = "must be [low, high] with 0 < low <= high <= 1"
+        raise FinetuneError(f"config: data.augment.random_resized_crop.scale = {show(scale)} {rule}")
+    if not (len(ratio) == 2 and ratio[0] <= ratio[1]):
+        rule = "must be [low, high] with 0 < low <= high"
+        raise FinetuneError(f"config: data.augment.random_resized_crop.ratio = {show(ratio)} {rule}")
+
+
+def _validate_schedule(t: TrainConfig) -> None:
+    """Values bound to train.epochs and stage names; module names are checked against the model in schedule.py."""
+    warmup = t.scheduler.warmup_epochs
+    if not warmup < t.epochs:
+        raise FinetuneError(f"config: train.scheduler.warmup_epochs = {warmup} must be in [0, epochs)")
+    names: set[str] = {"head"}
+    for i, stage in enumerate(t.unfreeze or []):
+        key = f"train.unfreeze[{i}]"
+        if not stage.epoch < t.epochs:
+            raise FinetuneError(
+                f"config: {key}.epoch = {stage.epoch} must be between 0 and train.epochs - 1 = {t.epochs - 1} "
+                "(a stage's modules train from epoch `epoch + 1`)"
+            )
+        if not stage.modules:
+            raise FinetuneError(f"config: {key}.modules is empty; name modules such as layer4 or backbone")
+        name = stage_name(stage)
+        if name in names:
+            raise FinetuneError(f"config: two train.unfreeze stages (or a stage and the head) are named {show(name)}")
+        names.add(name)

@@ -1,0 +1,143 @@
+"""Seeded fuzzing of the shipped configs: a mutated config is planned, or refused in one line.
+
+Each case mutates one to three keys (or whole sections) of a configs/*.yaml: wrong types,
+non-finite, huge and negative numbers, strings where numbers go, lists where scalars go,
+broken and deeply nested blocks, misspelled and dropped keys, and every bounded number at
+its limits. The config check and `make_plan` must then either pass or raise a one-line
+FinetuneError within seconds; any other exception, or a plan that takes minutes, is a bug.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from finetune.config_check import RANGES
+from finetune.config_load import load_config
+from finetune.errors import FinetuneError
+from finetune.plan import make_plan
+
+CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+CASES_PER_CONFIG = 30
+CASE_SECONDS = 30.0  # generous: the suite shares two busy cores
+RAW = "RAW_YAML_TEXT"  # stands for YAML text that yaml.safe_dump would not write (deep nesting, .inf)
+
+
+def deep(rng: random.Random) -> str:
+    depth = rng.choice([40, 3000, 100_000])
+    return rng.choice(["[" * depth + "]" * depth, "{a: " * depth + "1" + "}" * depth])
+
+
+VALUES = [
+    "three",
+    "",
+    "1e5",
+    "nan",
+    [1, 2],
+    [],
+    {"a": 1},
+    {"epochs": "x"},
+    True,
+    None,
+    float("inf"),
+    float("-inf"),
+    float("nan"),
+    -1,
+    -0.5,
+    0,
+    1e300,
+    1e-300,
+    -(10**12),
+    *(10**k for k in (5, 9, 12, 30, 400)),
+]
+RAW_VALUES = [".inf", "-.inf", ".nan", "1e999", "[[[]]]", "{x: {y: {z: [1, .nan]}}}"]
+
+
+def paths(node: Any, prefix: tuple = ()) -> list[tuple]:
+    """Every key path in a loaded config, sections and list items included."""
+    found = [prefix] if prefix else []
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, value in items:
+        found += paths(value, (*prefix, key))
+    return found
+
+
+def schema_paths() -> list[tuple]:
+    """The bounded keys a shipped config may leave out: list items need a list to be in."""
+    return [tuple(key.split(".")) for key in RANGES if "[]" not in key]
+
+
+def limit(path: tuple) -> list[Any]:
+    """A bounded key's own limits, and just past them."""
+    key = ".".join(str(p) if not isinstance(p, int) else "[]" for p in path).replace(".[]", "[]")
+    bound = RANGES.get(key)
+    if bound is None:
+        return []
+    step = 1 if isinstance(bound.high, int) else 1e-9
+    return [bound.low, bound.high, bound.low - step, bound.high + step]
+
+
+def put(raw: dict, path: tuple, value: Any) -> None:
+    node = raw
+    for part in path[:-1]:
+        if isinstance(node, dict) and not isinstance(node.get(part), (dict, list)):
+            node[part] = {}
+        node = node[part]
+    node[path[-1]] = value
+
+
+def mutate(raw: dict, rng: random.Random) -> tuple[dict, list[str], str]:
+    """(mutated dict, what was done, raw YAML text to put where RAW stands)."""
+    done, text = [], rng.choice([*RAW_VALUES, deep(rng)])
+    wanted = rng.randint(1, 3)
+    while len(done) < wanted:
+        path = rng.choice(paths(raw) + schema_paths())
+        kind = rng.choice(["value", "value", "raw", "limit", "misspell", "drop"])
+        value = rng.choice(limit(path) or VALUES) if kind == "limit" else rng.choice(VALUES)
+        if kind == "raw":
+            value = RAW
+        try:
+            if kind == "drop":
+                del _parent(raw, path)[path[-1]]
+            elif kind == "misspell":
+                put(raw, (*path[:-1], f"{path[-1]}x"), 1)
+            else:
+                put(raw, path, value)
+        except (TypeError, IndexError, KeyError):
+            continue  # the path went away under an earlier mutation
+        done.append(f"{kind} {'.'.join(map(str, path))}" + (f"={value!r}"[:60] if kind in ("value", "limit") else ""))
+    return raw, done, text
+
+
+def _parent(raw: dict, path: tuple) -> Any:
+    node = raw
+    for part in path[:-1]:
+        node = node[part]
+    return node
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+def test_mutated_configs_plan_or_fail_in_one_line_quickly(config, tmp_path):
+    rng = random.Random(f"issue-15-{config.stem}")
+    bugs = []
+    for case in range(CASES_PER_CONFIG):
+        raw, done, text = mutate(yaml.safe_load(config.read_text()), rng)
+        path = tmp_path / f"case{case}.yaml"
+        path.write_text(yaml.safe_dump(raw).replace(RAW, text))
+        started = time.monotonic()
+        try:
+            make_plan(load_config(path))
+        except FinetuneError as exc:
+            if "\n" in str(exc) or len(str(exc)) > 500:
+                bugs.append(f"case {case} {done}: not one short line: {str(exc)[:200]!r}")
+        except Exception as exc:  # noqa: BLE001 - any other exception is what the fuzzing looks for
+            bugs.append(f"case {case} {done}: {type(exc).__name__}: {str(exc)[:200]}")
+        seconds = time.monotonic() - started
+        if seconds > CASE_SECONDS:
+            bugs.append(f"case {case} {done}: took {seconds:.0f}s")
+    assert not bugs, "\n".join(bugs)
