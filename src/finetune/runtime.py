@@ -91,6 +91,7 @@ class Runtime:
         train = ", ".join(f"{m.precision} {m.memory_format} {m.train:.1f}" for m in c.measured)
         infer = ", ".join(f"{m.precision} {m.memory_format} {m.infer:.1f}" for m in c.measured)
         skipped = f"; over budget, not measured: {', '.join(c.skipped)}" if c.skipped else ""
+        skipped += f" (delete {calibration_cache.cache_dir()} to measure again)" if c.skipped else ""
         return f"{line} (in {c.seconds:.1f} s at batch {c.batch}); img/s train: {train}; inference: {infer}{skipped}"
 
 
@@ -189,8 +190,7 @@ def _find_or_measure(
     if cached is not None:
         return cached, "cached"
     measured = calibrate(cfg, subject.model, subject.head_name, device, options)
-    if not measured.skipped:  # a machine too busy to finish is measured again next time
-        calibration_cache.save(key, measured)
+    calibration_cache.save(key, measured)  # even cut short: every later run must make the same choice
     return measured, "measured"
 
 
