@@ -231,15 +231,15 @@ CASES = {
         lambda e: ["train", "--resume", str(e.run_copy()), "--run-dir", str(e.tmp / "x")],
         r"drop --run-dir",
     ),
-    "negative seed": (lambda e: ["train", e.config(), "--set", "seed=-1"], r"seed = -1 must be 0 or a positive"),
+    "negative seed": (lambda e: ["train", e.config(), "--set", "seed=-1"], r"seed = -1 must not be negative"),
     "no train classes": (lambda e: ["train", e.config(), "--set", "data.train_classes=[]"], r"train_classes = \[\]"),
     "negative weight in mapping": (
         lambda e: ["train", e.config(), "--set", "train.class_weights={cat: -1}"],
-        r"class_weights must hold finite weights >= 0",
+        r"train\.class_weights\['cat'\] = -1 must not be negative",
     ),
     "nan weight in mapping": (
         lambda e: ["train", e.config(), "--set", "train.class_weights={cat: .nan}"],
-        r"class_weights must hold finite weights >= 0",
+        r"train\.class_weights\['cat'\] = nan must be a finite number",
     ),
     "stage and shorthand": (
         lambda e: [
@@ -275,6 +275,22 @@ CASES = {
         lambda e: ["train", e.config(), "--set", "train.early_stopping.patience=0"],
         r"train\.early_stopping\.patience = 0 must be >= 1",
     ),
+    "infinite lr": (
+        lambda e: ["train", e.config(), "--set", "train.lr_backbone=.inf"],
+        r"train\.lr_backbone = inf must be a finite number",
+    ),
+    "astronomical epochs": (
+        lambda e: ["plan", e.config(), "--set", f"train.epochs={10**30}"],
+        r"train\.epochs = 10{30} must be at most 10000",
+    ),
+    "huge train size": (
+        lambda e: ["train", e.config(), "--set", f"data.train_size={10**12}"],
+        r"data\.train_size = 10{12} must be at most 100000000",
+    ),
+    "yaml nested too deeply": (
+        lambda e: ["plan", e.text_config("name: " + "[" * 100_000 + "]" * 100_000 + "\n")],
+        r"raw\.yaml: YAML nested too deeply",
+    ),
     "negative memory budget": (
         lambda e: ["train", e.config(), "--set", "data.memory_budget_mb=-1"],
         r"data\.memory_budget_mb = -1 must not be negative",
@@ -295,10 +311,6 @@ def test_bad_input_is_one_line_exit_2_and_loses_nothing(case, env, capsys):
     assert __import__("re").search(pattern, errors[0]), errors[0]
     assert snapshot(env.runs) == before
     assert not (env.tmp / "pwned").exists(), "a pickled command ran on load"
-
-
-def test_catalogue_size():
-    assert len(CASES) >= 30
 
 
 def test_nan_loss_stops_with_epoch_and_step_and_keeps_best(env, capsys):

@@ -13,7 +13,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from finetune.config import load_config
+from finetune.config_load import load_config
 from finetune.errors import FinetuneError, Interrupted
 from finetune.rundir import new_run_dir, remove_stale_temp_files, resume_config
 
@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
     train = sub.add_parser("train", help="fine-tune a model from a YAML config")
     train.add_argument("config", nargs="?", help="YAML config (optional with --resume)")
-    train.add_argument("--set", dest="overrides", action="append", default=[], nargs="+", metavar="KEY=VALUE")
+    train.add_argument("--set", dest="overrides", action="extend", default=[], nargs="+", metavar="KEY=VALUE")
     train.add_argument("--run-dir", help="write the run here instead of <out_dir>/<name>")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last.pt")
     train.add_argument("--tensorboard", action="store_true", help="also log to <run dir>/tensorboard")
@@ -44,13 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     plan = sub.add_parser("plan", help="print a config's schedule epoch by epoch, without training")
     plan.add_argument("config")
-    plan.add_argument("--set", dest="overrides", action="append", default=[], nargs="+", metavar="KEY=VALUE")
+    plan.add_argument("--set", dest="overrides", action="extend", default=[], nargs="+", metavar="KEY=VALUE")
     plan.add_argument("--json", action="store_true", help="print JSON instead of a table")
     plan.set_defaults(func=cmd_plan)
 
     sweep = sub.add_parser("sweep", help="train several configs or a grid in one process, then compare them")
     sweep.add_argument("configs", nargs="+", help="one YAML config (with --grid/--seeds) or several")
-    sweep.add_argument("--set", dest="overrides", action="append", default=[], nargs="+", metavar="KEY=VALUE")
+    sweep.add_argument("--set", dest="overrides", action="extend", default=[], nargs="+", metavar="KEY=VALUE")
     sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", help="one run per value")
     sweep.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2: every setting once per seed")
     sweep.add_argument("--out", help="sweep dir (default: <out_dir>/sweep-<first run>)")
@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser("eval", help="score a checkpoint: metrics, per-class report, confusion matrix")
     evaluate.add_argument("checkpoint")
-    evaluate.add_argument("--set", dest="overrides", action="append", default=[], nargs="+", metavar="data.KEY=VALUE")
+    evaluate.add_argument("--set", dest="overrides", action="extend", default=[], nargs="+", metavar="data.KEY=VALUE")
     evaluate.add_argument("--out", help="output dir (default: eval-<checkpoint name> beside the checkpoint)")
     evaluate.set_defaults(func=cmd_eval)
 
@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
     exp.add_argument("--out", help="file to write (default: beside the checkpoint)")
     exp.add_argument("--batch", default="dynamic", help="dynamic (default) or a fixed batch size")
-    exp.add_argument("--set", dest="overrides", action="append", default=[], nargs="+", metavar="data.KEY=VALUE")
+    exp.add_argument("--set", dest="overrides", action="extend", default=[], nargs="+", metavar="data.KEY=VALUE")
     exp.set_defaults(func=cmd_export)
 
     pred = sub.add_parser("predict", help="top-k classes for image files")
@@ -86,8 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    overrides = [item for group in args.overrides for item in group]
-    overrides += ["log.tensorboard=true"] if args.tensorboard else []
+    overrides = args.overrides + (["log.tensorboard=true"] if args.tensorboard else [])
     if args.resume and args.run_dir:
         raise FinetuneError("train: --resume continues a run in its own dir; drop --run-dir")
     if args.resume:
@@ -121,7 +120,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, [item for group in args.overrides for item in group])
+    cfg = load_config(args.config, args.overrides)
     import pandas as pd
 
     from finetune.plan import make_plan, plan_table, to_json
@@ -142,8 +141,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise FinetuneError("sweep runs its runs in one process; under torchrun, use finetune train per config")
     from finetune.sweep import default_out, expand, run_sweep
 
-    overrides = [item for group in args.overrides for item in group]
-    runs = expand(args.configs, overrides, args.grid, _seeds(args.seeds))
+    runs = expand(args.configs, args.overrides, args.grid, _seeds(args.seeds))
     out = Path(args.out) if args.out else default_out(args.configs, runs)
     print(f"sweep: {len(runs)} runs in {out}")
     dirs = run_sweep(runs, out)
@@ -180,8 +178,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from finetune.inference import evaluate_checkpoint
 
-    overrides = [item for group in args.overrides for item in group]
-    report = evaluate_checkpoint(args.checkpoint, overrides, Path(args.out) if args.out else None)
+    report = evaluate_checkpoint(args.checkpoint, args.overrides, Path(args.out) if args.out else None)
     print(
         f"{report['images']} images: accuracy {report['accuracy']:.4f}, balanced accuracy "
         f"{report['balanced_accuracy']:.4f}, macro F1 {report['macro_f1']:.4f}"
@@ -194,8 +191,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from finetune.export import export
 
-    overrides = [item for group in args.overrides for item in group]
-    result = export(args.checkpoint, args.format, Path(args.out) if args.out else None, args.batch, overrides)
+    result = export(args.checkpoint, args.format, Path(args.out) if args.out else None, args.batch, args.overrides)
     print(
         f"wrote {result['file']} and {result['contract']}; on {result['images']} validation images its logits "
         f"are within {result['max_abs_diff']:.2g} of PyTorch's"
