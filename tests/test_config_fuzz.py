@@ -23,7 +23,7 @@ from finetune.errors import FinetuneError
 from finetune.plan import make_plan
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
-CASES_PER_CONFIG = 30
+CASES_PER_CONFIG = 25
 CASE_SECONDS = 30.0  # generous: the suite shares two busy cores
 RAW = "RAW_YAML_TEXT"  # stands for YAML text that yaml.safe_dump would not write (deep nesting, .inf)
 
