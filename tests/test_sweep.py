@@ -12,8 +12,10 @@ from test_resume import Finetune, assert_same_as_reference, csv_rows
 
 from finetune.cli import main
 from finetune.compare import pareto_front, plot_tradeoff
-from finetune.config import load_config
+from finetune.config_load import load_config
 from finetune.data import load_data
+from finetune.errors import FinetuneError
+from finetune.sweep import expand, parse_grid
 
 TIMING = ["epoch_seconds"]
 
@@ -82,6 +84,40 @@ def test_bad_grid_and_seeds_are_one_line(config_file, capsys):
     assert "comma-separated integers" in capsys.readouterr().err
     assert main(["sweep", config, "--grid", "train.optimizer=adam,lion"]) == 2
     assert "one of adam, adamw, sgd" in capsys.readouterr().err
+
+
+def test_grid_values_split_on_top_level_commas_only(config_file):
+    runs = expand([str(config_file())], [], ["data.train_classes=[0,1], [1,2]", "train.lr_head=1e-3,'2e-3'"], None)
+    assert [r.name for r in runs] == [
+        "train_classes=[0,1],lr_head=1e-3",
+        "train_classes=[0,1],lr_head='2e-3'",
+        "train_classes=[1,2],lr_head=1e-3",
+        "train_classes=[1,2],lr_head='2e-3'",
+    ]
+    assert [r.cfg.data.train_classes for r in runs[::2]] == [[0, 1], [1, 2]]
+    assert parse_grid(["a={x: [1, 2]},b"]) == [("a", ["{x: [1, 2]}", "b"])]
+    with pytest.raises(FinetuneError, match=r"--grid data.train_classes: '\[0,1' is not a comma-separated list"):
+        parse_grid(["data.train_classes=[0,1"])
+
+
+def test_a_sweep_rerun_continues_a_run_only_as_train_resume_would(tmp_path, capsys):
+    """Bug 4: a 3-epoch run stopped after epoch 1, rerun with train.epochs=2, was resumed and
+    trained `epoch 2/2`, rewriting config.yaml."""
+    data = make_imagefolder(tmp_path / "data", train_per_class=40, val_per_class=10)
+    config = write_config(tmp_path / "c.yaml", data, tmp_path / "runs", data={"batch_size": 4}, train={"epochs": 3})
+    args = ["sweep", config, "--grid", "train.lr_backbone=1e-4", "--out", tmp_path / "sweep"]
+    run = tmp_path / "sweep" / "lr_backbone=1e-4"
+    proc = Finetune(*args)
+    assert proc.wait_for(lambda: csv_rows(run) >= 1), proc.finish()
+    proc.send_signal(signal.SIGKILL)
+    proc.finish()
+    saved = (run / "config.yaml").read_text()
+    assert main([*map(str, args), "--set", "train.epochs=2"]) == 2
+    err = capsys.readouterr().err
+    assert f"sweep: {run}: train.epochs may only be raised when a run continues (the run has 3, asked 2)" in err
+    assert (run / "config.yaml").read_text() == saved
+    assert main(["train", "--resume", str(run), "--set", "train.epochs=2"]) == 2
+    assert "train.epochs may only be raised when a run continues (the run has 3, asked 2)" in capsys.readouterr().err
 
 
 def test_tradeoff_marks_the_runs_no_other_beats_on_both_axes():

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from finetune.config_load import load_config
 from finetune.errors import FinetuneError, Interrupted
-from finetune.rundir import new_run_dir, remove_stale_temp_files, resume_config
+from finetune.rundir import owned_run_dir, resume_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,22 +91,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise FinetuneError("train: --resume continues a run in its own dir; drop --run-dir")
     if args.resume:
         cfg = resume_config(args.resume, overrides, args.config)
-        run_dir = Path(args.resume)
     elif args.config is None:
         raise FinetuneError("train: give a CONFIG file, or --resume RUN_DIR")
     else:
         cfg = load_config(args.config, overrides)
-        run_dir = new_run_dir(cfg, args.run_dir)
     from finetune import distributed
     from finetune.hardware import resolve_device
     from finetune.session import Session
 
     ranks = distributed.init(resolve_device(cfg.device).type)
     try:
-        run_dir = distributed.from_main(run_dir, ranks)  # a new dir's name, as rank 0 chose it
-        if args.resume and ranks.main:
-            remove_stale_temp_files(run_dir)
-        summary = Session(ranks).train(cfg, run_dir, resume=bool(args.resume))
+        with owned_run_dir(cfg, args.run_dir, args.resume, ranks) as run_dir:  # rank 0 holds it
+            summary = Session(ranks).train(cfg, run_dir, resume=bool(args.resume))
     finally:
         distributed.close()
     if summary is None:
@@ -139,16 +135,24 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     if "TORCHELASTIC_RUN_ID" in os.environ:
         raise FinetuneError("sweep runs its runs in one process; under torchrun, use finetune train per config")
-    from finetune.sweep import default_out, expand, run_sweep
+    from finetune.sweep import default_out, expand, run_sweep, write_comparison
 
     runs = expand(args.configs, args.overrides, args.grid, _seeds(args.seeds))
     out = Path(args.out) if args.out else default_out(args.configs, runs)
     print(f"sweep: {len(runs)} runs in {out}")
-    dirs = run_sweep(runs, out)
+    held = run_sweep(runs, out)
+    if held:
+        print(
+            f"sweep: {len(held)} runs still held by other processes ({', '.join(r.name for r in held)}); "
+            f"whichever finishes the last run writes {out / 'comparison'}"
+        )
+        return 0
+    table = write_comparison(runs, out)
+    if table is None:
+        print(f"sweep: every run finished; another sweep process is writing {out / 'comparison'}")
+        return 0
+    from finetune.compare import markdown
 
-    from finetune.compare import compare, markdown
-
-    table = compare([str(d) for d in dirs], out / "comparison")
     print(markdown(table))
     print(f"wrote {out}/comparison/: comparison.csv/.md, seeds.csv/.md (with --seeds), tradeoff.png, curves.png")
     return 0

@@ -30,6 +30,13 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+def remove_temp_files(folder: Path) -> None:
+    """Temp files of writes that a kill interrupted (the files they were to replace are intact).
+    Call only while owning `folder`: a live writer's temp file looks the same."""
+    for leftover in Path(folder).glob(".*.tmp"):
+        leftover.unlink(missing_ok=True)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 

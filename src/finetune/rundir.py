@@ -1,38 +1,64 @@
-"""Run directories: a fresh one that never overwrites, or an existing one to resume."""
+"""Run directories: a fresh one that never overwrites, or an existing one to resume, each
+owned by one process (runlock.py), and the rules for continuing a run."""
 
 from __future__ import annotations
 
-import os
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from finetune.config import Config, apply_override, flatten, from_dict, read_yaml, saved_config, to_yaml
+from finetune.config import Config, flatten, to_yaml
+from finetune.config_load import apply_override, from_dict, read_yaml, saved_config
 from finetune.errors import FinetuneError
 from finetune.files import atomic_write_text
+from finetune.runlock import RunLock, claim, hold
+
+if TYPE_CHECKING:
+    from finetune.distributed import Ranks
 
 RESUMABLE_CHANGES = {"train.epochs", "log.tensorboard"}
 
 
-def new_run_dir(cfg: Config, run_dir: str | None) -> Path:
-    """`run_dir` if given and unused, else `<out_dir>/<name>`, `-2`, `-3` ... whichever is free."""
+def claim_new_run_dir(cfg: Config, run_dir: str | None) -> RunLock:
+    """A new run's dir, created and locked by this process: `run_dir` if it holds no run, else
+    `<out_dir>/<name>`, `-2`, `-3` ... whichever this process creates first, so two runs
+    started at once never share one."""
     if run_dir is not None:
-        path = Path(run_dir)
-        if (path / "config.yaml").exists():
-            raise FinetuneError(f"--run-dir {path} already holds a run; pick a new dir or use --resume {path}")
-        _check_writable(path)
-        return path
+        return _claim_given(Path(run_dir))
     base = Path(cfg.out_dir) / cfg.name
-    path, n = base, 1
-    while path.exists():
+    n, lock = 1, claim(base, only_new=True)
+    while lock is None:
         n += 1
-        path = base.with_name(f"{cfg.name}-{n}")
-    _check_writable(path)
-    return path
+        lock = claim(base.with_name(f"{cfg.name}-{n}"), only_new=True)
+    return lock
 
 
-def _check_writable(path: Path) -> None:
-    existing = next(p for p in (path, *path.parents) if p.exists())
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise FinetuneError(f"run dir {path}: {existing} is not writable; choose another out_dir or --run-dir")
+def _claim_given(path: Path) -> RunLock:
+    lock = hold(path, "--run-dir")
+    if (path / "config.yaml").exists():
+        lock.release()
+        raise FinetuneError(f"--run-dir {path} already holds a run; pick a new dir or use --resume {path}")
+    return lock
+
+
+@contextmanager
+def owned_run_dir(cfg: Config, run_dir: str | None, resume: str | None, ranks: Ranks) -> Iterator[Path]:
+    """The run's dir, claimed (a new run) or locked (a resumed one) by rank 0 alone and held for
+    the with-block; every rank gets rank 0's path, or its error."""
+    from finetune.distributed import from_main
+
+    lock, error = None, None
+    if ranks.main:
+        try:
+            lock = hold(Path(resume), "--resume") if resume else claim_new_run_dir(cfg, run_dir)
+        except FinetuneError as exc:
+            error = str(exc)
+    path, error = from_main((lock and lock.folder, error), ranks)
+    if error is not None:
+        raise FinetuneError(error)
+    with lock or nullcontext():
+        yield path
 
 
 def create_run_dir(path: Path, cfg: Config) -> None:
@@ -56,7 +82,7 @@ def config_changes(saved: Config, new: Config) -> list[str]:
 
 
 def resume_config(run_dir: str, overrides: list[str], config_path: str | None) -> Config:
-    """The run's saved config; only `train.epochs` may change (and only upward)."""
+    """The run's saved config, with the changes `check_continuation` allows."""
     path = Path(run_dir)
     if not (path / "config.yaml").is_file():
         raise FinetuneError(f"--resume {path}: no config.yaml there, so it holds no run to resume")
@@ -65,18 +91,30 @@ def resume_config(run_dir: str, overrides: list[str], config_path: str | None) -
     for item in overrides:
         apply_override(new_raw, item)
     new = from_dict(new_raw, source=config_path or "--set")
-    keys = config_changes(saved, new)
-    if keys:
-        raise FinetuneError(
-            f"--resume {path}: config differs from the run's in {', '.join(keys)}; "
-            "only train.epochs may change on resume (start a new run for the rest)"
-        )
-    if new.train.epochs < saved.train.epochs:
-        raise FinetuneError(f"--resume: train.epochs may only be raised (run has {saved.train.epochs})")
+    check_continuation(saved, new, f"--resume {path}", "start a new run for the rest")
     return new
 
 
-def remove_stale_temp_files(run_dir: Path) -> None:
-    """Temp files of writes that a kill interrupted; the files they were to replace are intact."""
-    for leftover in Path(run_dir).glob(".*.tmp"):
-        leftover.unlink()
+def check_continuation(saved: Config, new: Config, where: str, fix: str) -> None:
+    """The rules for continuing a run, for `train --resume` and a sweep's rerun alike: only
+    train.epochs may change (and log.tensorboard), and epochs only upward."""
+    keys = config_changes(saved, new)
+    if keys:
+        raise FinetuneError(
+            f"{where}: config differs from the run's in {', '.join(keys)}; "
+            f"only train.epochs may change when a run continues ({fix})"
+        )
+    if new.train.epochs < saved.train.epochs:
+        raise FinetuneError(
+            f"{where}: train.epochs may only be raised when a run continues "
+            f"(the run has {saved.train.epochs}, asked {new.train.epochs}); {fix}"
+        )
+
+
+def is_finished(summary: dict[str, Any], epochs: int) -> bool:
+    """Whether a run whose summary.json says `summary` has nothing left to train for `epochs`:
+    it completed them, or stopped early before its last epoch (a stop on the last epoch is
+    just its end, so raising train.epochs extends it)."""
+    stopped = summary.get("stopped_early")
+    stopped_before_end = stopped is not None and stopped["epoch"] < summary["epochs"]
+    return summary["epochs_completed"] >= epochs or stopped_before_end
