@@ -6,10 +6,15 @@ config, and the same results.csv apart from timing.
 
 from __future__ import annotations
 
+import fcntl
 import os
+import pty
+import re
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import threading
 import time
 from collections.abc import Callable
@@ -32,18 +37,41 @@ def setup(tmp_path_factory):
 
 
 class Finetune(subprocess.Popen):
-    """`finetune ARGS` in a real process; its stdout lines are collected as they come."""
+    """`finetune ARGS` in a real process; its stdout lines are collected as they come. Its
+    stderr is a terminal, so it draws the progress bars a user sees (`screen`): the kill
+    tests wait for them to know where training is."""
 
     def __init__(self, *args):
         cmd = [sys.executable, "-m", "finetune.cli", *map(str, args)]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        super().__init__(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        self.terminal, tty = pty.openpty()
+        fcntl.ioctl(tty, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 160, 0, 0))  # bars need a width
+        super().__init__(cmd, stdout=subprocess.PIPE, stderr=tty, text=True, env=env)
+        os.close(tty)
         self.lines: list[str] = []
+        self.screen = ""
         self.reader = threading.Thread(target=lambda: self.lines.extend(self.stdout), daemon=True)
         self.reader.start()
+        self.drawer = threading.Thread(target=self._read_terminal, daemon=True)
+        self.drawer.start()
+
+    def _read_terminal(self) -> None:
+        while True:
+            try:
+                chunk = os.read(self.terminal, 4096)
+            except OSError:  # the process closed its end
+                return
+            if not chunk:
+                return
+            self.screen += chunk.decode(errors="replace")
 
     def printed(self, text: str) -> bool:
         return any(text in line for line in self.lines)
+
+    def bar_at(self, desc: str, steps: int = 1) -> bool:
+        """Whether the progress bar `desc` has shown at least `steps` done."""
+        done = re.findall(rf"{re.escape(desc)}:\s*\d+%\|[^|]*\|\s*(\d+)/", self.screen)
+        return any(int(d) >= steps for d in done)
 
     def wait_for(self, condition: Callable[[], bool], timeout: float = 60) -> bool:
         deadline = time.monotonic() + timeout
@@ -54,10 +82,12 @@ class Finetune(subprocess.Popen):
         return True
 
     def finish(self) -> tuple[str, str]:
-        err = self.stderr.read()
+        """stdout, and what the terminal showed (stderr: bars, errors)."""
         self.wait()
         self.reader.join()
-        return "".join(self.lines), err
+        self.drawer.join()
+        os.close(self.terminal)
+        return "".join(self.lines), self.screen
 
 
 def csv_rows(run: Path) -> int:
@@ -71,13 +101,12 @@ def temp_files(run: Path) -> list[str]:
     return [name for name in os.listdir(run) if name.endswith(".tmp")] if run.exists() else []
 
 
-def stop_when(proc: subprocess.Popen, condition: Callable[[], bool], sig: int, delay: float = 0.0) -> int:
+def stop_when(proc: subprocess.Popen, condition: Callable[[], bool], sig: int) -> int:
     deadline = time.monotonic() + 60
     while not condition():
         assert proc.poll() is None, f"training ended before the kill point: {proc.finish()}"
         assert time.monotonic() < deadline, "kill point never reached"
         time.sleep(0.0005)
-    time.sleep(delay)
     proc.send_signal(sig)
     proc.finish()
     return proc.returncode
@@ -128,9 +157,9 @@ def test_sigkill_at_four_points_then_resume_is_bit_identical(setup, tmp_path):
     stop_when(proc, lambda: csv_rows(run) == 1, signal.SIGKILL)
     assert csv_rows(run) == 1
 
-    # 3. in the middle of epoch 2, the first unfrozen epoch
+    # 3. in the middle of epoch 2, the first unfrozen epoch, once its bar shows steps done
     proc = Finetune("train", "--resume", run)
-    stop_when(proc, lambda: proc.printed("resuming"), signal.SIGKILL, delay=1.0)
+    stop_when(proc, lambda: proc.bar_at("epoch 2", steps=2), signal.SIGKILL)
     assert csv_rows(run) == 1, "the kill should land inside epoch 2"
 
     # 4. while a checkpoint is being written: the old one must stay valid
@@ -148,7 +177,7 @@ def test_sigterm_and_ctrl_c_save_mid_epoch_and_resume_exactly(setup, tmp_path, s
     config, reference = setup
     run = tmp_path / "run"
     proc = Finetune("train", config, "--run-dir", run)
-    assert stop_when(proc, lambda: csv_rows(run) == 1, sig, delay=1.0) == code
+    assert stop_when(proc, lambda: proc.bar_at("epoch 2", steps=2), sig) == code
     state = torch.load(run / "last.pt", weights_only=True)
     assert state["progress"]["epoch"] == 1 and state["progress"]["step"] > 0, "stopped mid-epoch 2"
     out = resume(run)
@@ -180,11 +209,11 @@ def test_kills_inside_unfreeze_warmups_of_a_three_stage_cosine_run_resume_bit_id
     config, reference = staged
     run = tmp_path / "run"
     proc = Finetune("train", config, "--run-dir", run)
-    assert stop_when(proc, lambda: csv_rows(run) == 1, signal.SIGTERM, delay=0.5) == 143
+    assert stop_when(proc, lambda: proc.bar_at("epoch 2", steps=2), signal.SIGTERM) == 143
     state = torch.load(run / "last.pt", weights_only=True)
     assert state["progress"]["epoch"] == 1 and state["progress"]["step"] > 0, "stopped inside layer4's warmup"
     proc = Finetune("train", "--resume", run)
-    stop_when(proc, lambda: csv_rows(run) == 2, signal.SIGKILL, delay=0.5)
+    stop_when(proc, lambda: proc.bar_at("epoch 3", steps=2), signal.SIGKILL)
     assert csv_rows(run) == 2, "the kill should land inside epoch 3, layer3's warmup"
     resume(run)
     assert_same_as_reference(run, reference)
@@ -205,7 +234,7 @@ def test_mid_epoch_resume_of_a_model_with_dropout_is_bit_identical(tmp_path, bud
     reference = reference_run(config, tmp_path / "reference")
     run = tmp_path / "run"
     proc = Finetune("train", config, "--run-dir", run)
-    assert stop_when(proc, lambda: csv_rows(run) == 1, signal.SIGTERM, delay=0.5) == 143
+    assert stop_when(proc, lambda: proc.bar_at("epoch 2", steps=2), signal.SIGTERM) == 143
     assert torch.load(run / "last.pt", weights_only=True)["progress"]["step"] > 0, "stopped mid-epoch 2"
     resume(run)
     assert_same_as_reference(run, reference)
@@ -217,13 +246,12 @@ def test_ctrl_c_during_a_long_feature_extraction_stops_within_seconds(tmp_path):
     config = write_config(tmp_path / "config.yaml", data, tmp_path / "runs", **sections)
     run = tmp_path / "run"
     proc = Finetune("train", config, "--run-dir", run)
-    assert proc.wait_for(lambda: (run / "config.yaml").exists()), "the run dir never appeared"
-    time.sleep(1.0)  # inside the extraction of 300 images at 224 px
+    assert proc.wait_for(lambda: proc.bar_at("fc inputs")), "the extraction of 300 images at 224 px never showed"
     sent = time.monotonic()
     proc.send_signal(signal.SIGINT)
     _, err = proc.finish()
     assert proc.returncode == 130, err
-    assert time.monotonic() - sent < 3, "stopped within a batch, not at the end of the extraction"
+    assert time.monotonic() - sent < 5, "stopped within a batch or two, not at the end of the extraction"
     assert "resume with: finetune train --resume" in err
     assert not (run / "last.pt").exists(), "nothing of the unfinished first epoch was written"
     resume(run)
@@ -243,13 +271,12 @@ def test_ctrl_c_during_a_long_evaluation_keeps_the_epochs_steps(tmp_path):
     reference = reference_run(config, tmp_path / "reference")
     run = tmp_path / "run"
     proc = Finetune("train", config, "--run-dir", run)
-    assert proc.wait_for(lambda: (run / "config.yaml").exists()), "the run dir never appeared"
-    time.sleep(1.5)
+    assert proc.wait_for(lambda: proc.bar_at("val")), "the evaluation never showed"
     sent = time.monotonic()
     proc.send_signal(signal.SIGINT)
     proc.finish()
     assert proc.returncode == 130
-    assert time.monotonic() - sent < 3
+    assert time.monotonic() - sent < 5, "stopped within a batch or two, not at the end"
     progress = torch.load(run / "last.pt", weights_only=True)["progress"]
     assert (progress["epoch"], progress["step"]) == (0, 1), "the epoch's step is kept"
     resume(run)

@@ -96,7 +96,7 @@ def decide_cache(
     if shape is None:
         return CacheDecision(None, epochs, f"off: the model's forward is not a chain of modules at {name}")
     needed = needed_variants(n_train, cfg.seed, epochs, cfg.data.hflip)  # the stage's draws, for the budget
-    megabytes = (int(needed.sum()) + n_val) * shape.numel() * (4 if runtime.dtype is None else 2) / 2**20
+    megabytes = (int(needed.sum()) + n_val) * shape.numel() * (4 if runtime.infer_dtype is None else 2) / 2**20
     if megabytes > cfg.data.memory_budget_mb:
         note = f"off: {name} input needs {megabytes:.0f} MB, over data.memory_budget_mb={cfg.data.memory_budget_mb}"
         return CacheDecision(None, epochs, note)
@@ -234,7 +234,7 @@ def _replaced(model: nn.Module, names: list[str], activation: torch.Tensor) -> I
 def extract(cut: CutModel, runtime: Runtime, batches: Iterable[torch.Tensor]) -> torch.Tensor:
     """`cut.bottom` for every batch, in eval mode without gradients."""
     cut.model.eval()
-    with torch.no_grad(), runtime.autocast():
+    with torch.no_grad(), runtime.autocast(inference=True):
         return torch.cat([cut.bottom(x) for x in batches])
 
 

@@ -20,8 +20,8 @@ from finetune.data import DataSplits, load_data
 from finetune.distributed import SINGLE, Ranks
 from finetune.errors import FinetuneError
 from finetune.features import FeatureStore
-from finetune.runtime import Subject, resolve_runtime
 from finetune.models import build_model, check_model_config, skeleton
+from finetune.runtime import Subject, resolve_runtime
 from finetune.runwriter import RunWriter
 from finetune.schedule import check_stages
 from finetune.training.loop import Trainer
@@ -36,7 +36,7 @@ class Session:
     def train(self, cfg: Config, run_dir: Path, resume: bool) -> dict[str, Any] | None:
         """Train (or continue) one run; its summary, or None when it had nothing left to do."""
         state = _resume_state(run_dir) if resume else None
-        trainer = self.prepare(cfg, run_dir)
+        trainer = self.prepare(cfg, run_dir, state.get("runtime") if state else None)
         if state is not None:
             trainer.restore(state)
             print(f"resuming {run_dir} after epoch {trainer.progress.epoch}, step {trainer.progress.step}")
@@ -56,8 +56,11 @@ class Session:
             if trainer.writer:
                 trainer.writer.close()
 
-    def prepare(self, cfg: Config, run_dir: Path) -> Trainer:
-        """Validate what is cheap to check, then load data and weights, then write the run dir."""
+    def prepare(self, cfg: Config, run_dir: Path, recorded: dict[str, Any] | None = None) -> Trainer:
+        """Validate what is cheap to check, then load data and weights, then write the run dir.
+
+        `recorded`: the runtime choice a resumed run's last.pt holds, kept so resume stays exact.
+        """
         check_model_config(cfg.model)
         if cfg.train.unfreeze is not None:  # stage names against the arch, before any data loads
             bare = skeleton(cfg.model, num_classes=2)
@@ -66,7 +69,7 @@ class Session:
         data = self._data(cfg)
         built = build_model(cfg.model, data.num_classes)
         subject = Subject(built.model, built.head_name, len(data.train), len(data.val))
-        runtime = resolve_runtime(cfg, subject, self.ranks)
+        runtime = resolve_runtime(cfg, subject, self.ranks, recorded)
         print(
             f"{cfg.name}: {cfg.model.arch} on {len(data.train)} train / {len(data.val)} val images, "
             f"{data.num_classes} classes, {runtime.describe()}, run dir {run_dir}"

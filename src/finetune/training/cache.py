@@ -7,9 +7,11 @@ also kept on disk (rank 0), keyed by everything that determines it, for later ru
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
+from tqdm import tqdm
 
 from finetune.batching import BatchTransform
 from finetune.config import Config
@@ -25,9 +27,9 @@ from finetune.features import (
     extract,
     needed_variants,
 )
-from finetune.runtime import Runtime
 from finetune.imageset import ImageSet
 from finetune.models import BuiltModel
+from finetune.runtime import Runtime
 
 
 class CacheProvider:
@@ -64,7 +66,8 @@ class CacheProvider:
             self.disk_key = self.key() if on_disk else ""
             self.cache = self.store.load(self.disk_key, self.runtime.device) if on_disk else None
             if self.cache is None:
-                val = self._activations(cut, self.val_set.in_order(self.cfg.data.batch_size), flip=False)
+                val_batches = math.ceil(len(self.val_set) / self.cfg.data.batch_size)
+                val = self._activations(cut, self.val_set.in_order(self.cfg.data.batch_size), val_batches, False)
                 self.cache = empty_cache(cut.cut, len(self.train_set), val)
         if self._fill(cut, epoch) and on_disk:
             self.store.save(self.disk_key, self.cache)
@@ -75,9 +78,12 @@ class CacheProvider:
         costs no more than the full forward."""
         bs, data = self.cfg.data.batch_size, self.cfg.data
         needed = needed_variants(len(self.train_set), self.cfg.seed, [epoch], data.hflip, self.ranks)
-        return self.cache.fill(
-            needed, lambda index, flip: self._activations(cut, self.train_set.batches(index.split(bs)), flip)
-        )
+
+        def compute(index: torch.Tensor, flip: bool) -> torch.Tensor:
+            batches = index.split(bs)
+            return self._activations(cut, self.train_set.batches(batches), len(batches), flip)
+
+        return self.cache.fill(needed, compute)
 
     def key(self) -> str:
         """The head-input cache's disk key: weights, pixels, size, normalization, numerics."""
@@ -86,7 +92,8 @@ class CacheProvider:
         fingerprints = [self.train_set.fingerprint(), self.val_set.fingerprint()]
         return cache_key(b.model, b.head_name, fingerprints, "|".join(map(str, settings)))
 
-    def _activations(self, cut: CutModel, images: Iterator[torch.Tensor], flip: bool) -> torch.Tensor:
-        """The cut's inputs for uint8 batches, every image flipped or none."""
+    def _activations(self, cut: CutModel, images: Iterator[torch.Tensor], count: int, flip: bool) -> torch.Tensor:
+        """The cut's inputs for `count` uint8 batches, every image flipped or none."""
         batches = (self.transform(x, torch.ones(len(x), dtype=torch.bool) if flip else None) for x in images)
-        return extract(cut, self.runtime, self.guard(batches))
+        shown = tqdm(batches, f"{cut.cut} inputs", count, leave=False, disable=None if self.ranks.main else True)
+        return extract(cut, self.runtime, self.guard(shown))

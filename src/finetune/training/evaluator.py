@@ -11,12 +11,13 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import balanced_accuracy_score, confusion_matrix
 from torch import nn
+from tqdm import tqdm
 
 from finetune.batching import BatchTransform
 from finetune.errors import FinetuneError
 from finetune.features import CutModel
-from finetune.runtime import Runtime
 from finetune.imageset import ImageSet
+from finetune.runtime import Runtime
 from finetune.training.replicas import Replicas
 
 
@@ -51,14 +52,15 @@ class Evaluator:
     def __call__(self, cut: CutModel | None, cached: torch.Tensor | None) -> EvalResult:
         """Scores on every rank; rank 0's numbers decide for all, so ranks never disagree."""
         self.model.eval()
-        chunks = []
-        with self.runtime.autocast():
-            if cut is not None:
-                for activations in self.guard(cached.split(self.batch_size * 2)):
-                    chunks.append(cut.top(activations).float())
-            else:
-                for images in self.guard(self.val_set.in_order(self.batch_size * 2)):
-                    chunks.append(self.model(self.transform(images)).float())
+        size = self.batch_size * 2
+        if cut is not None:
+            batches, forward = cached.split(size), cut.top
+        else:
+            batches, forward = self.val_set.in_order(size), lambda images: self.model(self.transform(images))
+        count = math.ceil(len(self.val_set) / size)
+        shown = tqdm(batches, "val", count, leave=False, disable=None if self.replicas.main else True)
+        with self.runtime.autocast(inference=True):
+            chunks = [forward(x).float() for x in self.guard(shown)]
         logits = torch.cat(chunks).cpu()
         return self.replicas.from_main(score(logits, self.val_set.labels, self.class_names))
 

@@ -21,9 +21,9 @@ from finetune.distributed import SINGLE, Ranks
 from finetune.errors import Interrupted
 from finetune.features import CachePlanner, FeatureStore
 from finetune.freezing import apply_stage, build_optimizer, group_lrs, set_train_mode, trainable_count
-from finetune.runtime import Runtime
 from finetune.losses import WeightedCrossEntropy, class_weights
 from finetune.models import BuiltModel
+from finetune.runtime import Runtime
 from finetune.runwriter import RunWriter
 from finetune.schedule import Schedule
 from finetune.training.batches import BatchSource, steps_per_epoch
@@ -59,8 +59,7 @@ class Trainer:
         self.labels = data.train.labels.to(device)
         transform = BatchTransform(cfg.data.image_size, built.mean, built.std, device, runtime.layout)
         steps = steps_per_epoch(len(data.train), cfg.data.batch_size, ranks.world)
-        lr_scale = ranks.world if cfg.train.scale_lr == "linear" else 1
-        self.schedule = Schedule(cfg.train, self.model, built.head_name, steps, lr_scale)
+        self.schedule = Schedule(cfg.train, self.model, built.head_name, steps, runtime.lr_scale)
         self.optimizer = build_optimizer(cfg.train, self.model, self.schedule)
         self.scaler = runtime.grad_scaler()
         counts = class_counts(data.train.labels, data.num_classes)
@@ -171,14 +170,13 @@ class Trainer:
         return portable_state(self.cfg, self.built, self.data.class_names, self.progress.epoch, metrics)
 
     def resume_state(self, metrics: dict[str, float]) -> dict[str, Any]:
-        runtime = {"precision": self.runtime.precision, "memory_format": self.runtime.memory_format}
         return resume_state(
             self.portable_state(metrics),
             self.optimizer,
             self.scaler,
             self.progress,
             self.book.state(),
-            runtime,
+            self.runtime.record(),
             self.runtime.device,
         )
 
@@ -193,5 +191,6 @@ class Trainer:
             "device": str(self.runtime.device),
             "precision": self.runtime.precision,
             "memory_format": self.runtime.memory_format,
+            "runtime": self.runtime.record(),
             "processes": self.ranks.world,
         }

@@ -76,7 +76,7 @@ class Replicas:
 
     def check_same_weights(self, model: nn.Module) -> float:
         """A checksum of the weights, checked equal on every rank (DDP keeps replicas identical)."""
-        checksum = float(sum(p.detach().double().sum() for p in model.parameters()))
+        checksum = sum(p.detach().float().sum().item() for p in model.parameters())  # no float64 on the device
         sums = self.gather(checksum)
         if len(set(sums)) > 1:
             raise RuntimeError(f"weights differ between ranks: checksums {sums}")
