@@ -240,3 +240,31 @@ def test_patience_running_out_on_the_last_epoch_leaves_the_run_extendable(config
     assert "early stop" not in capsys.readouterr().out
     assert main(["train", "--resume", str(run), "--set", "train.epochs=3"]) == 0
     assert pd.read_csv(run / "results.csv")["epoch"].tolist() == [1, 2, 3]
+
+
+def test_every_column_plan_prints_is_what_train_does(make_trainer):
+    """Issue 15 bug 5: stage, params, LRs at each epoch's first and last step, BatchNorm in
+    train mode, the feature-cache decision (sized by the real dtype) and the runtime."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    from finetune.plan import make_plan
+
+    trainer = make_trainer(*THREE_STAGES, "train.memory_format=channels_last", "data.memory_budget_mb=1")
+    plan = make_plan(trainer.cfg)
+    bns = [m for m in trainer.model.modules() if isinstance(m, _BatchNorm)]
+    seen: list[tuple[dict[str, float], int]] = []
+
+    def record(optimizer, _args, _kwargs):
+        seen.append(({g["name"]: g["lr"] for g in optimizer.param_groups}, sum(m.training for m in bns)))
+
+    trainer.optimizer.register_step_pre_hook(record)
+    for epoch in plan.epochs:
+        seen.clear()
+        trainer.run_epoch(epoch.epoch)
+        row = trainer.book.log.rows[-1]
+        assert (row["stage"], row["trainable_params"]) == (epoch.stage, epoch.trainable_params)
+        assert (seen[0][0], seen[-1][0]) == (epoch.lr_start, epoch.lr_end)
+        assert f"{seen[0][1]}/{len(bns)}" == epoch.bn_train
+        assert trainer.features.decision.note == epoch.cache == row["feature_cache"]
+        assert epoch.runtime == trainer.runtime.describe()
+    assert plan.steps_per_epoch == trainer.schedule.steps_per_epoch

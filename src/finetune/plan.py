@@ -12,17 +12,16 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from finetune.batching import split_batches
 from finetune.config import Config
 from finetune.data import split_sizes
-from finetune.distributed import SINGLE, Ranks, shard_size
-from finetune.features import decide_cache
+from finetune.distributed import SINGLE, Ranks
+from finetune.features import CachePlanner
 from finetune.models import check_model_config, skeleton
 from finetune.runtime import Subject, resolve_runtime
 from finetune.schedule import Schedule
+from finetune.training.batches import steps_per_epoch
 
 
 @dataclass
@@ -54,19 +53,18 @@ def make_plan(cfg: Config, ranks: Ranks = SINGLE) -> Plan:
     built = skeleton(cfg.model, len(names))
     runtime = resolve_runtime(cfg, Subject(built.model, built.head_name, n_train, n_val), ranks, measure=False)
     model = built.model.to(memory_format=runtime.layout)
-    steps = len(split_batches(torch.arange(shard_size(n_train, ranks)), cfg.data.batch_size))
+    steps = steps_per_epoch(n_train, cfg.data.batch_size, ranks.world)
     schedule = Schedule(cfg.train, model, built.head_name, steps, runtime.lr_scale)
+    caches = CachePlanner(cfg, schedule, model, n_train, n_val, runtime)
     shown = "measured by train" if runtime.decided_by == "pending" else runtime.describe()
     sizes = dict(model.named_parameters())
     bns = [name for name, m in model.named_modules() if isinstance(m, _BatchNorm)]
     rows = []
-    decision = None
     for epoch in range(1, cfg.train.epochs + 1):
         active = schedule.active(epoch)
-        first = (epoch - 1) * steps
+        first = schedule.global_step(epoch)
         bn_train = sum(schedule.module_trains(n, epoch) or not cfg.train.freeze_bn for n in bns)
-        if decision is None or epoch not in decision.epochs:  # decided once per stage, as the Trainer does
-            decision = decide_cache(cfg, schedule, model, epoch, n_train, n_val, runtime)
+        decision = caches.decide(epoch)
         rows.append(
             EpochPlan(
                 epoch=epoch,

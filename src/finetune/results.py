@@ -22,6 +22,7 @@ class EpochRecord:
     val_balanced_acc: float
     trainable_params: int
     epoch_seconds: float
+    feature_cache: str = ""  # the stage's cache decision, as `finetune plan` prints it
     is_best: bool = False
     lrs: dict[str, float] = field(default_factory=dict)  # each group's LR at the epoch's last step
     val_acc_per_class: dict[str, float] = field(default_factory=dict)

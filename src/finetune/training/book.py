@@ -42,6 +42,7 @@ class EpochBook:
         seconds: float,
         lrs: dict[str, float],
         trainable_params: int,
+        feature_cache: str,
     ) -> EpochOutcome:
         metrics = result.metrics()
         is_best = self.best.update(epoch, metrics)
@@ -56,6 +57,7 @@ class EpochBook:
             val_balanced_acc=result.balanced_acc,
             trainable_params=trainable_params,
             epoch_seconds=seconds,
+            feature_cache=feature_cache,
             lrs=lrs,
             val_acc_per_class=result.per_class,
         )

@@ -136,6 +136,7 @@ class Trainer:
             seconds,
             group_lrs(self.optimizer),
             trainable_count(self.model),
+            self.features.decision.note,
         )
         self.progress = Progress(epoch=epoch, world=self.ranks.world)
         self._write(epoch, outcome)
