@@ -1,4 +1,5 @@
 import dataclasses
+import json
 import re
 import time
 import types
@@ -205,6 +206,15 @@ def test_null_shorthand_keys_count_as_not_given_next_to_stages():
     cfg = load_config("configs/early_unfreeze.yaml", [*nulls, *STAGED])
     assert [s.modules for s in cfg.train.unfreeze] == [["layer4"]]
     assert "unfreeze_epoch" not in cfg.to_dict()["train"]
+
+
+def test_plan_turns_a_shipped_shorthand_config_into_stages_from_the_command_line(capsys):
+    from finetune.cli import main
+
+    nulls = ["train.freeze_backbone=null", "train.unfreeze_epoch=null"]
+    assert main(["plan", "configs/early_unfreeze.yaml", "--set", *nulls, "--set", *STAGED, "--json"]) == 0
+    groups = json.loads(capsys.readouterr().out)["groups"]
+    assert [(g["group"], g["trains from epoch"]) for g in groups] == [("head", 1), ("layer4", 2)]
 
 
 def test_a_non_null_shorthand_key_next_to_stages_is_still_refused():

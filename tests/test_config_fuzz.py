@@ -4,7 +4,8 @@ Each case mutates one to three keys (or whole sections) of a configs/*.yaml: wro
 non-finite, huge and negative numbers, strings where numbers go, lists where scalars go,
 broken and deeply nested blocks, misspelled and dropped keys, and every bounded number at
 its limits. The config check and `make_plan` must then either pass or raise a one-line
-FinetuneError within seconds; any other exception, or a plan that takes minutes, is a bug.
+FinetuneError within seconds; any other exception, or a case still running after
+CASE_SECONDS, is a bug.
 """
 
 from __future__ import annotations
