@@ -2,7 +2,15 @@
 
 Runs the seed's three setups (feature extract, early unfreeze at 1, fine-tune from start)
 with both, each in its own process (so peak RSS is per run), then measures the model's raw
-train-step throughput and the memory of the full CIFAR-10 training set held in memory.
+train-step throughput for every numerics the device runs (precision x memory format) and the
+memory of the full CIFAR-10 training set held in memory.
+
+The raw rates give the ceiling the numerics allow: the best raw train rate over the rate of
+the seed loop's numerics (fp32, contiguous), printed beside the measured speedup. finetune
+runs with `auto` (decided by measuring, issue 16) from an empty calibration cache, so the
+first run of each (model, trainable part) pays for measuring as a user's first run would;
+`--choices` also runs every setup with each fixed precision and memory format, to show
+`auto` beside every fixed choice for the run as a whole.
 
 The `gradual_unfreeze` setup (configs/gradual_unfreeze.yaml, two epochs per stage: head,
 layer4, layer3, everything) has no reference loop: it runs finetune with the feature cache
@@ -10,8 +18,11 @@ on and off, and shows seconds per stage epoch and the largest weight difference 
 
     .venv/bin/python scripts/bench.py --arch mobilenet_v2 --size 128
     .venv/bin/python scripts/bench.py --arch resnet18 --size 224 --weights none --train 1000 --val 400
+    .venv/bin/python scripts/bench.py --arch resnet18 --size 224 --weights none --train 500 --val 200 --choices
     .venv/bin/python scripts/bench.py --arch resnet18 --size 224 --weights none --train 1000 --val 400 \
         --setups gradual_unfreeze
+    .venv/bin/python scripts/bench.py --arch resnet18 --weights none --size 32 --train 40 --val 20 --epochs 1 \
+        --setups feature_extract --skip-memory --raw-steps 1     # a smoke test of this script
 
 Prints a table and writes bench.md / bench.csv to --out.
 """
@@ -21,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -57,6 +69,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--device", default="cpu", help="cpu or cuda: every loop and the raw step run there")
     p.add_argument("--setups", nargs="+", default=list(SETUPS), choices=[*SETUPS, GRADUAL])
+    p.add_argument("--choices", action="store_true", help="also run every setup with each fixed runtime choice")
+    p.add_argument("--raw-steps", type=int, default=6, help="timed raw steps per numerics on CPU (50 on a GPU)")
+    p.add_argument("--skip-memory", action="store_true", help="skip holding all 50,000 CIFAR-10 images in memory")
     p.add_argument("--out", default="bench_results")
     p.add_argument("--reference-run", help=argparse.SUPPRESS)  # internal: one reference setup
     p.add_argument("--memory-run", action="store_true", help=argparse.SUPPRESS)  # internal
@@ -169,7 +184,8 @@ def run_result(run_dir: Path) -> dict:
     results = pd.read_csv(run_dir / "results.csv")
     summary = json.loads((run_dir / "summary.json").read_text())
     epochs = results[["epoch", "epoch_seconds", "val_acc", "stage"]].to_dict("records")
-    return {"epochs": epochs, "precision": summary["precision"], "run_dir": run_dir}
+    choice = f"{summary['precision']} {summary['memory_format']}"
+    return {"epochs": epochs, "choice": choice, "runtime": summary.get("runtime") or {}, "run_dir": run_dir}
 
 
 def sweep_run(args: argparse.Namespace, setups: list[str], out_dir: Path, separate: dict) -> dict:
@@ -234,19 +250,32 @@ def row(setup: str, tool: str, result: dict) -> dict:
 
 
 # ---- raw throughput and memory ----------------------------------------------------------
-def raw_throughput(args: argparse.Namespace, precision: str) -> dict:
-    """img/s of the bare model: a train step of the whole network, and inference."""
+def raw_rates(args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """img/s of the bare model for every numerics the device runs: a train step of the whole
+    network (Adam included) and inference, at batch 32. Keyed by "precision memory_format"."""
     import torchvision
 
-    from finetune.hardware import Runtime, memory_format_for
+    from finetune.choice import candidates
+    from finetune.hardware import native_precisions
+    from finetune.runtime import Runtime
 
     torch.manual_seed(0)
     device = torch.device(args.device)
-    model = torchvision.models.get_model(args.arch, num_classes=10)
-    runtime = Runtime(device, precision, memory_format_for("auto", device, model))
-    model = model.to(device, memory_format=runtime.layout)
+    model = torchvision.models.get_model(args.arch, num_classes=10).to(device)
+    steps = args.raw_steps if device.type == "cpu" else 50
+    rates = {}
+    for c in candidates("auto", "auto", native_precisions(device)):
+        runtime = Runtime(device, c.precision, c.memory_format)
+        rates[c.label] = raw_throughput(model.to(memory_format=runtime.layout), runtime, args.size, steps)
+        print(f"raw {c.label}: {rates[c.label]}", file=sys.stderr)
+    return rates
+
+
+def raw_throughput(model: torch.nn.Module, runtime, size: int, steps: int) -> dict[str, float]:
+    """img/s of one numerics after a warm-up step: train step and inference."""
+    device = runtime.device
     opt = torch.optim.Adam(model.parameters())
-    x = torch.randn(32, 3, args.size, args.size, device=device).contiguous(memory_format=runtime.layout)
+    x = torch.randn(32, 3, size, size, device=device).contiguous(memory_format=runtime.layout)
     y = torch.randint(0, 10, (32,), device=device)
 
     def step() -> None:
@@ -257,18 +286,18 @@ def raw_throughput(args: argparse.Namespace, precision: str) -> dict:
         opt.step()
 
     def infer() -> None:
-        with torch.inference_mode(), runtime.autocast():
+        with torch.inference_mode(), runtime.autocast(inference=True):
             model(x)
 
-    def rate(fn: Callable[[], None], steps: int = 6) -> float:
+    def rate(fn: Callable[[], None]) -> float:
         fn()  # warm-up
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         sync()
         t0 = time.perf_counter()
-        for _ in range(steps if device.type == "cpu" else 50):
+        for _ in range(steps):
             fn()
         sync()
-        return 32 * (steps if device.type == "cpu" else 50) / (time.perf_counter() - t0)
+        return 32 * steps / (time.perf_counter() - t0)
 
     model.train()
     train = rate(step)
@@ -315,6 +344,9 @@ def main() -> None:
     if args.memory_run:
         memory_run(args, out_dir)
         return
+    calibration = out_dir / "calibration_cache"  # empty: auto pays for measuring as a first run does
+    shutil.rmtree(calibration, ignore_errors=True)
+    os.environ["FINETUNE_CACHE_DIR"] = str(calibration)
 
     if args.setups == [GRADUAL]:
         with tempfile.TemporaryDirectory(dir=out_dir) as runs:
@@ -333,24 +365,45 @@ def main() -> None:
             mine["speedup"] = theirs["total s"] / mine["total s"]
             rows += [theirs, mine]
         sweep = sweep_run(args, setups, Path(runs), ours)
+        choices = fixed_choice_runs(args, setups, Path(runs), ours) if args.choices else None
     table = pd.DataFrame(rows)
     totals = table.groupby("tool")["total s"].sum()
-    precision = next(iter(ours.values()))["precision"]
-    rates = raw_throughput(args, precision)
-    run_child([sys.executable, __file__, *sys.argv[1:], "--memory-run", "--out", str(out_dir)])
-    memory = json.loads((out_dir / "memory.json").read_text())
-    report = render(args, table, totals, rates, ours, memory, precision, sweep)
+    rates = raw_rates(args)
+    memory = None
+    if not args.skip_memory:
+        run_child([sys.executable, __file__, *sys.argv[1:], "--memory-run", "--out", str(out_dir)])
+        memory = json.loads((out_dir / "memory.json").read_text())
+    report = render(args, table, totals, rates, ours, memory, sweep, choices)
     print(report)
     (out_dir / "bench.md").write_text(report)
     table.to_csv(out_dir / "bench.csv", index=False, float_format="%.4g")
 
 
-def trainer_rate(ours: dict, args: argparse.Namespace, rates: dict) -> float:
+def fixed_choice_runs(args: argparse.Namespace, setups: list[str], runs: Path, ours: dict) -> pd.DataFrame:
+    """Whole-process seconds of every setup with each fixed (precision, memory format), beside auto's."""
+    from finetune.choice import candidates
+    from finetune.hardware import native_precisions
+
+    rows = []
+    for setup in setups:
+        row = {"setup": setup, "auto": ours[setup]["wall"], "auto chose": ours[setup]["choice"]}
+        for c in candidates("auto", "auto", native_precisions(torch.device(args.device))):
+            sets = [f"precision={c.precision}", f"train.memory_format={c.memory_format}"]
+            name = f"{setup}-{c.precision}-{c.memory_format}"
+            row[c.label] = finetune_run(args, setup, runs, sets, name=name)["wall"]
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    fixed = table.drop(columns=["setup", "auto", "auto chose"])
+    table["auto / best fixed"] = table["auto"] / fixed.min(axis=1)
+    return table
+
+
+def trainer_rate(ours: dict, args: argparse.Namespace, raw: dict[str, float]) -> float:
     """Train img/s the trainer reached on unfrozen epochs, its evaluation (at the raw rate) taken out."""
     unfrozen = [e for r in ours.values() for e in r["epochs"] if e["stage"] == "backbone"]
     if not unfrozen:
         return float("nan")
-    seconds = sum(e["epoch_seconds"] - args.val / rates["eval"] for e in unfrozen)
+    seconds = sum(e["epoch_seconds"] - args.val / raw["eval"] for e in unfrozen)
     return args.train * len(unfrozen) / seconds
 
 
@@ -360,8 +413,16 @@ def format_table(table: pd.DataFrame) -> str:
     return cells.to_markdown(index=False, floatfmt=".3g", missingval="-")
 
 
-def render(args, table, totals, rates, ours, memory, precision, sweep) -> str:
-    achieved = trainer_rate(ours, args, rates)
+def render(args, table, totals, rates, ours, memory, sweep, choices) -> str:
+    chosen = next(iter(ours.values()))["choice"]
+    raw = rates.get(chosen, {"train": float("nan"), "eval": float("nan")})
+    achieved = trainer_rate(ours, args, raw)
+    seed = rates["fp32 contiguous"]["train"]  # the seed loop's numerics
+    best = max(rates, key=lambda label: rates[label]["train"])
+    ceiling, speedup = rates[best]["train"] / seed, totals["reference"] / totals["finetune"]
+    raw_table = pd.DataFrame(
+        [{"numerics": label, "train img/s": r["train"], "inference img/s": r["eval"]} for label, r in rates.items()]
+    )
     lines = [
         f"# finetune vs the seed's loop: {args.arch}, {args.size} px, weights {args.weights}, "
         f"{args.train} train / {args.val} val CIFAR-10 images, {args.epochs} epochs, {_where(args)}",
@@ -373,19 +434,45 @@ def render(args, table, totals, rates, ours, memory, precision, sweep) -> str:
         f"- the same setups as one `finetune sweep` process: {sweep['wall']:.0f} s (peak RSS {sweep['rss_mb']:.0f} MB) "
         f"against {totals['finetune']:.0f} s as separate processes, {totals['reference'] / sweep['wall']:.2f}x the "
         "reference; every run's results.csv equal to its separate twin's but for timing",
-        f"- raw model at {precision}: train step {rates['train']:.1f} img/s, inference {rates['eval']:.1f} img/s; "
-        f"trainer on unfrozen epochs {achieved:.1f} img/s ({achieved / rates['train']:.0%} of raw)",
-        f"- full CIFAR-10 training set in memory: {memory['images']} images, {memory['tensor_mb']:.0f} MB tensor, "
-        f"{memory['rss_added_mb']:.0f} MB RSS added after loading ({memory['peak_added_mb']:.0f} MB at the peak), "
-        f"decoded in {memory['load_seconds']:.1f} s",
+        f"- auto chose: {', '.join(_auto_choice(setup, result) for setup, result in ours.items())}",
+        f"- raw model at {chosen}: train step {raw['train']:.1f} img/s, inference {raw['eval']:.1f} img/s; "
+        f"trainer on unfrozen epochs {achieved:.1f} img/s ({achieved / raw['train']:.0%} of raw)",
+        f"- ceiling the raw step rates allow: {best} {rates[best]['train']:.1f} img/s over the seed loop's fp32 "
+        f"contiguous {seed:.1f} = {ceiling:.2f}x; measured speedup {speedup:.2f}x ({speedup / ceiling:.0%} of it)",
+        "",
+        "Raw model, batch 32, every numerics the device runs:",
+        "",
+        format_table(raw_table),
     ]
+    if choices is not None:
+        fixed = choices.drop(columns=["setup", "auto", "auto chose", "auto / best fixed"]).sum()
+        total = choices["auto"].sum() / fixed.min()
+        lines += ["", "Whole-process seconds per setup, auto beside every fixed choice:", "", format_table(choices)]
+        lines += ["", f"- over all setups auto takes {total:.2f}x the best single fixed choice ({fixed.idxmin()})"]
+    if memory is not None:
+        lines += [
+            f"- full CIFAR-10 training set in memory: {memory['images']} images, {memory['tensor_mb']:.0f} MB tensor, "
+            f"{memory['rss_added_mb']:.0f} MB RSS added after loading ({memory['peak_added_mb']:.0f} MB at the peak), "
+            f"decoded in {memory['load_seconds']:.1f} s",
+        ]
     return "\n".join(lines) + "\n"
 
 
+def _auto_choice(setup: str, result: dict) -> str:
+    """The setup's choice and how it was decided, from summary.json's runtime record where it has one."""
+    runtime, how = result["runtime"], ""
+    if runtime.get("calibration"):
+        how = f" ({runtime['decided_by']} in {runtime['calibration']['seconds']:.1f} s)"
+    elif runtime:
+        how = f" ({runtime['decided_by']})"
+    return f"{setup} {result['choice']}{how}"
+
+
 def _where(args: argparse.Namespace) -> str:
-    if args.device.startswith("cuda"):
-        return f"{torch.cuda.get_device_name()} ({os.cpu_count()} CPU cores)"
-    return f"{os.cpu_count()} CPU cores"
+    """The machine, as the calibration cache names it: chip, the flags that matter, threads."""
+    from finetune.hardware import device_name
+
+    return f"{device_name(torch.device(args.device))}, {os.cpu_count()} CPU cores"
 
 
 def render_gradual(args: argparse.Namespace, table: pd.DataFrame, diff: float, totals: dict) -> str:

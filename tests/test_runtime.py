@@ -14,7 +14,7 @@ from conftest import tiny_config
 
 from finetune import calibrate as calibrate_module
 from finetune import calibration_cache
-from finetune.calibrate import Bench, Calibration, calibrate, measure
+from finetune.calibrate import Bench, Calibration, measure, stage_copy
 from finetune.choice import Measured, Workload, candidates, choose
 from finetune.config_load import apply_override, from_dict
 from finetune.distributed import Ranks
@@ -45,9 +45,15 @@ def config(imagefolder, tmp_path):
     return make
 
 
-def subject_for(cfg) -> Subject:
+@pytest.fixture
+def long_run(monkeypatch):
+    """Runs of the tiny image folder measure as a long run would (see the short-run test)."""
+    monkeypatch.setattr(calibrate_module, "RUN_SHARE", 1e9)
+
+
+def subject_for(cfg, n_train: int = 24) -> Subject:
     built = skeleton(cfg.model, 3)
-    return Subject(built.model, built.head_name, 24, 12)
+    return Subject(built.model, built.head_name, n_train, 12)
 
 
 def cached_files(folder) -> list:
@@ -102,7 +108,7 @@ def test_a_record_round_trips(cache, config):
     assert again.describe() == first.describe() and again.calibration == first.calibration
 
 
-def test_auto_measures_a_copy_once_then_reads_the_cache(cache, config, monkeypatch):
+def test_auto_measures_a_copy_once_then_reads_the_cache(cache, config, monkeypatch, long_run):
     monkeypatch.setattr(calibrate_module, "BUDGET_S", 120.0)  # every candidate, however busy the machine
     cfg = config(*AUTO)
     subject = subject_for(cfg)
@@ -128,12 +134,12 @@ def test_measuring_times_every_candidate_when_the_budget_allows():
     cfg = from_dict(tiny_config("unused", "unused"))
     built = skeleton(cfg.model, 3)
     options = candidates("auto", "auto", native_precisions(CPU))
-    result = measure(Bench(built.model, CPU, 32), options, batch=8, budget=120.0)
+    result = measure(Bench(built.model, CPU, 32), options, batch=8, budget=120.0, train_images=10**9)
     assert [m.candidate for m in result.measured] == options and result.skipped == []
     assert 2 <= result.batch <= 8 and all(m.train > 0 and m.infer > 0 and m.setup >= 0 for m in result.measured)
 
 
-def test_a_measurement_cut_short_by_the_budget_says_so_and_is_kept(cache, config, monkeypatch):
+def test_a_measurement_cut_short_by_the_budget_says_so_and_is_kept(cache, config, monkeypatch, long_run):
     """Kept, so that every later run of the config (a sweep's twin, a resume) makes the same choice."""
     monkeypatch.setattr(calibrate_module, "BUDGET_S", 0.0)
     cfg = config(*AUTO)
@@ -144,16 +150,31 @@ def test_a_measurement_cut_short_by_the_budget_says_so_and_is_kept(cache, config
     assert again.decided_by == "cached" and again.describe() == runtime.describe()
 
 
-def test_calibrate_measures_the_last_stage(config):
-    """Only the last stage's groups take gradients in the measured copy: a head-only run's
-    backward stops at the head, so it trains faster than a run that unfreezes the backbone."""
-    cfg = config(*AUTO, "train.unfreeze_epoch=null")
+def test_a_run_too_short_to_win_back_the_time_is_not_measured_nor_cached(cache, config):
+    """24 images for 3 epochs: a few seconds of measuring would cost more than any choice saves."""
+    cfg = config(*AUTO)
+    runtime = resolve_runtime(cfg, subject_for(cfg))
+    assert (runtime.precision, runtime.memory_format) == ("fp32", "contiguous"), "the seed loop's numerics"
+    assert runtime.calibration.short_run and "not measured" in runtime.note()
+    assert cached_files(cache) == [], "a longer run of the same model measures"
+
+
+@pytest.mark.parametrize(
+    ("sets", "trains"),
+    [(["train.unfreeze_epoch=null"], {"fc"}), (["train.unfreeze=[{epoch: 1, modules: [layer4]}]"], {"fc", "layer4"})],
+)
+def test_the_measured_copy_trains_as_the_last_stage_does(config, sets, trains):
+    """The rates are those of the run's heaviest steps: gradients for the last stage's groups
+    only (a head-only run's backward stops at the head); frozen BatchNorm in eval mode."""
+    cfg = config(*AUTO, *sets)
     built = skeleton(cfg.model, 3)
-    options = candidates("fp32", "channels_last", ["fp32"])
-    assert calibrate(cfg, built.model, built.head_name, CPU, options).measured[0].candidate == options[0]
+    copied = stage_copy(cfg, built.model, built.head_name, CPU)
+    assert {n.split(".")[0] for n, p in copied.named_parameters() if p.requires_grad} == trains
+    assert copied.layer4[0].bn1.training == ("layer4" in trains) and not copied.layer1[0].bn1.training
+    assert all(p.requires_grad for p in built.model.parameters()), "the run's own model is untouched"
 
 
-def test_plan_says_train_will_measure_then_shows_what_train_chose(cache, config, tmp_path, monkeypatch):
+def test_plan_says_train_will_measure_then_shows_what_train_chose(cache, config, tmp_path, monkeypatch, long_run):
     """Bug 5: plan and train resolve the runtime with one function, so after train measured,
     plan shows train's choice, and the columns that follow from it (LRs, feature cache) agree."""
     from finetune.session import Session

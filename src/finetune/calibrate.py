@@ -27,6 +27,7 @@ STEP_COST = 3.0  # one candidate's first round, in train steps: two of them and 
 FIRST_ROUND = 0.6  # of the budget, to time every candidate once; the rest re-times the close ones
 CLOSE = 0.75  # candidates this close to the best train rate are timed again: one timing can be unlucky
 ROUNDS = 4  # re-timings at most: enough to beat noise, and a fast GPU stops early
+RUN_SHARE = 0.03  # of a run's estimated length, the most it spends measuring
 
 
 @dataclass
@@ -35,12 +36,13 @@ class Calibration:
     batch: int  # the batch the rates were measured at
     seconds: float  # what measuring cost
     skipped: list[str] = field(default_factory=list)  # candidates left unmeasured: the budget ran out
+    short_run: bool = False  # too short a run to pay for measuring: the first candidate only, not cached
 
     @classmethod
     def from_dict(cls, saved: dict[str, Any]) -> Calibration:
         """As `dataclasses.asdict` wrote it (cache file, last.pt)."""
         measured = [Measured(**m) for m in saved["measured"]]
-        return cls(measured, saved["batch"], saved["seconds"], saved.get("skipped", []))
+        return cls(measured, saved["batch"], saved["seconds"], saved.get("skipped", []), saved.get("short_run", False))
 
 
 @dataclass
@@ -108,35 +110,48 @@ class Bench:
 
 
 def calibrate(
-    cfg: Config, model: nn.Module, head_name: str, device: torch.device, options: list[Candidate]
+    cfg: Config, model: nn.Module, head_name: str, device: torch.device, options: list[Candidate], train_images: int
 ) -> Calibration:
-    """Rates of every candidate on a copy of `model` in its last stage, on `device`."""
-    copied = copy.deepcopy(model).to(device)
-    schedule = Schedule(cfg.train, copied, head_name, steps_per_epoch=1)
-    apply_stage(copied, schedule, cfg.train.epochs)
-    set_train_mode(copied, schedule, cfg.train.epochs)
+    """Rates of every candidate on a copy of `model` in its last stage, on `device`, for a run
+    that trains on `train_images` images in all."""
+    copied = stage_copy(cfg, model, head_name, device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        result = measure(Bench(copied, device, cfg.data.image_size), options, cfg.data.batch_size, BUDGET_S)
+        bench = Bench(copied, device, cfg.data.image_size)
+        result = measure(bench, options, cfg.data.batch_size, BUDGET_S, train_images)
     del copied
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result
 
 
-def measure(bench: Bench, options: list[Candidate], batch: int, budget: float) -> Calibration:
-    """Each candidate once (a warm-up, then timed), then the close ones again while time is left."""
+def stage_copy(cfg: Config, model: nn.Module, head_name: str, device: torch.device) -> nn.Module:
+    """A copy of `model` on `device` as it trains in the run's last stage, the heaviest."""
+    copied = copy.deepcopy(model).to(device)
+    schedule = Schedule(cfg.train, copied, head_name, steps_per_epoch=1)
+    apply_stage(copied, schedule, cfg.train.epochs)
+    set_train_mode(copied, schedule, cfg.train.epochs)
+    return copied
+
+
+def measure(bench: Bench, options: list[Candidate], batch: int, budget: float, train_images: int) -> Calibration:
+    """Each candidate once (a warm-up, then timed), then the close ones again while time is left.
+
+    A run too short to pay for timing them all (`RUN_SHARE` of its estimated length) times the
+    first candidate only: the seed loop's numerics, fp32 contiguous.
+    """
     started = time.perf_counter()
+    probe = fit_batch(bench, options[0], batch, len(options), budget, train_images)
+    size = probe.size
 
     def left() -> float:
-        return budget - (time.perf_counter() - started)
+        return probe.budget - (time.perf_counter() - started)
 
-    size, probed = fit_batch(bench, options[0], batch, len(options), budget * FIRST_ROUND)
     times: dict[Candidate, _Times] = {}
-    for c in options:
+    for c in options[:1] if probe.short else options:
         if times and left() < 0:
             break  # over budget: the rest stay unmeasured rather than the run waiting
-        if c == options[0] and probed is not None:
-            times[c] = probed  # its first step at this size was the probe's
+        if c == options[0] and probe.times is not None:
+            times[c] = probe.times  # its first step at this size was the probe's
         else:
             times[c] = _Times(warm=bench.train_step(c, size))
             times[c].train.append(bench.train_step(c, size))
@@ -152,12 +167,20 @@ def measure(bench: Bench, options: list[Candidate], batch: int, budget: float) -
             times[c].infer.append(bench.infer_step(c, size))
     measured = [t.measured(c, size) for c, t in times.items()]
     skipped = [c.label for c in options if c not in times]
-    return Calibration(measured, size, time.perf_counter() - started, skipped)
+    return Calibration(measured, size, time.perf_counter() - started, skipped, probe.short)
 
 
-def fit_batch(bench: Bench, c: Candidate, batch: int, n: int, budget: float) -> tuple[int, _Times | None]:
-    """The run's batch, or the largest smaller one whose first round fits `budget`, and the
-    probe's times of `c` at that size if it probed there.
+@dataclass
+class _Probe:
+    size: int  # the batch to measure at
+    times: _Times | None  # the probed candidate's, if it was probed at `size`
+    budget: float  # seconds this run may spend measuring
+    short: bool  # the run is too short to pay for a first round
+
+
+def fit_batch(bench: Bench, c: Candidate, batch: int, n: int, budget: float, train_images: int) -> _Probe:
+    """The run's batch, or the largest smaller one whose first round of `n` candidates fits
+    the budget: `budget`, or less for a short run, judged from the smallest batch's step.
 
     Grown from two by probing (a warm-up and a timed step at each size), since a step's cost
     per image falls with the batch on a GPU and a probe at the run's batch could take seconds
@@ -169,8 +192,13 @@ def fit_batch(bench: Bench, c: Candidate, batch: int, n: int, budget: float) -> 
         probed[size] = _Times(warm=bench.train_step(c, size))
         probed[size].train.append(bench.train_step(c, size))
         per_image = max(probed[size].train[0] / size, 1e-9)
-        remaining = budget - (time.perf_counter() - started)
+        if size == smallest:
+            share = RUN_SHARE * per_image * train_images
+            if share * FIRST_ROUND < n * STEP_COST * per_image * smallest:
+                return _Probe(smallest, probed[smallest], share, short=True)
+            budget = min(budget, share)
+        remaining = budget * FIRST_ROUND - (time.perf_counter() - started)
         fits = max(smallest, min(batch, int(remaining / (n * STEP_COST * per_image))))
         if fits < 2 * size:
-            return fits, probed.get(fits)
+            return _Probe(fits, probed.get(fits), budget, short=False)
         size = fits

@@ -83,16 +83,21 @@ class Runtime:
                 f"runtime: {self.device}, precision/memory format measured when train starts (about "
                 f"5 s, once per machine, model and size); until then sized as {self.describe()}{scale}"
             )
+        c = self.calibration
+        if c is not None and c.short_run:
+            return f"runtime: {self.describe()}, not measured: a run this short would not win back the time{scale}"
         how = {"config": "set in the config", "recorded": "kept from last.pt", "cached": "measured earlier"}
         line = f"runtime: {self.describe()}, {how.get(self.decided_by, 'measured')}{scale}"
-        if self.calibration is None:
-            return line
-        c = self.calibration
-        train = ", ".join(f"{m.precision} {m.memory_format} {m.train:.1f}" for m in c.measured)
-        infer = ", ".join(f"{m.precision} {m.memory_format} {m.infer:.1f}" for m in c.measured)
-        skipped = f"; over budget, not measured: {', '.join(c.skipped)}" if c.skipped else ""
-        skipped += f" (delete {calibration_cache.cache_dir()} to measure again)" if c.skipped else ""
-        return f"{line} (in {c.seconds:.1f} s at batch {c.batch}); img/s train: {train}; inference: {infer}{skipped}"
+        return line if c is None else f"{line} {_rates(c)}"
+
+
+def _rates(c: Calibration) -> str:
+    train = ", ".join(f"{m.precision} {m.memory_format} {m.train:.1f}" for m in c.measured)
+    infer = ", ".join(f"{m.precision} {m.memory_format} {m.infer:.1f}" for m in c.measured)
+    line = f"(in {c.seconds:.1f} s at batch {c.batch}); img/s train: {train}; inference: {infer}"
+    if c.skipped:
+        line += f"; over budget, not measured: {', '.join(c.skipped)} (delete {calibration_cache.cache_dir()} to redo)"
+    return line
 
 
 @dataclass
@@ -134,14 +139,15 @@ def resolve_runtime(
     if subject is None:
         return _runtime(device, _pending(cfg), lr_scale, "pending")
     key = calibration_key(cfg, subject, device, [c.label for c in options])
+    work = workload(cfg, subject, ranks)
     if measure:
-        found = from_main(_find_or_measure(cfg, subject, device, options, key) if ranks.main else None, ranks)
+        found = from_main(_find_or_measure(cfg, subject, device, options, key, work) if ranks.main else None, ranks)
     else:
         found = (calibration_cache.load(key), "cached")
     calibration, how = found
     if calibration is None:
         return _runtime(device, _pending(cfg), lr_scale, "pending")
-    runtime = _runtime(device, choose(calibration.measured, workload(cfg, subject, ranks)), lr_scale, how, calibration)
+    runtime = _runtime(device, choose(calibration.measured, work), lr_scale, how, calibration)
     if measure:
         print(runtime.note())
     return runtime
@@ -184,13 +190,14 @@ def inference_runtime(device: str, precision: str, model: nn.Module) -> Runtime:
 
 
 def _find_or_measure(
-    cfg: Config, subject: Subject, device: torch.device, options: list[Candidate], key: dict[str, Any]
+    cfg: Config, subject: Subject, device: torch.device, options: list[Candidate], key: dict[str, Any], work: Workload
 ) -> tuple[Calibration, str]:
     cached = calibration_cache.load(key)
     if cached is not None:
         return cached, "cached"
-    measured = calibrate(cfg, subject.model, subject.head_name, device, options)
-    calibration_cache.save(key, measured)  # even cut short: every later run must make the same choice
+    measured = calibrate(cfg, subject.model, subject.head_name, device, options, work.train_images)
+    if not measured.short_run:  # cut short by the budget it is kept: every later run makes the same choice
+        calibration_cache.save(key, measured)
     return measured, "measured"
 
 
