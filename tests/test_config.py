@@ -186,10 +186,19 @@ def test_device_must_match_whole_and_in_ascii_digits(device):
         load_config(None, [f"device={device!r}"])
 
 
-@pytest.mark.parametrize("name", ["..", ".", '"a\\0b"', "x" * 300])
+@pytest.mark.parametrize("name", ["..", ".", '"a\\tb"', "x" * 300])
 def test_name_must_be_a_usable_folder_name(name):
     with pytest.raises(FinetuneError, match="must be a printable folder name"):
         load_config(None, [f"name={name}"])
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "shown"),
+    [("out_dir", '"runs\\0x"', r"out_dir = 'runs\\x00x'"), ("data.root", '"\\ud800"', r"data\.root = '\\ud800'")],
+)
+def test_paths_the_os_cannot_take_are_refused_before_they_reach_it(key, value, shown):
+    with pytest.raises(FinetuneError, match=rf"^config: {shown} holds a NUL or a lone surrogate character"):
+        load_config(None, [f"{key}={value}"])
 
 
 def test_set_inside_an_empty_section_fills_it(tmp_path):

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import yaml
 
-from finetune.config_check import RANGES, numbers
+from finetune.config_check import RANGES, leaves
 from finetune.config_load import load_config
 from finetune.errors import FinetuneError
 from finetune.plan import make_plan
@@ -39,6 +39,7 @@ def deep(rng: random.Random) -> str:
 
 VALUES = [
     "three",
+    "a\x00b",
     "",
     "1e5",
     "nan",
@@ -126,7 +127,7 @@ def _parent(raw: dict, path: tuple) -> Any:
 
 
 def floats(cfg: object) -> list[float]:
-    return [value for _, _, value in numbers(cfg) if isinstance(value, float)]
+    return [value for _, _, value in leaves(cfg) if isinstance(value, float)]
 
 
 @contextlib.contextmanager

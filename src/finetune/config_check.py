@@ -109,24 +109,24 @@ RANGES: dict[str, Range] = {
 }
 
 
-def numbers(node: Any, key: str = "", pattern: str = "") -> Iterator[tuple[str, str, float]]:
-    """(RANGES key, key as printed, value) for every number in a config, lists and mappings included."""
+def leaves(node: Any, key: str = "", pattern: str = "") -> Iterator[tuple[str, str, Any]]:
+    """(RANGES key, key as printed, value) for every value in a config, inside lists and mappings too."""
     if dataclasses.is_dataclass(node):
         for f in dataclasses.fields(node):
             name = f"{key}.{f.name}" if key else f.name
-            yield from numbers(getattr(node, f.name), name, f"{pattern}.{f.name}" if pattern else f.name)
+            yield from leaves(getattr(node, f.name), name, f"{pattern}.{f.name}" if pattern else f.name)
     elif isinstance(node, (list, dict)):
         items = node.items() if isinstance(node, dict) else enumerate(node)
         for index, value in items:
-            yield from numbers(value, f"{key}[{show(index)}]", f"{pattern}[]")
-    elif isinstance(node, (int, float)) and not isinstance(node, bool):
+            yield from leaves(value, f"{key}[{show(index)}]", f"{pattern}[]")
+    else:
         yield pattern, key, node
 
 
 def validate(cfg: Config) -> None:
     """Checks on values (not types) that would otherwise fail deep inside training."""
-    for pattern, key, value in numbers(cfg):
-        problem = RANGES[pattern].problem(value)
+    for pattern, key, value in leaves(cfg):
+        problem = _problem(pattern, value)
         if problem:
             raise FinetuneError(f"config: {key} = {show(value)} {problem}")
     d, t = cfg.data, cfg.train
@@ -144,6 +144,15 @@ def validate(cfg: Config) -> None:
         raise FinetuneError("config: data.train_classes = [] names no class; list some, or null for all")
     _validate_schedule(t)
     _validate_augment(d.augment)
+
+
+def _problem(pattern: str, value: Any) -> str | None:
+    if isinstance(value, str):  # names and paths: the OS takes no NUL, UTF-8 no lone surrogate
+        encodable = "\0" not in value and not any("\ud800" <= c <= "\udfff" for c in value)
+        return None if encodable else "holds a NUL or a lone surrogate character; use plain text"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return RANGES[pattern].problem(value)
+    return None
 
 
 def _validate_augment(a: AugmentConfig) -> None:
