@@ -114,10 +114,10 @@ def test_a_sweep_rerun_continues_a_run_only_as_train_resume_would(tmp_path, caps
     saved = (run / "config.yaml").read_text()
     assert main([*map(str, args), "--set", "train.epochs=2"]) == 2
     err = capsys.readouterr().err
-    assert f"sweep: {run}: train.epochs may only be raised when a run continues (the run has 3, asked 2)" in err
+    assert f"sweep: {run}: train.epochs may only be raised (run has 3), not lowered to 2" in err
     assert (run / "config.yaml").read_text() == saved
     assert main(["train", "--resume", str(run), "--set", "train.epochs=2"]) == 2
-    assert "train.epochs may only be raised when a run continues (the run has 3, asked 2)" in capsys.readouterr().err
+    assert f"--resume {run}: train.epochs may only be raised (run has 3), not lowered to 2" in capsys.readouterr().err
 
 
 def test_tradeoff_marks_the_runs_no_other_beats_on_both_axes():

@@ -106,8 +106,8 @@ def check_continuation(saved: Config, new: Config, where: str, fix: str) -> None
         )
     if new.train.epochs < saved.train.epochs:
         raise FinetuneError(
-            f"{where}: train.epochs may only be raised when a run continues "
-            f"(the run has {saved.train.epochs}, asked {new.train.epochs}); {fix}"
+            f"{where}: train.epochs may only be raised (run has {saved.train.epochs}), "
+            f"not lowered to {new.train.epochs}; {fix}"
         )
 
 
