@@ -13,6 +13,7 @@ import sys
 import pandas as pd
 import pytest
 from conftest import make_imagefolder, write_config
+from test_distributed import Torchrun
 from test_resume import Finetune, csv_rows
 
 from finetune.config_load import load_config
@@ -116,6 +117,19 @@ def test_a_live_run_is_refused_to_others_and_resumable_at_once_after_kill_9(conf
     again.finish()
     assert not live_temp.exists(), "the new owner removes a dead writer's temp files"
     assert RunLock(run).holder().pid == again.pid
+
+
+def test_under_torchrun_rank_0_claims_and_every_rank_gets_its_refusal(config_file, tmp_path):
+    """Rank 0 alone takes the lock and broadcasts the outcome, so a held dir stops every rank
+    with rank 0's line instead of leaving rank 1 waiting for a path."""
+    run = tmp_path / "run"
+    with claim(run):
+        proc = Torchrun(tmp_path / "logs", "train", config_file(), "--run-dir", run)
+        out = proc.finish(timeout=120)
+    assert proc.returncode != 0 and "exitcode  : 2" in out, out
+    line = f"error: --run-dir {run} is in use by pid {os.getpid()} on {socket.gethostname()} since "
+    for rank in (0, 1):
+        assert line in proc.rank_log(rank, "stderr"), proc.rank_log(rank, "stderr")
 
 
 def test_two_sweeps_on_one_dir_train_every_run_exactly_once(tmp_path):
