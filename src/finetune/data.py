@@ -1,5 +1,6 @@
-"""The config's data: sources (CIFAR-10, an image folder, scikit-learn's digits), seeded
-subsets and splits, class names and counts. `load_data` turns a DataConfig into DataSplits."""
+"""The config's data: sources (CIFAR-10, an image folder, a CSV of files, scikit-learn's
+digits), seeded subsets, splits and folds, class names and counts. `load_data` turns a
+DataConfig into DataSplits."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ import pandas as pd
 import torch
 
 from finetune.config import DataConfig
+from finetune.csv_source import read_csv_source
 from finetune.errors import FinetuneError
 from finetune.imageset import ImageFiles, ImageSet, decode_images, scan_folder
+from finetune.splits import Pool, fold_pools
 
 DIGITS_CLASSES = [str(i) for i in range(10)]
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -33,8 +36,20 @@ class DataSplits:
 def load_data(cfg: DataConfig) -> DataSplits:
     """Build the train and val sets the config asks for, subsets and splits drawn by
     `data.split_seed` (not the run's `seed`: runs over seeds are scored on the same images)."""
-    loader = {"cifar10": _load_cifar10, "imagefolder": _load_imagefolder, "digits": _load_digits}
-    return loader[cfg.dataset](cfg, cfg.split_seed)
+    loader = {"cifar10": _load_cifar10, "imagefolder": _load_imagefolder, "digits": _load_digits, "csv": _load_csv}
+    return loader[cfg.dataset](cfg)
+
+
+def select(train: Pool, val: Pool, cfg: DataConfig, class_names: list[str]) -> tuple[Pool, Pool]:
+    """The images that train and those that validate. With `data.folds` the validation images
+    are fold `data.fold` of the training pool (the source's own validation set is left out);
+    then `train_size`, `train_classes` and `val_size` subset each side as always."""
+    seed = cfg.split_seed
+    if cfg.folds is not None:
+        train, val = fold_pools(train, cfg.folds, cfg.fold, seed)
+    return train.take(_train_indices(train.labels, cfg, class_names, seed)), val.take(
+        _val_indices(val.labels, cfg, seed)
+    )
 
 
 def choose_subset(labels: np.ndarray, size: int | None, how: str, seed: int) -> np.ndarray:
@@ -86,12 +101,12 @@ def _val_indices(labels: np.ndarray, cfg: DataConfig, seed: int) -> np.ndarray:
     return choose_subset(labels, cfg.val_size, cfg.subset, seed + 1)
 
 
-def _from_hwc(array: np.ndarray, labels: np.ndarray) -> ImageSet:
-    images = torch.from_numpy(np.ascontiguousarray(array)).permute(0, 3, 1, 2).contiguous()
-    return ImageSet(torch.as_tensor(labels, dtype=torch.long), images)
+def _from_hwc(pool: Pool) -> ImageSet:
+    images = torch.from_numpy(np.ascontiguousarray(pool.items)).permute(0, 3, 1, 2).contiguous()
+    return ImageSet(torch.as_tensor(pool.labels, dtype=torch.long), images)
 
 
-def _load_cifar10(cfg: DataConfig, seed: int) -> DataSplits:
+def _load_cifar10(cfg: DataConfig) -> DataSplits:
     from torchvision.datasets import CIFAR10
 
     try:
@@ -104,58 +119,63 @@ def _load_cifar10(cfg: DataConfig, seed: int) -> DataSplits:
             "point data.root at a copy of cifar-10-batches-py, or use data.dataset=imagefolder "
             "with data.root=<dir holding train/ and test/>"
         ) from None
-    train_labels, val_labels = np.array(train.targets), np.array(val.targets)
-    ti = _train_indices(train_labels, cfg, train.classes, seed)
-    vi = _val_indices(val_labels, cfg, seed)
-    return DataSplits(
-        _from_hwc(train.data[ti], train_labels[ti]), _from_hwc(val.data[vi], val_labels[vi]), train.classes
-    )
+    pools = Pool(train.data, np.array(train.targets)), Pool(val.data, np.array(val.targets))
+    train_pool, val_pool = select(*pools, cfg, train.classes)
+    return DataSplits(_from_hwc(train_pool), _from_hwc(val_pool), train.classes)
 
 
-def _load_digits(cfg: DataConfig, seed: int) -> DataSplits:
+def _load_digits(cfg: DataConfig) -> DataSplits:
     """scikit-learn's bundled 8x8 digits, split 80/20 by seed: real data with no network."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     pixels = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)
     rgb = np.repeat(pixels[..., None], 3, axis=-1)
-    labels = digits.target
-    ti, vi = _digits_indices(labels, cfg, seed)
-    return DataSplits(_from_hwc(rgb[ti], labels[ti]), _from_hwc(rgb[vi], labels[vi]), DIGITS_CLASSES)
+    train_pool, val_pool = select(*_digits_pools(Pool(rgb, digits.target), cfg.split_seed), cfg, DIGITS_CLASSES)
+    return DataSplits(_from_hwc(train_pool), _from_hwc(val_pool), DIGITS_CLASSES)
 
 
-def _digits_indices(labels: np.ndarray, cfg: DataConfig, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _digits_pools(pool: Pool, seed: int) -> tuple[Pool, Pool]:
     from sklearn.model_selection import train_test_split
 
-    train_all, val_all = train_test_split(np.arange(len(labels)), test_size=0.2, random_state=seed, stratify=labels)
-    ti = train_all[_train_indices(labels[train_all], cfg, DIGITS_CLASSES, seed)]
-    return ti, val_all[_val_indices(labels[val_all], cfg, seed)]
+    index = np.arange(len(pool))
+    train_all, val_all = train_test_split(index, test_size=0.2, random_state=seed, stratify=pool.labels)
+    return pool.take(train_all), pool.take(val_all)
 
 
 def split_sizes(cfg: DataConfig) -> tuple[list[str], int, int]:
     """(class names, train size, val size) from labels alone, no image decoded: what `plan`
     needs to count steps. Unreadable images, found only when decoding, are not subtracted."""
-    seed = cfg.split_seed
     if cfg.dataset == "digits":
         from sklearn.datasets import load_digits
 
-        ti, vi = _digits_indices(load_digits().target, cfg, seed)
-        return DIGITS_CLASSES, len(ti), len(vi)
-    if cfg.dataset == "cifar10":  # 5,000 training and 1,000 test images per class
-        names, train_labels, val_labels = (
-            CIFAR10_CLASSES,
-            np.repeat(np.arange(10), 5000),
-            np.repeat(np.arange(10), 1000),
-        )
+        names, pools = DIGITS_CLASSES, _digits_pools(Pool.of_labels(load_digits().target), cfg.split_seed)
+    elif cfg.dataset == "cifar10":  # 5,000 training and 1,000 test images per class
+        names = CIFAR10_CLASSES
+        pools = Pool.of_labels(np.repeat(np.arange(10), 5000)), Pool.of_labels(np.repeat(np.arange(10), 1000))
+    elif cfg.dataset == "csv":
+        source = read_csv_source(cfg)
+        names, pools = source.class_names, (source.train, source.val)
     else:
-        train_dir, val_dir = _imagefolder_dirs(Path(cfg.root))
-        names, _, train_labels = scan_folder(train_dir)
-        val_labels = scan_folder(val_dir)[2]
-    return names, len(_train_indices(train_labels, cfg, names, seed)), len(_val_indices(val_labels, cfg, seed))
+        names, pools = _imagefolder_pools(Path(cfg.root))
+    train, val = select(*pools, cfg, names)
+    return names, len(train), len(val)
 
 
-def _load_imagefolder(cfg: DataConfig, seed: int) -> DataSplits:
+def _load_imagefolder(cfg: DataConfig) -> DataSplits:
     root = Path(cfg.root)
+    class_names, pools = _imagefolder_pools(root)
+    return _from_files(select(*pools, cfg, class_names), class_names, cfg, root / "train")
+
+
+def _load_csv(cfg: DataConfig) -> DataSplits:
+    source = read_csv_source(cfg)
+    pools = select(source.train, source.val, cfg, source.class_names)
+    return _from_files(pools, source.class_names, cfg, Path(cfg.csv))
+
+
+def _imagefolder_pools(root: Path) -> tuple[list[str], tuple[Pool, Pool]]:
+    """Class names, and the files of train/ and val/ (or test/) as pools."""
     _, val_dir = _imagefolder_dirs(root)
     class_names, train_files, train_labels = scan_folder(root / "train")
     val_names, val_files, val_labels = scan_folder(val_dir)
@@ -165,15 +185,18 @@ def _load_imagefolder(cfg: DataConfig, seed: int) -> DataSplits:
             f"{root / 'train'} and {val_dir} have different class folders ({', '.join(differ)}); "
             "give both the same classes"
         )
-    ti = _train_indices(train_labels, cfg, class_names, seed)
-    vi = _val_indices(val_labels, cfg, seed)
-    train = ImageFiles([train_files[i] for i in ti], train_labels[ti])
-    val = ImageFiles([val_files[i] for i in vi], val_labels[vi])
+    pools = Pool(np.array(train_files, dtype=object), train_labels), Pool(np.array(val_files, dtype=object), val_labels)
+    return class_names, pools
+
+
+def _from_files(pools: tuple[Pool, Pool], class_names: list[str], cfg: DataConfig, source: Path) -> DataSplits:
+    """Image files decoded into memory, or streamed when they would pass `data.memory_budget_mb`."""
+    train, val = (ImageFiles(list(pool.items), pool.labels) for pool in pools)
     if train.estimate_mb(cfg.image_size) + val.estimate_mb(cfg.image_size) <= cfg.memory_budget_mb:
         splits = DataSplits(decode_images(train, cfg), decode_images(val, cfg), class_names)
     else:
         splits = DataSplits(train.streamed(cfg), val.streamed(cfg), class_names)
-    _require_all_classes(set(train.labels.tolist()), splits.train, class_names, root / "train")
+    _require_all_classes(set(train.labels.tolist()), splits.train, class_names, source)
     return splits
 
 
