@@ -200,3 +200,29 @@ def test_scale_lr_multiplies_the_lrs_plan_shows_by_the_processes(cache, config):
     one, two = make_plan(cfg), make_plan(cfg, Ranks(0, 2, 0))
     assert two.epochs[0].lr_start["head"] == pytest.approx(2 * one.epochs[0].lr_start["head"])
     assert "LRs x2" in two.runtime
+
+
+def test_a_resumed_run_keeps_its_measured_choice_and_stays_exact(config_file, tmp_path, monkeypatch, long_run):
+    """last.pt holds the choice: the resume uses it without measuring (a measurement now might
+    choose otherwise), and the resumed run equals one that never stopped."""
+    import pandas as pd
+
+    from finetune.cli import main
+
+    monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path / "first"))
+    config = str(config_file(precision="auto", train={"epochs": 3, "feature_cache": "off"}))
+    reference, run = tmp_path / "reference", tmp_path / "run"
+    assert main(["train", config, "--run-dir", str(reference)]) == 0
+    assert main(["train", config, "--run-dir", str(run), "--set", "train.epochs=2"]) == 0
+    monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path / "later"))
+    assert main(["train", "--resume", str(run), "--set", "train.epochs=3"]) == 0
+    assert not (tmp_path / "later").exists(), "nothing measured on resume"
+    summaries = [json.loads((r / "summary.json").read_text())["runtime"] for r in (reference, run)]
+    assert summaries[1]["decided_by"] == "recorded"
+    assert [{k: s[k] for k in ("precision", "infer_precision", "memory_format")} for s in summaries] == [
+        {k: summaries[0][k] for k in ("precision", "infer_precision", "memory_format")}
+    ] * 2
+    results = [pd.read_csv(r / "results.csv").drop(columns="epoch_seconds") for r in (reference, run)]
+    pd.testing.assert_frame_equal(results[0], results[1])
+    weights = [torch.load(r / "last.pt", weights_only=True)["model"] for r in (reference, run)]
+    assert all(torch.equal(v, weights[1][k]) for k, v in weights[0].items())

@@ -127,30 +127,44 @@ def resolve_runtime(
         device = torch.device("cuda", ranks.local_rank)
     check_precision(cfg.precision, device)
     lr_scale = float(ranks.world) if cfg.train.scale_lr == "linear" else 1.0
+    choice, how, rates = _decide(cfg, device, subject, ranks, recorded, measure)
+    runtime = Runtime(device, choice.precision, choice.memory_format, choice.infer_precision, lr_scale, how, rates)
+    if measure and how in ("measured", "cached", "recorded"):
+        print(runtime.note())
+    return runtime
+
+
+def _decide(
+    cfg: Config,
+    device: torch.device,
+    subject: Subject | None,
+    ranks: Ranks,
+    recorded: dict[str, Any] | None,
+    measure: bool,
+) -> tuple[Choice, str, Calibration | None]:
+    """(choice, how it was decided, the rates it was decided from)."""
     options = candidates(cfg.precision, cfg.train.memory_format, native_precisions(device))
     pinned = only_choice(options)
     if pinned is not None:
-        return _runtime(device, pinned, lr_scale, "config")
+        return pinned, "config", None
     if recorded is not None:
         kept = _kept(cfg, recorded)
         check_precision(kept.precision, device)
         saved = recorded.get("calibration")
-        return _runtime(device, kept, lr_scale, "recorded", Calibration.from_dict(saved) if saved else None)
+        return kept, "recorded", Calibration.from_dict(saved) if saved else None
     if subject is None:
-        return _runtime(device, _pending(cfg), lr_scale, "pending")
+        return _pending(cfg), "pending", None
     key = calibration_key(cfg, subject, device, [c.label for c in options])
     work = workload(cfg, subject, ranks)
     if measure:
-        found = from_main(_find_or_measure(cfg, subject, device, options, key, work) if ranks.main else None, ranks)
+        calibration, how = from_main(
+            _find_or_measure(cfg, subject, device, options, key, work) if ranks.main else None, ranks
+        )
     else:
-        found = (calibration_cache.load(key), "cached")
-    calibration, how = found
+        calibration, how = calibration_cache.load(key), "cached"
     if calibration is None:
-        return _runtime(device, _pending(cfg), lr_scale, "pending")
-    runtime = _runtime(device, choose(calibration.measured, work), lr_scale, how, calibration)
-    if measure:
-        print(runtime.note())
-    return runtime
+        return _pending(cfg), "pending", None
+    return choose(calibration.measured, work), how, calibration
 
 
 def check_precision(precision: str, device: torch.device) -> None:
@@ -199,12 +213,6 @@ def _find_or_measure(
     if not measured.short_run:  # cut short by the budget it is kept: every later run makes the same choice
         calibration_cache.save(key, measured)
     return measured, "measured"
-
-
-def _runtime(
-    device: torch.device, choice: Choice, lr_scale: float, how: str, calibration: Calibration | None = None
-) -> Runtime:
-    return Runtime(device, choice.precision, choice.memory_format, choice.infer_precision, lr_scale, how, calibration)
 
 
 def _pending(cfg: Config) -> Choice:
