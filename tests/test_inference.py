@@ -4,12 +4,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from conftest import CLASSES, make_imagefolder, write_config, write_image
 from PIL import Image
 
+from finetune.batching import BatchTransform
 from finetune.checkpoint import load_checkpoint
 from finetune.cli import main
-from finetune.inference import val_probabilities
+from finetune.data import load_data
+from finetune.inference import checkpoint_config, load_predictor, val_probabilities
+from finetune.tta import tta_views
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +126,55 @@ def test_eval_and_predict_give_identical_probabilities_for_large_photos(tmp_path
     predicted = [{t["class"]: t["probability"] for t in r["top"]} for r in json.loads(capsys.readouterr().out)]
     ckpt = load_checkpoint(checkpoint)
     for streamed in ("data.memory_budget_mb=0", "data.memory_budget_mb=1000"):
-        probabilities, _, names = val_probabilities(ckpt, [streamed])
-        expected = [[round(p, 6) for p in row] for row in probabilities.tolist()]  # as predict prints them
-        assert [[p[name] for name in names] for p in predicted] == expected, streamed
+        val = val_probabilities(ckpt, [streamed])
+        expected = [[round(p, 6) for p in row] for row in val.probabilities.tolist()]  # as predict prints them
+        assert [[p[name] for name in val.class_names] for p in predicted] == expected, streamed
+
+
+def test_flip_tta_averages_the_logits_of_the_image_and_its_mirror(run):
+    run_dir, data = run
+    images = load_data(checkpoint_config(load_checkpoint(run_dir / "best.pt"), []).data).val.images
+    predictor = load_predictor(run_dir / "best.pt", "cpu", "fp32", tta="flip")
+    t = predictor.transform
+    mean_logits = (predictor.logits(t(images)) + predictor.logits(t(images.flip(-1)))) / 2
+    expected = mean_logits.softmax(1)
+    assert torch.allclose(predictor.probabilities([images]), expected, atol=1e-6)
+    plain = predictor.logits(t(images)).softmax(1)
+    assert not torch.allclose(plain, expected, atol=1e-4), "the mirror changed something"
+    assert torch.equal(predictor.outputs([images])[0], plain)
+
+
+def test_ten_crop_tta_views_are_image_size_corners_centre_and_mirrors(run):
+    run_dir, _ = run
+    predictor = load_predictor(run_dir / "best.pt", "cpu", "fp32", tta="crops")
+    images = torch.arange(2 * 3 * 24 * 24, dtype=torch.float32).reshape(2, 3, 24, 24).remainder(256).to(torch.uint8)
+    inputs = predictor.transform(images)
+    views = tta_views("crops", images, inputs, predictor.transform)
+    assert len(views) == 10 and all(v.shape == (2, 3, 32, 32) for v in views)
+    assert all(torch.equal(views[i + 1], views[i].flip(-1)) for i in range(0, 10, 2))
+    enlarged = BatchTransform(
+        37, predictor.transform.mean.flatten().tolist(), predictor.transform.std.flatten().tolist(), torch.device("cpu")
+    )(images)
+    assert torch.equal(views[0], enlarged[..., :32, :32]) and torch.equal(views[8], enlarged[..., 2:34, 2:34])
+    expected = torch.stack([predictor.logits(v) for v in views]).mean(0).softmax(1)
+    assert torch.allclose(predictor.probabilities([images]), expected, atol=1e-6)
+
+
+def test_eval_with_tta_records_accuracy_with_and_without_it(run, tmp_path, capsys):
+    run_dir, data = run
+    assert main(["eval", str(run_dir / "best.pt"), "--out", str(tmp_path / "plain"), "--json"]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert plain["tta"] is None and "without_tta" not in plain and plain["confusion_matrix"]
+    assert plain["accuracy"] == json.loads((tmp_path / "plain" / "metrics.json").read_text())["accuracy"]
+    for mode, flag in (("flip", ["--tta"]), ("crops", ["--tta", "crops"])):
+        out = tmp_path / mode
+        assert main(["eval", str(run_dir / "best.pt"), "--out", str(out), *flag]) == 0
+        assert f"with {mode} TTA (without: accuracy {plain['accuracy']:.4f})" in capsys.readouterr().out
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["tta"] == mode and metrics["images"] == 12
+        assert metrics["without_tta"] == {k: plain[k] for k in ("accuracy", "balanced_accuracy", "macro_f1")}
+        truth = [name for name in CLASSES for _ in range(4)]
+        args = ["predict", str(run_dir / "best.pt"), str(data / "val"), "--json", "--top-k", "1", *flag]
+        assert main(args) == 0
+        predicted = [r["top"][0]["class"] for r in json.loads(capsys.readouterr().out)]
+        assert np.mean([p == t for p, t in zip(predicted, truth, strict=True)]) == pytest.approx(metrics["accuracy"])

@@ -2,7 +2,8 @@
 
 A checkpoint is self-describing (arch, classes, image size, normalization), so images are
 preprocessed exactly as in training: decoded to uint8 at the image size by the same
-`decode_file`, then normalized as a batch by the same BatchTransform.
+`decode_file`, then normalized as a batch by the same BatchTransform. Test-time augmentation
+(tta.py) averages the logits over views of each image before the softmax.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ from finetune.files import atomic_write_text
 from finetune.models import rebuild
 from finetune.results import confusion_figure
 from finetune.runtime import Runtime, inference_runtime
+from finetune.tta import tta_views
+
+SUMMARY_KEYS = ("accuracy", "balanced_accuracy", "macro_f1")
 
 
 @dataclass
@@ -39,24 +43,46 @@ class Predictor:
     class_names: list[str]
     transform: BatchTransform
     runtime: Runtime
+    tta: str | None = None  # None, "flip" or "crops": see tta.py
 
     @torch.inference_mode()
-    def classify(self, inputs: torch.Tensor) -> torch.Tensor:
-        """Class probabilities for inputs already resized and normalized."""
+    def logits(self, inputs: torch.Tensor) -> torch.Tensor:
+        """float32 logits for inputs already resized and normalized."""
         with self.runtime.autocast(inference=True):
-            return self.model(inputs).float().softmax(1).cpu()
+            return self.model(inputs).float()
+
+    def batch_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(plain logits, logits averaged over the test-time views) of a uint8 batch; the same
+        tensor twice without TTA."""
+        inputs = self.transform(images)
+        plain = self.logits(inputs)
+        if self.tta is None:
+            return plain, plain
+        views = tta_views(self.tta, images, inputs, self.transform)
+        logits = [plain if view is inputs else self.logits(view) for view in views]
+        return plain, torch.stack(logits).mean(0)
+
+    def outputs(self, batches: Iterable[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Class probabilities of uint8 image batches without and with test-time augmentation."""
+        pairs = [self.batch_logits(batch) for batch in batches]
+        if not pairs:
+            empty = torch.zeros(0, len(self.class_names))
+            return empty, empty
+        plain, averaged = (torch.cat(chunks).softmax(1).cpu() for chunks in zip(*pairs, strict=True))
+        return plain, averaged
 
     def probabilities(self, batches: Iterable[torch.Tensor]) -> torch.Tensor:
-        """Class probabilities for uint8 image batches."""
-        chunks = [self.classify(self.transform(batch)) for batch in batches]
-        return torch.cat(chunks) if chunks else torch.zeros(0, len(self.class_names))
+        """Class probabilities of uint8 image batches, test-time augmented when `tta` is set."""
+        return self.outputs(batches)[1]
 
 
-def load_predictor(path: str | Path, device: str = "auto", precision: str = "auto") -> Predictor:
-    return predictor_from(load_checkpoint(Path(path)), device, precision)
+def load_predictor(
+    path: str | Path, device: str = "auto", precision: str = "auto", tta: str | None = None
+) -> Predictor:
+    return predictor_from(load_checkpoint(Path(path)), device, precision, tta)
 
 
-def predictor_from(ckpt: dict[str, Any], device: str, precision: str) -> Predictor:
+def predictor_from(ckpt: dict[str, Any], device: str, precision: str, tta: str | None = None) -> Predictor:
     model = rebuild(ckpt["arch"], len(ckpt["class_names"]), ckpt.get("torchvision_weights", False))
     model.load_state_dict(ckpt["model"])
     runtime = inference_runtime(device, precision, model)
@@ -64,7 +90,7 @@ def predictor_from(ckpt: dict[str, Any], device: str, precision: str) -> Predict
     transform = BatchTransform(
         ckpt["image_size"], tuple(ckpt["mean"]), tuple(ckpt["std"]), runtime.device, runtime.layout
     )
-    return Predictor(model, list(ckpt["class_names"]), transform, runtime)
+    return Predictor(model, list(ckpt["class_names"]), transform, runtime, tta)
 
 
 def checkpoint_config(ckpt: dict[str, Any], overrides: list[str]) -> Config:
@@ -78,7 +104,7 @@ def checkpoint_config(ckpt: dict[str, Any], overrides: list[str]) -> Config:
     return from_dict(raw, source="the checkpoint's config")
 
 
-def exported_predictor(path: Path) -> Predictor:
+def exported_predictor(path: Path, tta: str | None = None) -> Predictor:
     """A predictor for an exported model, preprocessing as its contract JSON says."""
     contract = read_contract(path)
     prep = contract["preprocessing"]
@@ -86,31 +112,50 @@ def exported_predictor(path: Path) -> Predictor:
     transform = BatchTransform(
         prep["image_size"], tuple(prep["mean"]), tuple(prep["std"]), runtime.device, runtime.layout
     )
-    return Predictor(ExportedModel(path), list(contract["class_names"]), transform, runtime)
+    return Predictor(ExportedModel(path), list(contract["class_names"]), transform, runtime, tta)
 
 
 # ---- eval --------------------------------------------------------------------------------
-def evaluate_checkpoint(path: str | Path, overrides: list[str], out: Path | None) -> dict[str, Any]:
-    """Score a checkpoint on its run's validation data (or the data given by `--set data.*`)."""
+@dataclass
+class ValOutputs:
+    """Class probabilities for the validation images eval scores, without and with TTA."""
+
+    probabilities: torch.Tensor
+    tta_probabilities: torch.Tensor  # the same as `probabilities` without TTA
+    labels: torch.Tensor
+    class_names: list[str]
+
+
+def evaluate_checkpoint(
+    path: str | Path, overrides: list[str], out: Path | None, tta: str | None = None
+) -> dict[str, Any]:
+    """Score a checkpoint on its run's validation data (or the data given by `--set data.*`);
+    with TTA the report scores the augmented predictions and keeps the plain ones' summary."""
     ckpt_path = Path(path)
-    probabilities, labels, class_names = val_probabilities(load_checkpoint(ckpt_path), overrides)
-    report = scores(labels.numpy(), probabilities.argmax(1).numpy(), class_names)
+    val = val_probabilities(load_checkpoint(ckpt_path), overrides, tta)
+    truth = val.labels.numpy()
+    report = scores(truth, val.tta_probabilities.argmax(1).numpy(), val.class_names)
+    report["tta"] = tta
+    if tta is not None:
+        plain = scores(truth, val.probabilities.argmax(1).numpy(), val.class_names)
+        report["without_tta"] = {key: plain[key] for key in SUMMARY_KEYS}
     out = out or ckpt_path.parent / f"eval-{ckpt_path.stem}"
     write_report(report, out)
     return report
 
 
-def val_probabilities(ckpt: dict[str, Any], overrides: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def val_probabilities(ckpt: dict[str, Any], overrides: list[str], tta: str | None = None) -> ValOutputs:
     """Class probabilities for the validation images eval scores, their labels, the class names."""
     cfg = checkpoint_config(ckpt, overrides)
-    predictor = predictor_from(ckpt, cfg.device, cfg.precision)
+    predictor = predictor_from(ckpt, cfg.device, cfg.precision, tta)
     data = load_data(cfg.data)
     if data.class_names != predictor.class_names:
         raise FinetuneError(
             f"eval: the data's classes ({', '.join(data.class_names)}) are not the checkpoint's "
             f"({', '.join(predictor.class_names)}); point data.root at data with the same class folders"
         )
-    return predictor.probabilities(data.val.in_order(64)), data.val.labels, predictor.class_names
+    plain, averaged = predictor.outputs(data.val.in_order(64))
+    return ValOutputs(plain, averaged, data.val.labels, predictor.class_names)
 
 
 def scores(truth: np.ndarray, preds: np.ndarray, class_names: list[str]) -> dict[str, Any]:
@@ -132,7 +177,7 @@ def scores(truth: np.ndarray, preds: np.ndarray, class_names: list[str]) -> dict
 def write_report(report: dict[str, Any], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     names = report["class_names"]
-    summary = {k: report[k] for k in ("images", "accuracy", "balanced_accuracy", "macro_f1")}
+    summary = {k: report[k] for k in ("images", *SUMMARY_KEYS, "tta", "without_tta") if k in report}
     atomic_write_text(out / "metrics.json", json.dumps(summary, indent=2) + "\n")
     per_class = pd.DataFrame(report["per_class"]).T.rename_axis("class")
     atomic_write_text(out / "per_class.csv", per_class.to_csv(float_format="%.4f"))
@@ -157,14 +202,16 @@ def image_files(paths: list[str]) -> list[Path]:
     return files
 
 
-def predict(path: str | Path, inputs: list[str], top_k: int, batch_size: int = 64) -> list[dict[str, Any]]:
+def predict(
+    path: str | Path, inputs: list[str], top_k: int, batch_size: int = 64, tta: str | None = None
+) -> list[dict[str, Any]]:
     """Top-k classes and probabilities per image file, in batches."""
     if top_k < 1:
         raise FinetuneError(f"predict --top-k {top_k}: must be at least 1")
     files = image_files(inputs)
     path = Path(path)
     exported = path.suffix == ".onnx" or path.name.endswith(".torchscript.pt")
-    predictor = exported_predictor(path) if exported else load_predictor(path)
+    predictor = exported_predictor(path, tta) if exported else load_predictor(path, tta=tta)
     k = min(top_k, len(predictor.class_names))
     results = []
     for start in range(0, len(files), batch_size):
