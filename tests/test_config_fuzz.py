@@ -11,6 +11,7 @@ CASE_SECONDS, is a bug.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import random
 import signal
@@ -27,7 +28,7 @@ from finetune.errors import FinetuneError
 from finetune.plan import make_plan
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
-CASES_PER_CONFIG = 25
+CASES_PER_CONFIG = 20
 CASE_SECONDS = 30.0  # generous: the suite shares two busy cores
 RAW = "RAW_YAML_TEXT"  # stands for YAML text that yaml.safe_dump would not write (deep nesting, .inf)
 
@@ -112,7 +113,7 @@ def mutate(raw: dict, rng: random.Random) -> tuple[dict, list[str], str]:
             elif kind == "misspell":
                 put(raw, (*path[:-1], f"{path[-1]}x"), 1)
             else:
-                put(raw, path, value)
+                put(raw, path, copy.deepcopy(value))  # VALUES stay as they are
         except (TypeError, IndexError, KeyError):
             continue  # the path went away under an earlier mutation
         done.append(f"{kind} {'.'.join(map(str, path))}" + (f"={value!r}"[:60] if kind in ("value", "limit") else ""))
@@ -182,8 +183,7 @@ LARGEST = [
 ]
 
 
-@pytest.mark.parametrize("config", ["early_unfreeze", "gradual_unfreeze"])
-def test_the_largest_schedule_a_config_may_hold_plans_quickly(config):
+def test_the_largest_schedule_a_staged_config_may_hold_plans_quickly():
     with deadline(CASE_SECONDS):
-        plan = make_plan(load_config(Path(__file__).parents[1] / "configs" / f"{config}.yaml", LARGEST))
+        plan = make_plan(load_config(Path(__file__).parents[1] / "configs" / "gradual_unfreeze.yaml", LARGEST))
     assert len(plan.epochs) == RANGES["train.epochs"].high
