@@ -45,8 +45,15 @@ class AugmentConfig:
 
 @dataclass
 class DataConfig:
-    dataset: Literal["cifar10", "imagefolder", "digits"] = "cifar10"
+    dataset: Literal["cifar10", "imagefolder", "digits", "csv"] = "cifar10"
     root: str = "data"
+    csv: str | None = None  # dataset csv: a CSV of image paths (relative to root) and labels
+    file_col: str = "file"
+    label_col: str = "label"
+    split_col: str | None = None  # values train / val; null = a stratified split by val_fraction
+    val_fraction: float = 0.2
+    folds: int | None = None  # k-fold: validate on fold `fold` of the training images
+    fold: int = 0
     download: bool = True
     train_size: int | None = 3000
     val_size: int | None = 800
@@ -69,12 +76,26 @@ class ModelConfig:
 
 @dataclass
 class StageConfig:
-    """One step of gradual unfreezing: `modules` train from epoch `epoch + 1` at `lr`."""
+    """One step of gradual unfreezing: `modules` train from epoch `epoch + 1` at `lr` or, with
+    `after: plateau`, once the stage before has settled: `checkpoint.monitor` has not improved
+    by more than `min_delta` for `patience` of its epochs (after at least `min_epochs` of
+    them), or it has run `max_epochs`. `restore_best` first puts back the weights of the stage
+    before's best epoch."""
 
-    epoch: int = 0
+    epoch: int | None = None  # with `after: epoch`; null = 0
     modules: list[str] = field(default_factory=list)
     lr: float | None = None
     name: str | None = None
+    after: Literal["epoch", "plateau"] = "epoch"
+    patience: int = 1
+    min_delta: float = 0.0
+    min_epochs: int = 1
+    max_epochs: int | None = None
+    restore_best: bool = False
+
+    @property
+    def on_plateau(self) -> bool:
+        return self.after == "plateau"
 
 
 @dataclass
@@ -93,17 +114,29 @@ class EarlyStoppingConfig:
 
 
 @dataclass
+class EmaConfig:
+    """An exponential moving average of the weights, which validation and best.pt use (ema.py)."""
+
+    decay: float = 0.999
+    warmup: bool = True  # decay min(decay, (1 + n) / (10 + n)) at update n, so early weights fade fast
+
+
+@dataclass
 class TrainConfig:
     epochs: int = 3
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     lr_head: float = 1.0e-3
     lr_backbone: float = 1.0e-4
     weight_decay: float = 0.0
+    decay_norm_and_bias: bool = False  # weight_decay on norm layers and biases too (off, as timm and HF)
     freeze_backbone: bool = True
     unfreeze_epoch: int | None = 1
     freeze_bn: bool = True
     class_weights: Literal["none", "auto"] | list[float] | dict[str | int, float] = "auto"
     label_smoothing: float = 0.0
+    grad_clip_norm: float | None = None  # clip the trainable parameters' global grad norm; null = off
+    accumulate_steps: int = 1  # batches whose gradients make one optimizer step
+    ema: EmaConfig | None = None  # null = off
     feature_cache: Literal["auto", "off"] = "auto"
     memory_format: Literal["auto", "channels_last", "contiguous"] = "auto"
     scale_lr: Literal["none", "linear"] = "none"  # under torchrun: linear multiplies every LR by the world size

@@ -15,13 +15,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from finetune.config import AugmentConfig, Config, TrainConfig, stage_name
+from finetune.config import AugmentConfig, Config, DataConfig, StageConfig, TrainConfig, stage_name
 from finetune.errors import FinetuneError
 
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:[0-9]{1,3})?")
 MAX_EPOCHS = 10_000
 MAX_IMAGES = 10**8
 MAX_SEED = 2**32 - 1  # numpy's and most tools' seed range
+MAX_FOLDS = 1000
 MAX_LR = 1e38  # float32's largest is 3.4e38: any step at a larger LR makes every weight inf
 
 _SHOW = reprlib.Repr()
@@ -80,6 +81,9 @@ RANGES: dict[str, Range] = {
     "data.num_workers": Range(0, 256),
     "data.memory_budget_mb": Range(0, 2**24),  # 16 TiB
     "data.split_seed": Range(0, MAX_SEED),
+    "data.val_fraction": Range(0.0, 1.0, low_open=True, high_open=True, interval=True),
+    "data.folds": Range(2, MAX_FOLDS),
+    "data.fold": Range(0, MAX_FOLDS - 1),
     "data.augment.random_resized_crop.scale[]": Range(0.0, 1.0, low_open=True, interval=True),
     "data.augment.random_resized_crop.ratio[]": Range(0.0, 100.0, low_open=True, interval=True),
     "data.augment.color_jitter.brightness": Range(0.0, 10.0),
@@ -96,8 +100,15 @@ RANGES: dict[str, Range] = {
     "train.unfreeze_epoch": Range(0, MAX_EPOCHS),
     "train.class_weights[]": Range(0.0, 1e6),
     "train.label_smoothing": Range(0.0, 1.0, high_open=True, interval=True),
+    "train.grad_clip_norm": Range(0.0, 1e6, low_open=True),
+    "train.accumulate_steps": Range(1, 65_536),
+    "train.ema.decay": Range(0.0, 1.0, low_open=True, high_open=True, interval=True),
     "train.unfreeze[].epoch": Range(0, MAX_EPOCHS),
     "train.unfreeze[].lr": POSITIVE_LR,
+    "train.unfreeze[].patience": Range(1, MAX_EPOCHS),
+    "train.unfreeze[].min_delta": Range(0.0, 1e6),
+    "train.unfreeze[].min_epochs": Range(1, MAX_EPOCHS),
+    "train.unfreeze[].max_epochs": Range(1, MAX_EPOCHS),
     "train.layer_lr_decay": Range(1e-6, 1.0, interval=True),  # later (lower) stages learn slower
     "train.scheduler.warmup_epochs": EPOCHS,
     "train.scheduler.min_lr_ratio": FRACTION,
@@ -144,6 +155,7 @@ def validate(cfg: Config) -> None:
         raise FinetuneError("config: data.train_classes = [] names no class; list some, or null for all")
     _validate_schedule(t)
     _validate_augment(d.augment)
+    _validate_data_source(d)
 
 
 def _problem(pattern: str, value: Any) -> str | None:
@@ -153,6 +165,16 @@ def _problem(pattern: str, value: Any) -> str | None:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return RANGES[pattern].problem(value)
     return None
+
+
+def _validate_data_source(d: DataConfig) -> None:
+    """A CSV dataset names its file; a fold exists among the folds."""
+    if d.dataset == "csv" and not d.csv:
+        raise FinetuneError("config: data.dataset = csv needs data.csv, the CSV file of image paths and labels")
+    if d.folds is None and d.fold != 0:
+        raise FinetuneError(f"config: data.fold = {d.fold} needs data.folds (the number of folds, e.g. 5)")
+    if d.folds is not None and not d.fold < d.folds:
+        raise FinetuneError(f"config: data.fold = {d.fold} must be between 0 and data.folds - 1 = {d.folds - 1}")
 
 
 def _validate_augment(a: AugmentConfig) -> None:
@@ -168,6 +190,22 @@ def _validate_augment(a: AugmentConfig) -> None:
         raise FinetuneError(f"config: data.augment.random_resized_crop.ratio = {show(ratio)} {rule}")
 
 
+def _validate_stage_start(stage: StageConfig, key: str, epochs: int) -> None:
+    """A fixed stage starts before the last epoch; a plateau stage has a window, not an epoch."""
+    if stage.on_plateau:
+        if stage.epoch is not None:
+            raise FinetuneError(f"config: {key} starts on a plateau, so it takes no epoch; drop {key}.epoch")
+        if stage.max_epochs is not None and stage.max_epochs < stage.min_epochs:
+            raise FinetuneError(
+                f"config: {key}.max_epochs = {stage.max_epochs} must be >= {key}.min_epochs = {stage.min_epochs}"
+            )
+    elif not (stage.epoch or 0) < epochs:
+        raise FinetuneError(
+            f"config: {key}.epoch = {stage.epoch} must be between 0 and train.epochs - 1 = {epochs - 1} "
+            "(a stage's modules train from epoch `epoch + 1`)"
+        )
+
+
 def _validate_schedule(t: TrainConfig) -> None:
     """Values bound to train.epochs and stage names; module names are checked against the model in schedule.py."""
     warmup = t.scheduler.warmup_epochs
@@ -176,11 +214,7 @@ def _validate_schedule(t: TrainConfig) -> None:
     names: set[str] = {"head"}
     for i, stage in enumerate(t.unfreeze or []):
         key = f"train.unfreeze[{i}]"
-        if not stage.epoch < t.epochs:
-            raise FinetuneError(
-                f"config: {key}.epoch = {stage.epoch} must be between 0 and train.epochs - 1 = {t.epochs - 1} "
-                "(a stage's modules train from epoch `epoch + 1`)"
-            )
+        _validate_stage_start(stage, key, t.epochs)
         if not stage.modules:
             raise FinetuneError(f"config: {key}.modules is empty; name modules such as layer4 or backbone")
         name = stage_name(stage)

@@ -111,10 +111,14 @@ class CachePlanner:
         self.cfg, self.schedule, self.model, self.runtime = cfg, schedule, model, runtime
         self.sizes = n_train, n_val
         self.current: CacheDecision | None = None
+        self.stage = ""
 
     def decide(self, epoch: int) -> CacheDecision:
-        if self.current is None or epoch not in self.current.epochs:
+        """A plateau stage may start before the decided range ends: a new stage decides anew."""
+        stage = self.schedule.stage(epoch)
+        if self.current is None or epoch not in self.current.epochs or stage != self.stage:
             self.current = decide_cache(self.cfg, self.schedule, self.model, epoch, *self.sizes, self.runtime)
+            self.stage = stage
         return self.current
 
 

@@ -20,7 +20,7 @@ from finetune.distributed import SINGLE, Ranks
 from finetune.features import CachePlanner
 from finetune.models import check_model_config, skeleton
 from finetune.runtime import Subject, resolve_runtime
-from finetune.schedule import Schedule
+from finetune.schedule import Group, Schedule
 from finetune.training.batches import steps_per_epoch
 
 
@@ -44,6 +44,7 @@ class Plan:
     groups: list[dict[str, Any]]
     epochs: list[EpochPlan]
     runtime: str  # one line: the choice and how it was decided, or that train will measure it
+    accumulate_steps: int  # batches per optimizer step; steps_per_epoch counts optimizer steps
 
 
 def make_plan(cfg: Config, ranks: Ranks = SINGLE) -> Plan:
@@ -53,8 +54,11 @@ def make_plan(cfg: Config, ranks: Ranks = SINGLE) -> Plan:
     built = skeleton(cfg.model, len(names))
     runtime = resolve_runtime(cfg, Subject(built.model, built.head_name, n_train, n_val), ranks, measure=False)
     model = built.model.to(memory_format=runtime.layout)
-    steps = steps_per_epoch(n_train, cfg.data.batch_size, ranks.world)
+    steps = steps_per_epoch(n_train, cfg.data.batch_size, ranks.world, cfg.train.accumulate_steps)
     schedule = Schedule(cfg.train, model, built.head_name, steps, runtime.lr_scale)
+    groups = [_group_row(schedule, g, cfg) for g in schedule.groups]
+    while (waiting := schedule.pending()) is not None:  # the epoch rows: each plateau stage at its earliest
+        schedule.start(waiting.name, schedule.window(waiting)[0])
     caches = CachePlanner(cfg, schedule, model, n_train, n_val, runtime)
     shown = "measured by train" if runtime.decided_by == "pending" else runtime.describe()
     sizes = dict(model.named_parameters())
@@ -78,11 +82,16 @@ def make_plan(cfg: Config, ranks: Ranks = SINGLE) -> Plan:
                 runtime=shown,
             )
         )
-    groups = [
-        {"group": g.name, "modules": ", ".join(g.modules), "trains from epoch": g.epoch + 1, "base lr": g.lr}
-        for g in schedule.groups
-    ]
-    return Plan(steps, n_train, groups, rows, runtime.note())
+    return Plan(steps, n_train, groups, rows, runtime.note(), cfg.train.accumulate_steps)
+
+
+def _group_row(schedule: Schedule, group: Group, cfg: Config) -> dict[str, Any]:
+    """A plateau stage shows its window: the epochs it can start at (the rows assume the first)."""
+    start: int | str = group.epoch + 1 if group.epoch is not None else ""
+    if group.plateau is not None:
+        first, last = schedule.window(group)
+        start = f"{first + 1}-{min(last + 1, cfg.train.epochs)}, on plateau of {cfg.checkpoint.monitor}"
+    return {"group": group.name, "modules": ", ".join(group.modules), "trains from epoch": start, "base lr": group.lr}
 
 
 def plan_table(plan: Plan) -> list[dict[str, Any]]:

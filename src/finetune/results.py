@@ -23,6 +23,8 @@ class EpochRecord:
     trainable_params: int
     epoch_seconds: float
     feature_cache: str = ""  # the stage's cache decision, as `finetune plan` prints it
+    val_weights: str = "model"  # the weights validation scored: the model's, or their average (ema)
+    next_stage: str = ""  # the stage that starts after this epoch, and why (its epoch, a plateau)
     is_best: bool = False
     lrs: dict[str, float] = field(default_factory=dict)  # each group's LR at the epoch's last step
     val_acc_per_class: dict[str, float] = field(default_factory=dict)

@@ -15,12 +15,13 @@ needs no scheduler state in last.pt: resume recomputes it exactly.
 from __future__ import annotations
 
 import difflib
+import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import nn
 
-from finetune.config import TrainConfig, stage_name
+from finetune.config import StageConfig, TrainConfig, stage_name
 from finetune.errors import FinetuneError
 
 BACKBONE = "backbone"  # in a stage: every backbone parameter no other stage names
@@ -34,12 +35,18 @@ class Group:
 
     name: str
     modules: tuple[str, ...]
-    epoch: int  # trains from epoch `epoch + 1`
+    epoch: int | None  # trains from epoch `epoch + 1`; None: waits for a plateau
     lr: float
     params: tuple[str, ...]
+    stage: StageConfig | None = None  # its train.unfreeze entry (None: the head, the shorthand)
 
     def trains_in(self, epoch: int) -> bool:
-        return epoch > self.epoch
+        return self.epoch is not None and epoch > self.epoch
+
+    @property
+    def plateau(self) -> StageConfig | None:
+        """The plateau rule this group starts by, if it starts by one."""
+        return self.stage if self.stage is not None and self.stage.on_plateau else None
 
 
 class Schedule:
@@ -50,6 +57,40 @@ class Schedule:
         self.total_steps = cfg.epochs * steps_per_epoch
         self.module_order = [name for name, _ in model.named_modules() if name]
         self.groups = _build_groups(cfg, model, head_name)
+        _check_order(self)
+
+    # ---- when plateau stages start -----------------------------------------------------------
+    def pending(self) -> Group | None:
+        """The next stage that waits for a plateau (stages join in order, so at most one is next)."""
+        return next((g for g in self.groups if g.epoch is None), None)
+
+    def start(self, name: str, epoch: int) -> None:
+        """Stage `name` trains from epoch `epoch + 1`: its plateau was reached in `epoch`."""
+        self.groups = [replace(g, epoch=epoch) if g.name == name else g for g in self.groups]
+
+    def starts(self) -> dict[str, int | None]:
+        """Each group's start as an epoch index (trains from `epoch + 1`), None if not yet: last.pt keeps it."""
+        return {g.name: g.epoch for g in self.groups}
+
+    def restore_starts(self, starts: dict[str, int | None]) -> None:
+        for name, epoch in starts.items():
+            if epoch is not None and any(g.name == name and g.epoch is None for g in self.groups):
+                self.start(name, epoch)
+
+    def window(self, group: Group) -> tuple[int, int]:
+        """The earliest and latest epoch index `group` can start at, given the starts so far."""
+        before = (0, 0)
+        for g in self.groups:
+            if g.epoch is not None:
+                current = (g.epoch, g.epoch)
+            elif g.plateau is not None:
+                rule, last = g.plateau, self.cfg.epochs
+                latest = last if rule.max_epochs is None else min(last, before[1] + rule.max_epochs)
+                current = (min(last, before[0] + rule.min_epochs), latest)
+            if g is group:
+                return current
+            before = current
+        raise KeyError(group.name)
 
     # ---- which groups train ----------------------------------------------------------------
     def active(self, epoch: int) -> list[Group]:
@@ -68,8 +109,10 @@ class Schedule:
         return (epoch - 1) * self.steps_per_epoch + step
 
     def stage_epochs(self, epoch: int) -> range:
-        """The epochs from `epoch` on during which the same groups train."""
-        later = [g.epoch for g in self.groups if g.epoch >= epoch]
+        """The epochs from `epoch` on during which the same groups may train (while a plateau
+        stage waits, up to the latest epoch it can start)."""
+        later = [g.epoch for g in self.groups if g.epoch is not None and g.epoch >= epoch]
+        later += [self.window(g)[1] for g in self.groups if g.epoch is None]
         return range(epoch, min(later, default=self.cfg.epochs) + 1)
 
     def module_trains(self, name: str, epoch: int) -> bool:
@@ -97,9 +140,9 @@ class Schedule:
     # ---- learning rates --------------------------------------------------------------------
     def lr(self, group: Group, step: int) -> float:
         """The LR of `group` at global step `step` (0-based)."""
-        joined = group.epoch * self.steps_per_epoch
-        if step < joined:
+        if group.epoch is None or step < group.epoch * self.steps_per_epoch:
             return 0.0
+        joined = group.epoch * self.steps_per_epoch
         factor = self._curve(step)
         warmup = round(self.cfg.unfreeze_warmup_epochs * self.steps_per_epoch)
         if group.epoch > 0 and warmup > 0:
@@ -130,20 +173,42 @@ class Schedule:
 
 
 def check_stages(cfg: TrainConfig, model: nn.Module, head_name: str) -> None:
-    """Raise on a stage that names no module, overlaps another or holds the head."""
-    _build_groups(cfg, model, head_name)
+    """Raise on a stage that names no module, overlaps another, holds the head or starts out of order."""
+    Schedule(cfg, model, head_name, steps_per_epoch=1)
 
 
-def _stage_configs(cfg: TrainConfig) -> list[tuple[str, tuple[str, ...], int, float | None]]:
-    """(name, modules, epoch, lr or None) per stage; the shorthand is one `backbone` stage."""
+def _stage_configs(cfg: TrainConfig) -> list[tuple[str, tuple[str, ...], int | None, float | None, StageConfig | None]]:
+    """(name, modules, epoch, lr or None, config) per stage in joining order; the shorthand is one
+    `backbone` stage. Stages by epoch alone join in epoch order; with plateau stages, in list order."""
     if cfg.unfreeze is not None:
-        stages = sorted(cfg.unfreeze, key=lambda s: s.epoch)
-        return [(stage_name(s), tuple(s.modules), s.epoch, s.lr) for s in stages]
+        stages = cfg.unfreeze
+        if not any(s.on_plateau for s in stages):
+            stages = sorted(stages, key=lambda s: s.epoch or 0)
+        return [(stage_name(s), tuple(s.modules), None if s.on_plateau else s.epoch or 0, s.lr, s) for s in stages]
     if not cfg.freeze_backbone:
-        return [(BACKBONE, (BACKBONE,), 0, cfg.lr_backbone)]
+        return [(BACKBONE, (BACKBONE,), 0, cfg.lr_backbone, None)]
     if cfg.unfreeze_epoch is None:
         return []
-    return [(BACKBONE, (BACKBONE,), cfg.unfreeze_epoch, cfg.lr_backbone)]
+    return [(BACKBONE, (BACKBONE,), cfg.unfreeze_epoch, cfg.lr_backbone, None)]
+
+
+def _check_order(schedule: Schedule) -> None:
+    """With plateau stages listed, a stage by epoch must start after the one before can."""
+    for before, group in itertools.pairwise(schedule.groups[1:]):
+        if group.epoch is None:
+            continue
+        latest = before.epoch if before.epoch is not None else schedule.window(before)[1]
+        if before.epoch is None and before.plateau.max_epochs is None:
+            raise FinetuneError(
+                f"train.unfreeze: stage {group.name!r} starts at epoch {group.epoch + 1}, but {before.name!r} before "
+                f"it has no max_epochs, so it may start later; give {before.name!r} max_epochs"
+            )
+        if group.epoch < latest or (before.epoch is None and group.epoch == latest):
+            raise FinetuneError(
+                f"train.unfreeze: stage {group.name!r} starts at epoch {group.epoch + 1}, but {before.name!r} before "
+                f"it may start as late as epoch {latest + 1}; give {before.name!r} a smaller max_epochs or "
+                f"{group.name!r} a later epoch"
+            )
 
 
 def _build_groups(cfg: TrainConfig, model: nn.Module, head_name: str) -> list[Group]:
@@ -152,18 +217,18 @@ def _build_groups(cfg: TrainConfig, model: nn.Module, head_name: str) -> list[Gr
     _check_modules(stages, model, head_name)
     names = [n for n, _ in model.named_parameters()]
     owner = {n: "head" for n in names if _inside(n, head_name)}
-    for name, modules, _, _ in stages:
+    for name, modules, *_ in stages:
         owner.update({n: name for n in names if any(_inside(n, m) for m in modules if m != BACKBONE)})
-    rest = [name for name, modules, _, _ in stages if BACKBONE in modules]
+    rest = [name for name, modules, *_ in stages if BACKBONE in modules]
     owner.update({n: rest[0] for n in names if rest and n not in owner})
     groups = [Group("head", (head_name,), 0, cfg.lr_head, tuple(n for n in names if owner.get(n) == "head"))]
     lr = cfg.lr_backbone / cfg.layer_lr_decay
-    for name, modules, epoch, stage_lr in stages:
+    for name, modules, epoch, stage_lr, stage in stages:
         lr = stage_lr if stage_lr is not None else lr * cfg.layer_lr_decay
         params = tuple(n for n in names if owner.get(n) == name)
         if not params:
             raise FinetuneError(f"train.unfreeze: stage {name!r} holds no parameters to train; name other modules")
-        groups.append(Group(name, modules, epoch, lr, params))
+        groups.append(Group(name, modules, epoch, lr, params, stage))
     return groups
 
 
@@ -175,7 +240,7 @@ def _check_modules(stages: list, model: nn.Module, head_name: str) -> None:
     """Unknown names (with close suggestions), the head inside a stage, overlapping stages."""
     known = [name for name, _ in model.named_modules() if name]
     seen: list[tuple[str, str]] = []
-    for stage, modules, _, _ in stages:
+    for stage, modules, *_ in stages:
         for module in modules:
             if module == BACKBONE:
                 if any(m == BACKBONE for _, m in seen):

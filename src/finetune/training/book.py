@@ -43,10 +43,14 @@ class EpochBook:
         lrs: dict[str, float],
         trainable_params: int,
         feature_cache: str,
+        last_stage: bool,
+        next_stage: str,
     ) -> EpochOutcome:
+        """`last_stage`: every stage has joined, so early stopping counts (never while a stage waits)."""
         metrics = result.metrics()
         is_best = self.best.update(epoch, metrics)
-        stopped = self.stopping.update(epoch, metrics[self.monitor], new_stage, self.cfg.train.epochs)
+        last = self.cfg.train.epochs
+        stopped = last_stage and self.stopping.update(epoch, metrics[self.monitor], new_stage, last)
         record = EpochRecord(
             epoch=epoch,
             stage=stage,
@@ -58,6 +62,8 @@ class EpochBook:
             trainable_params=trainable_params,
             epoch_seconds=seconds,
             feature_cache=feature_cache,
+            val_weights="ema" if self.cfg.train.ema else "model",
+            next_stage=next_stage,
             lrs=lrs,
             val_acc_per_class=result.per_class,
         )

@@ -1,0 +1,138 @@
+"""Issue 18: stages that start when the stage before settles (a plateau of the monitor)."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import pandas as pd
+import pytest
+import torch
+from conftest import make_imagefolder, write_config
+from test_distributed import Torchrun
+from test_resume import Finetune, assert_same_as_reference, csv_rows, reference_run, resume, stop_when
+
+from finetune.cli import main
+
+FLAT = ["train.lr_head=1e-12", "train.lr_backbone=1e-12"]  # val_acc stays where it starts
+
+
+def plateau_stages(**layer4) -> str:
+    rule = {"patience": 1, "max_epochs": 3, **layer4}
+    body = ", ".join(f"{k}: {str(v).lower()}" for k, v in rule.items())
+    return f"train.unfreeze=[{{modules: [layer4], after: plateau, {body}}}, {{modules: [backbone], epoch: 5}}]"
+
+
+def run(config, tmp_path, *sets, name="run") -> pd.DataFrame:
+    assert main(["train", str(config), "--run-dir", str(tmp_path / name), "--set", "train.epochs=6", *sets]) == 0
+    return pd.read_csv(tmp_path / name / "results.csv")
+
+
+def test_a_plateau_stage_starts_once_the_monitor_stops_improving(config_file, tmp_path, capsys):
+    results = run(config_file(), tmp_path, *FLAT, plateau_stages())
+    assert results["stage"].tolist() == ["head", "head", "layer4", "layer4", "layer4", "backbone"]
+    assert results["next_stage"][1] == "layer4 trains from epoch 3 (val_acc plateaued for 1 epoch(s))"
+    assert "next stage: layer4 trains from epoch 3" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["stage_starts"] == {"head": 1, "layer4": 3, "backbone": 6}
+
+
+def test_min_epochs_holds_a_plateau_stage_back_and_max_epochs_forces_it(config_file, tmp_path):
+    held = run(config_file(), tmp_path, *FLAT, plateau_stages(min_epochs=3), name="held")
+    assert held["stage"].tolist()[:4] == ["head", "head", "head", "layer4"]
+    forced = run(config_file(), tmp_path, *FLAT, plateau_stages(patience=50, max_epochs=2), name="forced")
+    assert forced["stage"].tolist()[:3] == ["head", "head", "layer4"]
+    assert "max_epochs 2 reached" in forced["next_stage"][1]
+
+
+def test_restore_best_puts_back_the_weights_of_the_stage_befores_best_epoch(make_trainer):
+    stages = "train.unfreeze=[{modules: [layer4], after: plateau, patience: 1, max_epochs: 3, restore_best: true}]"
+    trainer = make_trainer("train.epochs=5", "train.lr_head=0.05", stages)
+    after: dict[int, dict[str, torch.Tensor]] = {}
+    for epoch in range(1, 6):
+        trainer.run_epoch(epoch)
+        after[epoch] = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        if trainer.book.log.rows[-1]["next_stage"]:
+            break
+    rows = trainer.book.log.rows
+    best = max(rows, key=lambda r: (r["val_acc"], -r["epoch"]))["epoch"]
+    assert f"weights of epoch {best} restored" in rows[-1]["next_stage"]
+    restored = trainer.model.state_dict()
+    assert all(torch.equal(restored[k], v) for k, v in after[best].items())
+    if best != epoch:
+        assert not all(torch.equal(restored[k], v) for k, v in after[epoch].items())
+
+
+def test_plan_shows_a_plateau_stage_as_its_window(config_file, capsys):
+    assert (
+        main(["plan", str(config_file()), "--set", "train.epochs=6", plateau_stages(min_epochs=2, max_epochs=3)]) == 0
+    )
+    out = capsys.readouterr().out
+    assert "3-4, on plateau of val_acc" in out
+
+
+@pytest.mark.parametrize(
+    ("stages", "message"),
+    [
+        ("[{modules: [layer4], after: later}]", r"after = 'later' is invalid"),
+        ("[{modules: [layer4], after: plateau, patience: 0}]", r"patience = 0 must be >= 1"),
+        ("[{modules: [layer4], after: plateau, min_epochs: 3, max_epochs: 2}]", r"max_epochs = 2 must be >= "),
+        ("[{modules: [layer4], after: plateau, epoch: 2}]", r"starts on a plateau, so it takes no epoch"),
+        (
+            "[{modules: [layer4], after: plateau, max_epochs: 3}, {modules: [backbone], epoch: 2}]",
+            r"as late as epoch 4",
+        ),
+        ("[{modules: [layer4], after: plateau}, {modules: [backbone], epoch: 4}]", r"has no max_epochs"),
+    ],
+)
+def test_bad_plateau_stages_are_one_line_from_plan_and_train(config_file, capsys, stages, message):
+    for command in ("plan", "train"):
+        assert main([command, str(config_file()), "--set", "train.epochs=6", f"train.unfreeze={stages}"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and __import__("re").search(message, err), err
+
+
+@pytest.fixture(scope="module")
+def plateau_run(tmp_path_factory):
+    """A plateau config that trains for real (restore_best included), and its uninterrupted run."""
+    root = tmp_path_factory.mktemp("plateau")
+    data = make_imagefolder(root / "data", train_per_class=40, val_per_class=10)
+    train = {
+        "epochs": 5,
+        "lr_head": 0.01,
+        "unfreeze": [
+            {"modules": ["layer4"], "after": "plateau", "patience": 1, "max_epochs": 2, "restore_best": True},
+            {"modules": ["backbone"], "after": "plateau", "patience": 1, "max_epochs": 1, "restore_best": True},
+        ],
+        "scheduler": {"name": "cosine"},
+        "unfreeze_warmup_epochs": 0.5,
+    }
+    config = write_config(root / "config.yaml", data, root / "runs", data={"batch_size": 4}, train=train)
+    reference = reference_run(config, root / "reference")
+    switches = pd.read_csv(reference / "results.csv")["next_stage"].notna()
+    return config, reference, [int(e) for e in switches[switches].index + 1]
+
+
+def test_kill_inside_and_right_after_a_plateau_switch_resumes_bit_identical(plateau_run, tmp_path):
+    config, reference, switches = plateau_run
+    assert switches, "the reference run switched stage"
+    epoch = switches[0]
+    run = tmp_path / "run"
+    proc = Finetune("train", config, "--run-dir", run)
+    stop_when(proc, lambda: proc.bar_at(f"epoch {epoch}", steps=2), signal.SIGKILL)  # inside the detecting epoch
+    assert csv_rows(run) == epoch - 1
+    proc = Finetune("train", "--resume", run)
+    stop_when(proc, lambda: proc.bar_at(f"epoch {epoch + 1}", steps=2), signal.SIGKILL)  # right after the switch
+    assert csv_rows(run) == epoch
+    resume(run)
+    assert_same_as_reference(run, reference)
+
+
+def test_under_torchrun_every_rank_switches_at_the_same_step(plateau_run, tmp_path):
+    config, reference, _ = plateau_run
+    proc = Torchrun(tmp_path / "logs", "train", config, "--run-dir", tmp_path / "run")
+    out = proc.finish()
+    assert proc.returncode == 0, out + proc.rank_log(0, "stderr") + proc.rank_log(1, "stderr")
+    results = pd.read_csv(tmp_path / "run" / "results.csv")
+    assert results["next_stage"].notna().any()
+    assert proc.rank_log(0, "stdout").count("weights identical on 2 ranks") == len(results)
