@@ -2,13 +2,16 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
+import pytest
 import torch
 import yaml
 from conftest import write_config
 
 from finetune.cli import main
+from finetune.config_load import from_dict, load_config
 
 EXPECTED_COLUMNS = [
     "epoch", "stage", "train_loss", "train_acc", "val_loss", "val_acc", "val_balanced_acc", "trainable_params",
@@ -96,3 +99,61 @@ def test_streamed_dataset_trains_like_the_in_memory_one(tmp_path):
         assert main(["train", str(config), "--run-dir", str(tmp_path / run), "--set", *sets]) == 0
     a, b = (pd.read_csv(tmp_path / run / "results.csv").drop(columns="epoch_seconds") for run in ("memory", "streamed"))
     pd.testing.assert_frame_equal(a, b)
+
+
+def test_version_is_the_installed_package_version(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out == f"finetune {version('finetune')}\n"
+
+
+@pytest.mark.parametrize("shipped", sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")), ids=str)
+def test_config_prints_every_key_of_a_shipped_config_and_reads_back_equal(shipped, capsys):
+    assert main(["config", str(shipped), "--set", "seed=7"]) == 0
+    printed = capsys.readouterr().out
+    raw = yaml.safe_load(printed)
+    assert raw["seed"] == 7 and "memory_budget_mb" in raw["data"] and raw["checkpoint"]["monitor"]
+    assert from_dict(raw) == load_config(shipped, ["seed=7"])
+
+
+def test_train_takes_the_printed_config_unchanged_and_writes_it_back_byte_for_byte(config_file, tmp_path, capsys):
+    path = config_file(train={"epochs": 1, "unfreeze_epoch": None})
+    assert main(["config", str(path), "--set", "data.batch_size=4"]) == 0
+    printed = capsys.readouterr().out
+    (tmp_path / "resolved.yaml").write_text(printed)
+    assert main(["train", str(tmp_path / "resolved.yaml"), "--run-dir", str(tmp_path / "run")]) == 0
+    assert (tmp_path / "run" / "config.yaml").read_text() == printed
+    assert main(["config", str(path), "--set", "data.bach_size=4"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "did you mean data.batch_size" in err
+
+
+def test_a_csv_of_the_image_folder_trains_the_same_run(imagefolder, tmp_path):
+    from test_sources import folder_as_csv
+
+    csv = folder_as_csv(imagefolder, tmp_path / "labels.csv")
+    config = write_config(tmp_path / "c.yaml", imagefolder, tmp_path / "runs", train={"epochs": 2})
+    as_csv = ["data.dataset=csv", f"data.csv={csv}", "data.file_col=path", "data.label_col=y", "data.split_col=part"]
+    for run, sets in (("folder", []), ("csv", as_csv)):
+        assert main(["train", str(config), "--run-dir", str(tmp_path / run), "--set", "train.lr_head=0.01", *sets]) == 0
+    a, b = (pd.read_csv(tmp_path / run / "results.csv").drop(columns="epoch_seconds") for run in ("folder", "csv"))
+    pd.testing.assert_frame_equal(a, b)
+    assert torch.load(tmp_path / "csv" / "best.pt", weights_only=True)["class_names"] == ["cat", "dog", "frog"]
+
+
+def test_a_csv_label_column_that_does_not_exist_stops_plan_in_one_line(imagefolder, tmp_path, capsys):
+    from test_sources import folder_as_csv
+
+    csv = folder_as_csv(imagefolder, tmp_path / "labels.csv")
+    config = write_config(tmp_path / "c.yaml", imagefolder, tmp_path / "runs")
+    sets = ["data.dataset=csv", f"data.csv={csv}", "data.file_col=path", "data.label_col=class"]
+    assert main(["plan", str(config), "--set", *sets]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "data.label_col = 'class'" in err and "columns are path, y, part" in err
+    fixed = [*sets[:-1], "data.label_col=y", "data.split_col=part", "data.folds=4"]
+    assert main(["plan", str(config), "--set", *fixed, "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["train_size"] == 18, "3 of 4 folds of the 24 training rows"

@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="finetune", description="Fine-tune pretrained image classifiers.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
     train = sub.add_parser("train", help="fine-tune a model from a YAML config")
     train.add_argument("config", nargs="?", help="YAML config (optional with --resume)")
@@ -48,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help="print JSON instead of a table")
     plan.set_defaults(func=cmd_plan)
 
+    config = sub.add_parser("config", help="print the fully resolved config (every default) as YAML")
+    config.add_argument("config")
+    config.add_argument("--set", dest="overrides", action="extend", default=[], nargs="+", metavar="KEY=VALUE")
+    config.set_defaults(func=cmd_config)
+
     sweep = sub.add_parser("sweep", help="train several configs or a grid in one process, then compare them")
     sweep.add_argument("configs", nargs="+", help="one YAML config (with --grid/--seeds) or several")
     sweep.add_argument("--set", dest="overrides", action="extend", default=[], nargs="+", metavar="KEY=VALUE")
@@ -60,12 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("runs", nargs="+", help="run dirs, globs, or folders of runs")
     compare.add_argument("--out", default="comparison", help="where to write tables and plots")
     compare.add_argument("--sort", default="best_val_acc", help="column to sort by")
+    compare.add_argument("--json", action="store_true", help="print JSON (runs, and seeds/folds) instead of a table")
     compare.set_defaults(func=cmd_compare)
 
     evaluate = sub.add_parser("eval", help="score a checkpoint: metrics, per-class report, confusion matrix")
     evaluate.add_argument("checkpoint")
     evaluate.add_argument("--set", dest="overrides", action="extend", default=[], nargs="+", metavar="data.KEY=VALUE")
     evaluate.add_argument("--out", help="output dir (default: eval-<checkpoint name> beside the checkpoint)")
+    evaluate.add_argument("--json", action="store_true", help="print the report as JSON instead of tables")
+    add_tta(evaluate)
     evaluate.set_defaults(func=cmd_eval)
 
     exp = sub.add_parser("export", help="a checkpoint as ONNX or TorchScript, checked against PyTorch")
@@ -81,8 +90,31 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("images", nargs="+", help="image files or folders")
     pred.add_argument("--top-k", type=int, default=3)
     pred.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_tta(pred)
     pred.set_defaults(func=cmd_predict)
     return parser
+
+
+def add_tta(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--tta",
+        nargs="?",
+        const="flip",
+        choices=["flip", "crops"],
+        help="average logits over the image and its mirror (flip, the default), or ten crops and mirrors (crops)",
+    )
+
+
+def package_version() -> str:
+    """The installed distribution's version; a source tree that is not installed has its own."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("finetune")
+    except PackageNotFoundError:
+        from finetune import __version__
+
+        return __version__
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -132,6 +164,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    """The config as a run's config.yaml holds it: `finetune train` takes it back unchanged."""
+    from finetune.config import to_yaml
+
+    print(to_yaml(load_config(args.config, args.overrides)), end="")
+    return 0
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     if "TORCHELASTIC_RUN_ID" in os.environ:
         raise FinetuneError("sweep runs its runs in one process; under torchrun, use finetune train per config")
@@ -171,8 +211,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from finetune.compare import compare, markdown
 
     out = Path(args.out)
-    table = compare(args.runs, out, args.sort)
-    print(markdown(table))
+    result = compare(args.runs, out, args.sort)
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+        return 0
+    print(markdown(result.table))
     print(f"wrote {out}/comparison.csv, comparison.md, per_class.csv, curves.png, per_class.png, tradeoff.png")
     return 0
 
@@ -182,10 +225,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from finetune.inference import evaluate_checkpoint
 
-    report = evaluate_checkpoint(args.checkpoint, args.overrides, Path(args.out) if args.out else None)
+    report = evaluate_checkpoint(args.checkpoint, args.overrides, Path(args.out) if args.out else None, args.tta)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    plain = report.get("without_tta")
     print(
         f"{report['images']} images: accuracy {report['accuracy']:.4f}, balanced accuracy "
         f"{report['balanced_accuracy']:.4f}, macro F1 {report['macro_f1']:.4f}"
+        + (f" with {args.tta} TTA (without: accuracy {plain['accuracy']:.4f})" if plain else "")
     )
     per_class = pd.DataFrame(report["per_class"]).T
     print(per_class.to_markdown(floatfmt=".3f"))
@@ -208,7 +256,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     from finetune.inference import predict
 
-    results = predict(args.checkpoint, args.images, args.top_k)
+    results = predict(args.checkpoint, args.images, args.top_k, tta=args.tta)
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
