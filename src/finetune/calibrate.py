@@ -1,6 +1,6 @@
 """Time the runtime candidates on the run's real model, within a few seconds (issue 16).
 
-A copy of the model is put in the stage that trains most (its last one: groups only join),
+A copy of the model is put in the stage that trains most (every group joined: they only join),
 so the rates are those of the run's heaviest steps, at its image size and batch; the copy
 and a forked RNG keep the run itself untouched. A batch whose timing would not fit the budget
 (a large model on a CPU) is measured at the largest smaller batch that does.
@@ -18,7 +18,7 @@ from torch import nn
 
 from finetune.choice import Candidate, Measured, autocast
 from finetune.config import Config
-from finetune.freezing import apply_stage, set_train_mode
+from finetune.freezing import set_train_mode
 from finetune.schedule import Schedule
 
 BUDGET_S = 5.0  # the first run of a (machine, model, size) pays at most about this
@@ -125,10 +125,13 @@ def calibrate(
 
 
 def stage_copy(cfg: Config, model: nn.Module, head_name: str, device: torch.device) -> nn.Module:
-    """A copy of `model` on `device` as it trains in the run's last stage, the heaviest."""
+    """A copy of `model` on `device` as it trains once every group has joined (groups only join,
+    so that is the run's heaviest stage, whenever a stage waiting for a plateau starts)."""
     copied = copy.deepcopy(model).to(device)
     schedule = Schedule(cfg.train, copied, head_name, steps_per_epoch=1)
-    apply_stage(copied, schedule, cfg.train.epochs)
+    trainable = {name for g in schedule.groups for name in g.params}
+    for name, param in copied.named_parameters():
+        param.requires_grad_(name in trainable)
     set_train_mode(copied, schedule, cfg.train.epochs)
     return copied
 

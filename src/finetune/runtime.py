@@ -181,7 +181,7 @@ def calibration_key(cfg: Config, subject: Subject, device: torch.device, labels:
         "arch": cfg.model.arch,
         "image_size": cfg.data.image_size,
         "batch_size": cfg.data.batch_size,
-        "trains": sorted(m for g in schedule.active(cfg.train.epochs) for m in g.modules),
+        "trains": sorted(m for g in schedule.groups for m in g.modules),  # the heaviest stage: all joined
         "freeze_bn": cfg.train.freeze_bn,
         "candidates": labels,
     }
