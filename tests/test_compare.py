@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -32,8 +34,9 @@ def runs(tmp_path_factory):
 def test_compare_writes_tables_and_plots(runs, tmp_path, capsys):
     out = tmp_path / "cmp"
     assert main(["compare", str(runs), "--out", str(out)]) == 0
-    printed = capsys.readouterr().out
-    assert "stopped finished 1/3 epochs; using those" in printed
+    printed = capsys.readouterr()
+    assert "stopped finished 1/3 epochs; using those" in printed.err
+    assert printed.out.startswith("| run"), "stdout holds the table alone"
     table = pd.read_csv(out / "comparison.csv")
     assert set(table["run"]) == {"frozen", "early", "stopped"}
     # the keys that differ are found from config.yaml; name/out_dir and equal keys are not columns
@@ -86,10 +89,37 @@ def test_runs_with_different_classes_compare_on_common_columns(runs, tmp_path, c
     assert main(["train", str(config), "--run-dir", str(tmp_path / "owls")]) == 0
     out = tmp_path / "cmp"
     assert main(["compare", str(runs / "frozen"), str(tmp_path / "owls"), "--out", str(out)]) == 0
-    assert "different classes" in capsys.readouterr().out
+    assert "different classes" in capsys.readouterr().err
     assert list(pd.read_csv(out / "per_class.csv")["class"]) == ["cat", "dog"]
 
 
 def test_compare_without_runs_is_one_line(tmp_path, capsys):
     assert main(["compare", str(tmp_path)]) == 2
     assert capsys.readouterr().err.startswith("error: compare: no runs")
+
+
+def test_compare_json_holds_the_table_and_stdout_nothing_else(runs, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert main(["compare", str(runs), "--out", str(out), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    table = pd.read_csv(out / "comparison.csv")
+    assert [row["run"] for row in printed["runs"]] == table["run"].tolist()
+    assert [row["best_val_acc"] for row in printed["runs"]] == pytest.approx(table["best_val_acc"].tolist())
+    assert printed["seeds"] is None
+
+
+def test_a_sweep_over_folds_is_cross_validation_with_mean_and_std_over_folds(imagefolder, tmp_path, capsys):
+    config = write_config(tmp_path / "c.yaml", imagefolder, tmp_path / "runs", train={"epochs": 1})
+    out = tmp_path / "cv"
+    sets = ["data.folds=3", "train.unfreeze_epoch=null", "train.lr_head=0.01"]
+    assert main(["sweep", str(config), "--grid", "data.fold=0,1,2", "--set", *sets, "--out", str(out)]) == 0
+    val_sizes = [json.loads((out / f"fold={k}" / "summary.json").read_text())["val_size"] for k in range(3)]
+    assert val_sizes == [8, 8, 8], "each fold validates on a third of the 24 training images"
+    runs = pd.read_csv(out / "comparison" / "comparison.csv")
+    folds = pd.read_csv(out / "comparison" / "seeds.csv")
+    assert folds[["setting", "runs", "over"]].values.tolist() == [["all", 3, "fold"]]
+    assert folds["best_val_acc"].iloc[0] == pytest.approx(runs["best_val_acc"].mean())
+    assert folds["best_val_acc_std"].iloc[0] == pytest.approx(runs["best_val_acc"].std())
+    capsys.readouterr()
+    assert main(["compare", str(out / "fold=*"), "--out", str(tmp_path / "cmp"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["seeds"][0]["runs"] == 3

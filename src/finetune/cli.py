@@ -194,7 +194,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from finetune.compare import markdown
 
     print(markdown(table))
-    print(f"wrote {out}/comparison/: comparison.csv/.md, seeds.csv/.md (with --seeds), tradeoff.png, curves.png")
+    repeats = "seeds.csv/.md (with --seeds or a data.fold grid)"
+    print(f"wrote {out}/comparison/: comparison.csv/.md, {repeats}, tradeoff.png, curves.png")
     return 0
 
 

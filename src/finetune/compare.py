@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from finetune.files import atomic_write_text
 
 IGNORED_KEYS = {"name", "out_dir"}
 OLD_PHASES = {"frozen": "head", "unfrozen": "backbone"}
+REPEAT_KEYS = ("seed", "data.fold")  # repeats of one setting: seeds.csv gives their mean and std
 
 
 @dataclass
@@ -44,6 +46,11 @@ class Run:
         return [c for c in self.results.columns if c.startswith("val_acc_")]
 
 
+def note(text: str) -> None:
+    """A remark on the runs, on stderr: stdout holds only the table (or `--json`)."""
+    print(f"compare: {text}", file=sys.stderr)
+
+
 def find_runs(patterns: list[str]) -> list[Run]:
     """Run dirs from paths or globs; a folder of runs stands for every run inside it."""
     dirs: list[Path] = []
@@ -64,7 +71,7 @@ def find_runs(patterns: list[str]) -> list[Run]:
 def load_run(path: Path) -> Run | None:
     results_file = path / "results.csv"
     if not results_file.is_file():
-        print(f"compare: skipping {path}: no epoch finished yet")
+        note(f"skipping {path}: no epoch finished yet")
         return None
     config = flatten(yaml.safe_load((path / "config.yaml").read_text()))
     summary_file = path / "summary.json"
@@ -133,10 +140,12 @@ def _cell(value: Any) -> Any:
 
 
 def seed_table(table: pd.DataFrame, keys: list[str]) -> pd.DataFrame | None:
-    """Mean and std over seeds for runs that differ only in seed; None if no setting repeats."""
-    if "seed" not in keys:
+    """Mean and std over seeds and cross-validation folds for runs that differ only in those;
+    None if no setting repeats. `over` says which of them vary."""
+    repeats = [k for k in REPEAT_KEYS if k in keys]
+    if not repeats:
         return None
-    settings = [k for k in keys if k != "seed"]
+    settings = [k for k in keys if k not in REPEAT_KEYS]
     label = (
         table[settings]
         .astype(str)
@@ -147,7 +156,9 @@ def seed_table(table: pd.DataFrame, keys: list[str]) -> pd.DataFrame | None:
         return None
     metrics = ["best_val_acc", "final_val_acc", "total_s"]
     stats = {f"{m}{suffix}": (m, how) for m in metrics for suffix, how in (("", "mean"), ("_std", "std"))}
-    return grouped.agg(runs=("run", "count"), **stats).reset_index()
+    summary = grouped.agg(runs=("run", "count"), **stats).reset_index()
+    summary.insert(2, "over", "+".join(k.rsplit(".", 1)[-1] for k in repeats))
+    return summary
 
 
 def pareto_front(points: pd.DataFrame) -> list[int]:
@@ -162,7 +173,7 @@ def pareto_front(points: pd.DataFrame) -> list[int]:
 
 def plot_tradeoff(points: pd.DataFrame, label: str) -> Figure:
     """Best val accuracy against training time, one point per run (or per setting, with error
-    bars over seeds); the best trade-offs, which no other point beats on both axes, circled
+    bars over seeds or folds); the best trade-offs, which no other point beats on both axes, circled
     and labelled in bold."""
     fig = Figure(figsize=(8, 5.5), layout="tight")
     ax = fig.subplots()
@@ -231,15 +242,29 @@ def markdown(table: pd.DataFrame) -> str:
     return cells.to_markdown(index=False, floatfmt=".4g", missingval="-")
 
 
-def compare(patterns: list[str], out: Path, sort: str = "best_val_acc") -> pd.DataFrame:
+@dataclass
+class Comparison:
+    table: pd.DataFrame  # one row per run
+    seeds: pd.DataFrame | None  # one row per setting repeated over seeds or folds
+
+    def to_json(self) -> dict[str, Any]:
+        """Rows as records, empty cells as null: what `compare --json` prints."""
+        return {"runs": _records(self.table), "seeds": None if self.seeds is None else _records(self.seeds)}
+
+
+def _records(table: pd.DataFrame) -> list[dict[str, Any]]:
+    return json.loads(table.to_json(orient="records"))
+
+
+def compare(patterns: list[str], out: Path, sort: str = "best_val_acc") -> Comparison:
     """Write comparison.csv/.md, per_class.csv, curves.png, per_class.png, tradeoff.png and, where
-    seeds repeat a setting, seeds.csv/.md (mean and std over seeds); return the table."""
+    seeds or folds repeat a setting, seeds.csv/.md (mean and std over them)."""
     runs = find_runs(patterns)
     for run in runs:
         if not run.finished:
-            print(f"compare: {run.name} finished {len(run.results)}/{run.config['train.epochs']} epochs; using those")
+            note(f"{run.name} finished {len(run.results)}/{run.config['train.epochs']} epochs; using those")
     if len({tuple(r.class_columns) for r in runs}) > 1:
-        print("compare: the runs have different classes; per-class results cover only the classes they share")
+        note("the runs have different classes; per-class results cover only the classes they share")
     table = comparison_table(runs, sort)
     seeds = seed_table(table, differing_keys(runs))
     per_class = per_class_table(runs)
@@ -254,4 +279,4 @@ def compare(patterns: list[str], out: Path, sort: str = "best_val_acc") -> pd.Da
     figures = {"curves.png": plot_curves(runs), "per_class.png": plot_per_class(per_class), "tradeoff.png": tradeoff}
     for name, fig in figures.items():
         fig.savefig(out / name, dpi=110)
-    return table
+    return Comparison(table, seeds)

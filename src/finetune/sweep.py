@@ -154,4 +154,4 @@ def write_comparison(runs: list[SweepRun], out: Path) -> pd.DataFrame | None:
     if lock is None:
         return None
     with lock:
-        return compare([str(out / run.name) for run in runs], out / "comparison")
+        return compare([str(out / run.name) for run in runs], out / "comparison").table
