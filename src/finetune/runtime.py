@@ -80,8 +80,8 @@ class Runtime:
         scale = f"; LRs x{self.lr_scale:g} (train.scale_lr linear)" if self.lr_scale != 1 else ""
         if self.decided_by == "pending":
             return (
-                f"runtime: {self.device}, precision/memory format measured when train starts (about "
-                f"5 s, once per machine, model and size); until then sized as {self.describe()}{scale}"
+                f"runtime: {self.device}, precision/memory format measured when train starts (at most about "
+                f"5 s, once per machine, model and size; a short run skips it); sized here as {self.describe()}{scale}"
             )
         c = self.calibration
         if c is not None and c.short_run:
