@@ -171,3 +171,14 @@ def test_more_folds_than_images_of_any_class_is_one_line(imagefolder):
     cfg = DataConfig(dataset="imagefolder", root=str(imagefolder), folds=9)
     with pytest.raises(FinetuneError, match=r"data\.folds = 9 is more than the 8 training images of the largest class"):
         split_sizes(cfg)
+
+
+def test_folds_need_only_a_train_folder(imagefolder):
+    import shutil
+
+    shutil.rmtree(imagefolder / "val")
+    cfg = DataConfig(dataset="imagefolder", root=str(imagefolder), folds=4, fold=1)
+    data = load_data(cfg)
+    assert (len(data.train), len(data.val)) == (18, 6) and split_sizes(cfg)[1:] == (18, 6)
+    with pytest.raises(FinetuneError, match=r"must hold train/ and val/ \(or test/\) folders"):
+        load_data(DataConfig(dataset="imagefolder", root=str(imagefolder)))

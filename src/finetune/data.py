@@ -157,14 +157,14 @@ def split_sizes(cfg: DataConfig) -> tuple[list[str], int, int]:
         source = read_csv_source(cfg)
         names, pools = source.class_names, (source.train, source.val)
     else:
-        names, pools = _imagefolder_pools(Path(cfg.root))
+        names, pools = _imagefolder_pools(Path(cfg.root), cfg.folds)
     train, val = select(*pools, cfg, names)
     return names, len(train), len(val)
 
 
 def _load_imagefolder(cfg: DataConfig) -> DataSplits:
     root = Path(cfg.root)
-    class_names, pools = _imagefolder_pools(root)
+    class_names, pools = _imagefolder_pools(root, cfg.folds)
     return _from_files(select(*pools, cfg, class_names), class_names, cfg, root / "train")
 
 
@@ -174,10 +174,14 @@ def _load_csv(cfg: DataConfig) -> DataSplits:
     return _from_files(pools, source.class_names, cfg, Path(cfg.csv))
 
 
-def _imagefolder_pools(root: Path) -> tuple[list[str], tuple[Pool, Pool]]:
-    """Class names, and the files of train/ and val/ (or test/) as pools."""
-    _, val_dir = _imagefolder_dirs(root)
+def _imagefolder_pools(root: Path, folds: int | None) -> tuple[list[str], tuple[Pool, Pool]]:
+    """Class names, and the files of train/ and val/ (or test/) as pools. With folds the
+    validation images come out of train/, so val/ is neither needed nor read."""
+    val_dir = _imagefolder_dirs(root, need_val=folds is None)
     class_names, train_files, train_labels = scan_folder(root / "train")
+    train = Pool(np.array(train_files, dtype=object), train_labels)
+    if val_dir is None:
+        return class_names, (train, train)
     val_names, val_files, val_labels = scan_folder(val_dir)
     if val_names != class_names:
         differ = sorted(set(class_names) ^ set(val_names))
@@ -185,8 +189,7 @@ def _imagefolder_pools(root: Path) -> tuple[list[str], tuple[Pool, Pool]]:
             f"{root / 'train'} and {val_dir} have different class folders ({', '.join(differ)}); "
             "give both the same classes"
         )
-    pools = Pool(np.array(train_files, dtype=object), train_labels), Pool(np.array(val_files, dtype=object), val_labels)
-    return class_names, pools
+    return class_names, (train, Pool(np.array(val_files, dtype=object), val_labels))
 
 
 def _from_files(pools: tuple[Pool, Pool], class_names: list[str], cfg: DataConfig, source: Path) -> DataSplits:
@@ -200,14 +203,16 @@ def _from_files(pools: tuple[Pool, Pool], class_names: list[str], cfg: DataConfi
     return splits
 
 
-def _imagefolder_dirs(root: Path) -> tuple[Path, Path]:
-    """root/train and root/val (or root/test), or one line saying what is missing."""
+def _imagefolder_dirs(root: Path, need_val: bool) -> Path | None:
+    """root/val (or root/test) when it is needed, once root/train is known to be there; or one
+    line saying what is missing."""
     if not root.is_dir():
         raise FinetuneError(f"data.root={root} does not exist; point it at a dir holding train/ and val/")
     val_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
-    if not (root / "train").is_dir() or val_dir is None:
-        raise FinetuneError(f"data.root={root} must hold train/ and val/ (or test/) folders of class folders")
-    return root / "train", val_dir
+    if not (root / "train").is_dir() or (need_val and val_dir is None):
+        needed = "train/ and val/ (or test/) folders" if need_val else "a train/ folder"
+        raise FinetuneError(f"data.root={root} must hold {needed} of class folders")
+    return val_dir if need_val else None
 
 
 def _require_all_classes(wanted: set[int], train: ImageSet, class_names: list[str], folder: Path) -> None:
