@@ -461,8 +461,11 @@ def render(args, table, totals, rates, ours, memory, sweep, choices) -> str:
 def _auto_choice(setup: str, result: dict) -> str:
     """The setup's choice and how it was decided, from summary.json's runtime record where it has one."""
     runtime, how = result["runtime"], ""
-    if runtime.get("calibration"):
-        how = f" ({runtime['decided_by']} in {runtime['calibration']['seconds']:.1f} s)"
+    calibration = runtime.get("calibration")
+    if calibration and calibration.get("short_run"):
+        how = f" (a short run: probed in {calibration['seconds']:.1f} s, not measured)"
+    elif calibration:
+        how = f" ({runtime['decided_by']} in {calibration['seconds']:.1f} s)"
     elif runtime:
         how = f" ({runtime['decided_by']})"
     return f"{setup} {result['choice']}{how}"
