@@ -157,7 +157,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(to_json(plan), indent=2))
         return 0
-    print(f"{cfg.name}: {plan.train_size} train images, {plan.steps_per_epoch} steps per epoch")
+    batches = f" of {plan.accumulate_steps} batches each" if plan.accumulate_steps > 1 else ""
+    print(f"{cfg.name}: {plan.train_size} train images, {plan.steps_per_epoch} optimizer steps per epoch{batches}")
     print(pd.DataFrame(plan.groups).to_markdown(index=False))
     print()
     print(pd.DataFrame(plan_table(plan)).to_markdown(index=False))

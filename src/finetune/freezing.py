@@ -2,16 +2,20 @@
 
 What trains when is the schedule's answer (schedule.py); these functions apply it to a
 model: which parameters take gradients, which modules are in train mode, and the optimizer
-with one named parameter group per schedule group, all present from the first step.
+with named parameter groups per schedule group, all present from the first step.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import nn
 
 from finetune.config import TrainConfig
-from finetune.schedule import Schedule
+from finetune.schedule import Group, Schedule
+
+NO_DECAY = "/no_decay"  # the part of a group that takes no weight decay: biases and norm weights
 
 
 def apply_stage(model: nn.Module, schedule: Schedule, epoch: int) -> None:
@@ -38,40 +42,74 @@ def trainable_count(model: nn.Module) -> int:
 
 
 def build_optimizer(cfg: TrainConfig, model: nn.Module, schedule: Schedule) -> torch.optim.Optimizer:
-    """One named group per schedule group, in schedule order, at its step-0 LR."""
+    """Named groups per schedule group, in schedule order, at its step-0 LR. Each group holds
+    its parameter names, so a checkpoint loads by name whatever the grouping."""
     params = dict(model.named_parameters())
-    groups = [
-        {"name": g.name, "params": [params[n] for n in g.params], "lr": schedule.lr(g, 0)} for g in schedule.groups
-    ]
+    groups = [part for g in schedule.groups for part in _decay_parts(cfg, g, params, schedule.lr(g, 0))]
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr_head, momentum=0.9, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(groups, lr=cfg.lr_head, momentum=0.9)
     cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    return cls(groups, lr=cfg.lr_head, weight_decay=cfg.weight_decay)
+    return cls(groups, lr=cfg.lr_head)
+
+
+def decays(name: str, param: nn.Parameter) -> bool:
+    """timm's and HF's rule: weight matrices and kernels decay; biases and norm weights (1-d) do not."""
+    return param.ndim > 1 and not name.endswith(".bias")
+
+
+def _decay_parts(cfg: TrainConfig, group: Group, params: dict[str, nn.Parameter], lr: float) -> list[dict[str, Any]]:
+    """The optimizer groups of one schedule group: with weight decay (and not
+    `decay_norm_and_bias`), its biases and norm weights go to `<name>/no_decay`."""
+    if cfg.weight_decay == 0 or cfg.decay_norm_and_bias:
+        parts = {group.name: (list(group.params), cfg.weight_decay)}
+    else:
+        decayed = [n for n in group.params if decays(n, params[n])]
+        rest = [n for n in group.params if not decays(n, params[n])]
+        parts = {group.name: (decayed, cfg.weight_decay), group.name + NO_DECAY: (rest, 0.0)}
+    return [
+        {"name": name, "params": [(n, params[n]) for n in names], "lr": lr, "weight_decay": decay}
+        for name, (names, decay) in parts.items()
+        if names
+    ]
+
+
+def schedule_group(name: str) -> str:
+    """The schedule group an optimizer group belongs to."""
+    return name.removesuffix(NO_DECAY)
 
 
 def set_lrs(optimizer: torch.optim.Optimizer, schedule: Schedule, step: int) -> None:
     """Each group's LR for global step `step`, straight from the schedule."""
-    for param_group, group in zip(optimizer.param_groups, schedule.groups, strict=True):
-        param_group["lr"] = schedule.lr(group, step)
+    lrs = schedule.lrs(step)
+    for param_group in optimizer.param_groups:
+        param_group["lr"] = lrs[schedule_group(param_group["name"])]
 
 
 def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
-    return {g["name"]: g["lr"] for g in optimizer.param_groups}
+    """The LR of each schedule group (its `/no_decay` part shares it)."""
+    return {schedule_group(g["name"]): g["lr"] for g in optimizer.param_groups}
 
 
-def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> None:
-    """Load a saved optimizer state by group name.
+def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict, order: list[str]) -> None:
+    """Load a saved optimizer state by parameter name, whatever groups it was saved in.
 
-    Runs saved before every group was in the optimizer from step 0 hold only the groups
-    that had joined; the others are added empty (no state: they never trained).
+    `order`: the model's parameter names. Runs saved before groups held names have one group
+    per schedule group, its parameters in model order; groups that had not joined yet are
+    absent (no state: they never trained). The current groups keep their hyperparameters.
     """
-    saved_groups = {g["name"]: g for g in saved["param_groups"]}
-    next_id = sum(len(g["params"]) for g in saved["param_groups"])
-    groups = []
-    for current in optimizer.state_dict()["param_groups"]:
-        group = saved_groups.get(current["name"])
-        if group is None:
-            group = {**current, "params": list(range(next_id, next_id + len(current["params"])))}
-            next_id += len(current["params"])
-        groups.append(group)
-    optimizer.load_state_dict({"state": saved["state"], "param_groups": groups})
+    current = optimizer.state_dict()
+    index = {n: i for g in current["param_groups"] for n, i in zip(g["param_names"], g["params"], strict=True)}
+    state = {}
+    for group in saved["param_groups"]:
+        names = group.get("param_names") or _names_before_param_names(group["name"], current, order)
+        state.update(
+            {index[n]: saved["state"][i] for n, i in zip(names, group["params"], strict=True) if i in saved["state"]}
+        )
+    optimizer.load_state_dict({"state": state, "param_groups": current["param_groups"]})
+
+
+def _names_before_param_names(name: str, current: dict, order: list[str]) -> list[str]:
+    """A saved group without names: the parameters of schedule group `name`, in model order."""
+    position = {n: i for i, n in enumerate(order)}
+    names = [n for g in current["param_groups"] if schedule_group(g["name"]) == name for n in g["param_names"]]
+    return sorted(names, key=position.__getitem__)

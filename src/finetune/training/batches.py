@@ -6,6 +6,7 @@ ranks like DistributedSampler (distributed.shard), so a resumed epoch continues 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -20,9 +21,10 @@ from finetune.features import CutModel, FeatureCache
 from finetune.imageset import ImageSet
 
 
-def steps_per_epoch(n: int, batch_size: int, world: int = 1) -> int:
-    """Steps of one epoch on each rank: the one count the schedule, plan and the loop use."""
-    return len(split_batches(torch.arange(shard_size(n, Ranks(world=world))), batch_size))
+def steps_per_epoch(n: int, batch_size: int, world: int = 1, accumulate: int = 1) -> int:
+    """Optimizer steps of one epoch on each rank, of `accumulate` batches each (the last may
+    have fewer): the one count the schedule, plan and the loop use."""
+    return math.ceil(len(split_batches(torch.arange(shard_size(n, Ranks(world=world))), batch_size)) / accumulate)
 
 
 @dataclass

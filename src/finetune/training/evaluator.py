@@ -14,6 +14,7 @@ from torch import nn
 from tqdm import tqdm
 
 from finetune.batching import BatchTransform
+from finetune.ema import WeightAverage, averaged
 from finetune.errors import FinetuneError
 from finetune.features import CutModel
 from finetune.imageset import ImageSet
@@ -44,9 +45,12 @@ class Evaluator:
         batch_size: int,
         guard: Callable[[Iterable], Iterator],
         replicas: Replicas,
+        ema: WeightAverage | None,
     ):
+        """`ema`: while a weight average is kept, it is what validation scores."""
         self.model, self.transform, self.val_set, self.class_names = model, transform, val_set, class_names
         self.runtime, self.batch_size, self.guard, self.replicas = runtime, batch_size, guard, replicas
+        self.ema = ema
 
     @torch.inference_mode()
     def __call__(self, cut: CutModel | None, cached: torch.Tensor | None) -> EvalResult:
@@ -59,7 +63,7 @@ class Evaluator:
             batches, forward = self.val_set.in_order(size), lambda images: self.model(self.transform(images))
         count = math.ceil(len(self.val_set) / size)
         shown = tqdm(batches, "val", count, leave=False, disable=None if self.replicas.main else True)
-        with self.runtime.autocast(inference=True):
+        with averaged(self.ema), self.runtime.autocast(inference=True):
             chunks = [forward(x).float() for x in self.guard(shown)]
         logits = torch.cat(chunks).cpu()
         return self.replicas.from_main(score(logits, self.val_set.labels, self.class_names))

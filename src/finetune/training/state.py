@@ -15,6 +15,7 @@ from torch import nn
 
 from finetune.config import Config
 from finetune.distributed import Ranks
+from finetune.ema import WeightAverage
 from finetune.freezing import load_optimizer_state
 from finetune.models import BuiltModel
 
@@ -49,9 +50,17 @@ class Progress:
 
 
 def portable_state(
-    cfg: Config, built: BuiltModel, class_names: list[str], epoch: int, metrics: dict[str, float]
+    cfg: Config,
+    built: BuiltModel,
+    class_names: list[str],
+    epoch: int,
+    metrics: dict[str, float],
+    weights: dict[str, torch.Tensor],
 ) -> dict[str, Any]:
-    """What best.pt holds: enough to rebuild and use the model with no config at hand."""
+    """What best.pt holds: enough to rebuild and use the model with no config at hand.
+
+    `weights`: the model's, or in best.pt the ones validation scored (the EMA when it is on).
+    """
     return {
         "format": 1,
         "arch": cfg.model.arch,
@@ -64,7 +73,7 @@ def portable_state(
         "epoch": epoch,
         "metrics": metrics,
         "config": cfg.to_dict(),
-        "model": {k: v.detach().cpu() for k, v in built.model.state_dict().items()},
+        "model": {k: v.detach().cpu() for k, v in weights.items()},
     }
 
 
@@ -76,8 +85,10 @@ def resume_state(
     book: dict[str, Any],
     runtime: dict[str, Any],
     device: torch.device,
+    ema: WeightAverage | None,
 ) -> dict[str, Any]:
-    """What last.pt holds: best.pt's content plus everything an exact resume restores."""
+    """What last.pt holds: best.pt's content (the live weights) plus everything an exact
+    resume restores, the weight average and its update count included."""
     cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     return {
         **portable,
@@ -86,17 +97,27 @@ def resume_state(
         "rng": {"cpu": torch.get_rng_state(), "cuda": cuda},
         "progress": asdict(progress),
         "runtime": runtime,
+        "ema": ema.state_dict() if ema is not None else None,
         **book,
     }
 
 
 def restore_training(
-    state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler
+    state: dict[str, Any],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    ema: WeightAverage | None,
 ) -> None:
-    """Weights, optimizer (by group name), loss scale and the RNG, as last.pt saved them."""
+    """Weights, optimizer (by parameter name), loss scale, the RNG and the weight average, as
+    last.pt saved them; an average first asked for on resume starts from the weights."""
     model.load_state_dict(state["model"])
-    load_optimizer_state(optimizer, state["optimizer"])
+    load_optimizer_state(optimizer, state["optimizer"], [n for n, _ in model.named_parameters()])
     scaler.load_state_dict(state["scaler"])
+    if ema is not None and state.get("ema") is not None:
+        ema.load_state_dict(state["ema"])
+    elif ema is not None:
+        ema.restart()
     torch.set_rng_state(state["rng"]["cpu"])
     device = next(model.parameters()).device
     if device.type == "cuda" and state["rng"].get("cuda") is not None:
