@@ -150,7 +150,9 @@ class CutModel(nn.Module):
         return self.model.get_submodule(self.cut)
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:
-        return self.top(a)
+        """The training step's call: activations were stored at the inference precision, which
+        may be 16-bit while training runs in fp32 (autocast lowers them again where it runs)."""
+        return self.top(a.float())
 
     def bottom(self, x: torch.Tensor) -> torch.Tensor:
         captured: list[torch.Tensor] = []

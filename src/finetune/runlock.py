@@ -35,13 +35,13 @@ class Holder:
 
 
 class RunLock:
-    """The lock of one folder; `remove_if_empty` for a folder this process created to claim it,
-    so a run that fails before writing anything leaves no empty dir behind."""
+    """The lock of one folder; `made`: the folders this process created to claim it (the folder
+    and any missing parents), so a run that fails before writing anything leaves none behind."""
 
-    def __init__(self, folder: Path, remove_if_empty: bool = False) -> None:
+    def __init__(self, folder: Path, made: tuple[Path, ...] = ()) -> None:
         self.folder = Path(folder)
         self.path = self.folder / LOCK_FILE
-        self.remove_if_empty = remove_if_empty
+        self.made = made
         self._fd: int | None = None
 
     def try_acquire(self) -> bool:
@@ -76,9 +76,9 @@ class RunLock:
         if self._fd is None:
             return
         self.path.unlink(missing_ok=True)
-        if self.remove_if_empty:
-            with contextlib.suppress(OSError):  # not empty: the run wrote files, and they stay
-                self.folder.rmdir()
+        for folder in self.made:  # innermost first; one the run wrote into is not empty and stays
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         os.close(self._fd)
         self._fd = None
 
@@ -102,22 +102,23 @@ def claim(folder: Path, only_new: bool = False) -> RunLock | None:
     """Create `folder` if needed and lock it; None when a live process holds it, or with
     `only_new` when it existed before (mkdir is atomic: of two processes, one creates it)."""
     try:
-        created = _make(folder)
-        if only_new and not created:
+        made = _make(folder)
+        if only_new and not made:
             return None
-        lock = RunLock(folder, remove_if_empty=created)
+        lock = RunLock(folder, made)
         return lock if lock.try_acquire() else None
     except OSError as exc:
         raise FinetuneError(f"run dir {folder} cannot be written ({exc.strerror}); choose another dir") from None
 
 
-def _make(folder: Path) -> bool:
-    """Whether this call created `folder`."""
+def _make(folder: Path) -> tuple[Path, ...]:
+    """The folders this call created, `folder` first and then its missing parents; none if it existed."""
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]
     try:
         folder.mkdir(parents=True)
     except FileExistsError:
-        return False
-    return True
+        return ()
+    return tuple(missing)
 
 
 def hold(folder: Path, flag: str) -> RunLock:

@@ -20,8 +20,9 @@ from finetune.data import DataSplits, load_data
 from finetune.distributed import SINGLE, Ranks
 from finetune.errors import FinetuneError
 from finetune.features import FeatureStore
+from finetune.hardware import resolve_device
 from finetune.models import build_model, check_model_config, skeleton
-from finetune.runtime import Subject, resolve_runtime
+from finetune.runtime import Subject, check_precision, resolve_runtime
 from finetune.runwriter import RunWriter
 from finetune.schedule import check_stages
 from finetune.training.loop import Trainer
@@ -62,6 +63,7 @@ class Session:
         `recorded`: the runtime choice a resumed run's last.pt holds, kept so resume stays exact.
         """
         check_model_config(cfg.model)
+        check_precision(cfg.precision, resolve_device(cfg.device))
         if cfg.train.unfreeze is not None:  # stage names against the arch, before any data loads
             bare = skeleton(cfg.model, num_classes=2)
             check_stages(cfg.train, bare.model, bare.head_name)
