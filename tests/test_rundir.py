@@ -36,9 +36,7 @@ def test_a_claimed_dir_is_locked_until_released_and_names_its_holder(tmp_path):
     with pytest.raises(FinetuneError, match=rf"--resume {re.escape(str(run))} is in use by pid {os.getpid()} on "):
         hold(run, "--resume")
     lock.release()
-    assert not (tmp_path / "runs").exists(), (
-        "a dir claimed and left empty goes with its lock, and so do its new parents"
-    )
+    assert not (tmp_path / "runs").exists(), "a dir claimed and left empty goes, and so do parents made for it"
     run.mkdir(parents=True)
     (run / "config.yaml").write_text("x")
     with claim(run):
