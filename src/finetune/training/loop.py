@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm import tqdm
 
 from finetune.augment import Augment
@@ -18,6 +19,7 @@ from finetune.batching import BatchTransform
 from finetune.config import Config
 from finetune.data import DataSplits, class_counts
 from finetune.distributed import SINGLE, Ranks
+from finetune.ema import WeightAverage, evaluated_weights
 from finetune.errors import Interrupted
 from finetune.features import CachePlanner, FeatureStore
 from finetune.freezing import apply_stage, build_optimizer, group_lrs, set_train_mode, trainable_count
@@ -31,6 +33,7 @@ from finetune.training.book import EpochBook, EpochOutcome, epoch_line
 from finetune.training.cache import CacheProvider
 from finetune.training.evaluator import Evaluator, require_finite
 from finetune.training.replicas import Replicas
+from finetune.training.stages import StageSwitch
 from finetune.training.state import Progress, portable_state, restore_training, resume_state
 from finetune.training.steps import StepRunner, StepStats
 from finetune.training.stop import StopRequested, StopSignal
@@ -54,11 +57,12 @@ class Trainer:
         device = runtime.device
         self.model = built.model.to(device, memory_format=runtime.layout)
         self.head = self.model.get_submodule(built.head_name)
+        self.ema = WeightAverage(self.model, cfg.train.ema) if cfg.train.ema else None
         self.replicas, self.stop = Replicas(ranks, device), StopSignal(ranks)
         train_set, val_set = data.train.to(device), data.val.to(device)
         self.labels = data.train.labels.to(device)
         transform = BatchTransform(cfg.data.image_size, built.mean, built.std, device, runtime.layout)
-        steps = steps_per_epoch(len(data.train), cfg.data.batch_size, ranks.world)
+        steps = steps_per_epoch(len(data.train), cfg.data.batch_size, ranks.world, cfg.train.accumulate_steps)
         self.schedule = Schedule(cfg.train, self.model, built.head_name, steps, runtime.lr_scale)
         self.optimizer = build_optimizer(cfg.train, self.model, self.schedule)
         self.scaler = runtime.grad_scaler()
@@ -74,11 +78,21 @@ class Trainer:
         self.features = CacheProvider(cfg, planner, built, sets, transform, runtime, store, ranks, self.stop.guard)
         self.batches = BatchSource(cfg, train_set, transform, augment, ranks, device)
         self.steps = StepRunner(
-            self.optimizer, self.scaler, criterion, self.schedule, runtime, augment, self.replicas, self.stop, writer
+            self.optimizer,
+            self.scaler,
+            criterion,
+            self.schedule,
+            runtime,
+            augment,
+            self.replicas,
+            self.stop,
+            writer,
+            self.ema,
         )
         guard, batch, names = self.stop.guard, cfg.data.batch_size, data.class_names
-        self.evaluate = Evaluator(self.model, transform, val_set, names, runtime, batch, guard, self.replicas)
+        self.evaluate = Evaluator(self.model, transform, val_set, names, runtime, batch, guard, self.replicas, self.ema)
         self.book = EpochBook(cfg)
+        self.stages = StageSwitch(self.schedule, cfg.checkpoint.monitor, self.model)
         self.progress = Progress(world=ranks.world)
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -88,14 +102,15 @@ class Trainer:
         step, so nothing about the schedule needs restoring beyond the step itself.
         """
         self.progress = Progress.restored(state["progress"], self.ranks)
-        restore_training(state, self.model, self.optimizer, self.scaler)
+        restore_training(state, self.model, self.optimizer, self.scaler, self.ema)
         self.book = EpochBook(self.cfg, state)
+        self.stages.restore(state.get("stages"))
         if self.writer:
             self.writer.results(self.book.log)
 
     def resume_step(self) -> int:
         """The global step training continues from (0 for a new run)."""
-        return self.schedule.global_step(self.progress.epoch + 1, self.progress.step)
+        return self.schedule.global_step(self.progress.epoch + 1, self.progress.step // self.cfg.train.accumulate_steps)
 
     def fit(self) -> dict[str, Any]:
         shown = None if self.ranks.main else True
@@ -126,6 +141,7 @@ class Trainer:
         except StopRequested:  # the steps are done: keep them, evaluate again on resume
             self._interrupt(epoch, stats, started)
         require_finite(result, self.head, epoch)
+        change = self.stages.after_epoch(epoch, result.metrics()[self.cfg.checkpoint.monitor])
         seconds = time.perf_counter() - started + self.progress.seconds
         outcome = self.book.close(
             epoch,
@@ -137,6 +153,8 @@ class Trainer:
             group_lrs(self.optimizer),
             trainable_count(self.model),
             self.features.decision.note,
+            len(self.schedule.active(epoch)) == len(self.schedule.groups),
+            change[0].describe(change[1]) if change else "",
         )
         self.progress = Progress(epoch=epoch, world=self.ranks.world)
         self._write(epoch, outcome)
@@ -151,9 +169,12 @@ class Trainer:
         if self.writer:
             step = self.schedule.global_step(epoch + 1)
             if outcome.is_best:
-                self.writer.best(self.portable_state(outcome.metrics), outcome.confusion, step)
+                best = self.portable_state(outcome.metrics, evaluated_weights(self.model, self.ema))
+                self.writer.best(best, outcome.confusion, step)
             self.writer.epoch(self.resume_state(outcome.metrics), self.book.log, self.summary(), step)
         tqdm.write(epoch_line(outcome.record, self.cfg.train.epochs, outcome.is_best))
+        if outcome.record.next_stage:
+            tqdm.write(f"next stage: {outcome.record.next_stage}")
         if outcome.stopped:
             tqdm.write(f"early stop after epoch {epoch}: {self.book.stopping.reason}")
 
@@ -167,18 +188,19 @@ class Trainer:
             self.writer.last(self.resume_state(metrics={}))
         raise StopRequested
 
-    def portable_state(self, metrics: dict[str, float]) -> dict[str, Any]:
-        return portable_state(self.cfg, self.built, self.data.class_names, self.progress.epoch, metrics)
+    def portable_state(self, metrics: dict[str, float], weights: dict[str, torch.Tensor]) -> dict[str, Any]:
+        return portable_state(self.cfg, self.built, self.data.class_names, self.progress.epoch, metrics, weights)
 
     def resume_state(self, metrics: dict[str, float]) -> dict[str, Any]:
         return resume_state(
-            self.portable_state(metrics),
+            self.portable_state(metrics, self.model.state_dict()),
             self.optimizer,
             self.scaler,
             self.progress,
-            self.book.state(),
+            {**self.book.state(), "stages": self.stages.state()},
             self.runtime.record(),
             self.runtime.device,
+            self.ema,
         )
 
     def summary(self) -> dict[str, Any]:
@@ -193,5 +215,6 @@ class Trainer:
             "precision": self.runtime.precision,
             "memory_format": self.runtime.memory_format,
             "runtime": self.runtime.record(),
+            "stage_starts": {g.name: None if g.epoch is None else g.epoch + 1 for g in self.schedule.groups},
             "processes": self.ranks.world,
         }
