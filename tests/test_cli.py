@@ -15,7 +15,8 @@ from finetune.config_load import from_dict, load_config
 
 EXPECTED_COLUMNS = [
     "epoch", "stage", "train_loss", "train_acc", "val_loss", "val_acc", "val_balanced_acc", "trainable_params",
-    "epoch_seconds", "is_best", "lr_head", "lr_backbone", "val_acc_cat", "val_acc_dog", "val_acc_frog",
+    "epoch_seconds", "feature_cache", "val_weights", "next_stage", "is_best", "lr_head", "lr_backbone",
+    "val_acc_cat", "val_acc_dog", "val_acc_frog",
 ]  # fmt: skip
 
 
