@@ -15,11 +15,11 @@ common=(data.dataset=imagefolder "data.root=$root" model.arch=mobilenet_v2 data.
   data.train_size=1000 data.val_size=400 train.epochs=8 "out_dir=$runs")
 train() { .venv/bin/finetune train "configs/$1.yaml" --run-dir "$runs/$1" --set "${common[@]}" "${@:2}"; }
 
-train unfreeze_on_plateau "train.unfreeze=[{modules: $top, after: plateau, patience: 1, min_delta: 0.002, \
+train unfreeze_on_plateau "train.unfreeze=[{name: top, modules: $top, after: plateau, patience: 1, min_delta: 0.002, \
 max_epochs: 4, restore_best: true}, {modules: [backbone], after: plateau, patience: 1, min_delta: 0.002, \
 min_epochs: 2, max_epochs: 3, restore_best: true}]" | tee "$runs/plateau.log"
 train early_unfreeze
-train gradual_unfreeze "train.unfreeze=[{epoch: 1, modules: $top}, {epoch: 2, modules: $mid}, \
+train gradual_unfreeze "train.unfreeze=[{epoch: 1, name: top, modules: $top}, {epoch: 2, name: middle, modules: $mid}, \
 {epoch: 3, modules: [backbone]}]"
 .venv/bin/finetune compare "$runs" --out "$runs/comparison"
 rm -rf docs/plateau_example && mkdir -p docs/plateau_example

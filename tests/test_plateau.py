@@ -8,9 +8,8 @@ import signal
 import pandas as pd
 import pytest
 import torch
-from conftest import make_imagefolder, write_config
 from test_distributed import Torchrun
-from test_resume import Finetune, assert_same_as_reference, csv_rows, reference_run, resume, stop_when
+from test_resume import Finetune, assert_same_as_reference, csv_rows, resume, stop_when, with_reference
 
 from finetune.cli import main
 
@@ -96,7 +95,6 @@ def test_bad_plateau_stages_are_one_line_from_plan_and_train(config_file, capsys
 def plateau_run(tmp_path_factory):
     """A plateau config that trains for real (restore_best included), and its uninterrupted run."""
     root = tmp_path_factory.mktemp("plateau")
-    data = make_imagefolder(root / "data", train_per_class=40, val_per_class=10)
     train = {
         "epochs": 5,
         "lr_head": 0.01,
@@ -107,8 +105,7 @@ def plateau_run(tmp_path_factory):
         "scheduler": {"name": "cosine"},
         "unfreeze_warmup_epochs": 0.5,
     }
-    config = write_config(root / "config.yaml", data, root / "runs", data={"batch_size": 4}, train=train)
-    reference = reference_run(config, root / "reference")
+    config, reference = with_reference(root, train)
     switches = pd.read_csv(reference / "results.csv")["next_stage"].notna()
     return config, reference, [int(e) for e in switches[switches].index + 1]
 
