@@ -151,7 +151,12 @@ def make_resume_changed(env: Env) -> list[str]:
 
 
 def make_resume_fewer_epochs(env: Env) -> list[str]:
-    return ["train", "--resume", str(env.run_copy()), "--set", "train.epochs=1", "train.unfreeze_epoch=0"]
+    """A 3-epoch run stopped after epoch 2, resumed with 2 epochs: a config that is valid and
+    differs only in train.epochs, so the epochs-only-upward rule is what refuses it."""
+    run = env.run_copy()
+    config = run / "config.yaml"
+    config.write_text(config.read_text().replace("epochs: 2", "epochs: 3", 1))
+    return ["train", "--resume", str(run), "--set", "train.epochs=2"]
 
 
 CASES = {
@@ -226,7 +231,7 @@ CASES = {
     "resume corrupt checkpoint": (make_resume_corrupt, r"last\.pt is corrupt"),
     "resume pickle exploit": (make_resume_pickle, r"last\.pt is corrupt or not a plain-tensor checkpoint"),
     "resume changed config": (make_resume_changed, r"differs .* in data\.batch_size, train\.lr_head"),
-    "resume fewer epochs": (make_resume_fewer_epochs, r"differs .* in train\.unfreeze_epoch"),
+    "resume fewer epochs": (make_resume_fewer_epochs, r"train\.epochs may only be raised \(run has 3\)"),
     "resume with run dir": (
         lambda e: ["train", "--resume", str(e.run_copy()), "--run-dir", str(e.tmp / "x")],
         r"drop --run-dir",

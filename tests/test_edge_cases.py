@@ -10,10 +10,12 @@ import torch
 from conftest import make_imagefolder, write_config
 from PIL import Image
 
+from finetune.batching import split_batches
 from finetune.cli import main
 from finetune.compare import Run, comparison_table
 from finetune.config import DataConfig
-from finetune.data import ImageSet, load_data, split_batches
+from finetune.data import load_data
+from finetune.imageset import ImageSet
 from finetune.losses import class_weights
 
 
@@ -80,17 +82,17 @@ def test_streamed_fingerprint_sees_a_file_replaced_with_same_size_and_time(tmp_p
 
 def test_feature_cache_key_follows_weights_pixels_size_normalization_and_precision(make_trainer):
     base = make_trainer()
-    key = base._cache_key()
-    assert make_trainer(run_name="same")._cache_key() == key
-    assert make_trainer("data.image_size=48", run_name="size")._cache_key() != key
-    assert make_trainer("precision=bf16", run_name="bf16")._cache_key() != key
-    assert make_trainer("data.train_size=20", run_name="pixels")._cache_key() != key
+    key = base.features.key()
+    assert make_trainer(run_name="same").features.key() == key
+    assert make_trainer("data.image_size=48", run_name="size").features.key() != key
+    assert make_trainer("precision=bf16", run_name="bf16").features.key() != key
+    assert make_trainer("data.train_size=20", run_name="pixels").features.key() != key
     base.built.mean = (0.5, 0.5, 0.5)
-    assert base._cache_key() != key
+    assert base.features.key() != key
     base.built.mean = make_trainer(run_name="mean").built.mean
     with torch.no_grad():
         base.model.layer1[0].conv1.weight[0, 0, 0, 0] += 1
-    assert base._cache_key() != key
+    assert base.features.key() != key
 
 
 def test_large_photos_are_held_at_image_size_within_the_memory_budget(tmp_path):
