@@ -215,3 +215,20 @@ def test_sigterm_inside_an_accumulated_step_with_ema_and_clipping_resumes_bit_id
     assert ours["updates"] == theirs["updates"] == 2 * 15
     for key, value in theirs["weights"].items():
         assert torch.equal(ours["weights"][key], value), f"EMA {key} differs after resume"
+
+
+@pytest.mark.process
+def test_accumulation_with_ema_under_torchrun_keeps_the_ranks_identical(tmp_path):
+    """Two gloo processes; a step's first batches skip DDP's all-reduce (no_sync), its last one
+    reduces the sums. The loop checks the weights are identical on both ranks after each epoch."""
+    from test_distributed import Torchrun
+
+    data = make_imagefolder(tmp_path / "data", train_per_class=20, val_per_class=6)
+    train = {"epochs": 2, "unfreeze_epoch": 1, "ema": {"decay": 0.9}, "grad_clip_norm": 1.0, "accumulate_steps": 2}
+    config = write_config(tmp_path / "c.yaml", data, tmp_path / "runs", data={"batch_size": 4}, train=train)
+    proc = Torchrun(tmp_path / "logs", "train", config, "--run-dir", tmp_path / "run")
+    out = proc.finish()
+    assert proc.returncode == 0, out + proc.rank_log(0, "stderr") + proc.rank_log(1, "stderr")
+    assert proc.rank_log(0, "stdout").count("weights identical on 2 ranks") == 2
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert state["ema"]["updates"] == 2 * 4, "60 images, 30 per rank: 8 batches of 4, 4 optimizer steps per epoch"
