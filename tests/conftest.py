@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,8 @@ from PIL import Image
 
 CLASSES = ("cat", "dog", "frog")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no network in tests: timm's hub fails at once, not after retries
+# runtime measurements of the tests' runs (and the processes they start) stay out of the user's cache
+os.environ.setdefault("FINETUNE_CACHE_DIR", tempfile.mkdtemp(prefix="finetune-test-cache-"))
 
 
 def write_image(path: Path, label: int, rng: np.random.Generator, size: int = 24, mode: str = "RGB") -> None:
@@ -77,16 +80,16 @@ def make_trainer(tmp_path: Path, imagefolder: Path):
     """An in-process Trainer on the tiny image folder; `--set`-style overrides."""
     import torch
 
-    from finetune.config import from_dict
+    from finetune.config_load import from_dict
     from finetune.data import load_data
-    from finetune.hardware import resolve_runtime
     from finetune.models import build_model
     from finetune.rundir import create_run_dir
+    from finetune.runtime import resolve_runtime
     from finetune.runwriter import RunWriter
-    from finetune.train import Trainer
+    from finetune.training.loop import Trainer
 
     def make(*overrides: str, run_name: str = "run"):
-        from finetune.config import apply_override
+        from finetune.config_load import apply_override
 
         raw = tiny_config(imagefolder, tmp_path / "runs")
         for item in overrides:
@@ -97,7 +100,7 @@ def make_trainer(tmp_path: Path, imagefolder: Path):
         built = build_model(cfg.model, data.num_classes)
         run_dir = tmp_path / "runs" / run_name
         create_run_dir(run_dir, cfg)
-        return Trainer(cfg, data, built, resolve_runtime(cfg.device, cfg.precision), run_dir, writer=RunWriter(run_dir))
+        return Trainer(cfg, data, built, resolve_runtime(cfg), run_dir, writer=RunWriter(run_dir))
 
     return make
 

@@ -155,4 +155,3 @@ def test_a_run_restarted_before_its_first_checkpoint_logs_each_step_once(tmp_pat
         writer.close()
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard")).Reload().Scalars("train/step_loss")
     assert [(e.step, e.value) for e in events] == [(1, 1.0), (2, 1.0), (3, 1.0)]
-
