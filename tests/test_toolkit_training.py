@@ -11,7 +11,7 @@ import pytest
 import torch
 import torchvision
 from conftest import make_imagefolder, tiny_config, write_config
-from test_resume import Finetune, assert_same_as_reference, reference_run, resume, stop_when
+from test_resume import Finetune, assert_same_as_reference, resume, stop_when, with_reference
 from torch import nn
 
 from finetune.cli import main
@@ -200,10 +200,8 @@ def test_a_run_saved_before_no_decay_groups_resumes_by_parameter_name(make_train
 
 @pytest.mark.process
 def test_sigterm_inside_an_accumulated_step_with_ema_and_clipping_resumes_bit_identical(tmp_path):
-    data = make_imagefolder(tmp_path / "data", train_per_class=40, val_per_class=10)
     train = {"epochs": 2, "unfreeze_epoch": 1, "ema": {"decay": 0.9}, "grad_clip_norm": 1.0, "accumulate_steps": 2}
-    config = write_config(tmp_path / "config.yaml", data, tmp_path / "runs", data={"batch_size": 4}, train=train)
-    reference = reference_run(config, tmp_path / "reference")
+    config, reference = with_reference(tmp_path, train)
     run = tmp_path / "run"
     proc = Finetune("train", config, "--run-dir", run)
     assert stop_when(proc, lambda: proc.bar_at("epoch 2", steps=3), signal.SIGTERM) == 143
