@@ -62,6 +62,18 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--out", help="sweep dir (default: <out_dir>/sweep-<first run>)")
     sweep.set_defaults(func=cmd_sweep)
 
+    tune = sub.add_parser("tune", help="search a config's keys with Optuna, pruning bad trials early")
+    tune.add_argument("config")
+    tune.add_argument("--space", required=True, help="YAML: dotted keys -> {low, high, log} or {choices: [...]}")
+    tune.add_argument("--trials", type=int, required=True, help="the study's total, over all workers")
+    tune.add_argument("--set", dest="overrides", action="extend", default=[], nargs="+", metavar="KEY=VALUE")
+    tune.add_argument("--out", help="study dir (default: <out_dir>/tune-<name>)")
+    tune.add_argument("--storage", help="RDB URL shared by workers (default: a journal file in the study dir)")
+    tune.add_argument("--study", help="study name (default: the config's name)")
+    tune.add_argument("--seed", type=int, help="sampler seed (default: the config's seed)")
+    tune.add_argument("--pruner", choices=["median", "hyperband", "none"], default="median")
+    tune.set_defaults(func=cmd_tune)
+
     compare = sub.add_parser("compare", help="compare runs: table, curves.png, per_class.png")
     compare.add_argument("runs", nargs="+", help="run dirs, globs, or folders of runs")
     compare.add_argument("--out", default="comparison", help="where to write tables and plots")
@@ -209,9 +221,41 @@ def _seeds(text: str | None) -> list[int] | None:
         raise FinetuneError(f"--seeds {text!r}: expected comma-separated integers, e.g. --seeds 0,1,2") from None
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from finetune.tune import prepare, require_optuna
+
+    opts = {k: getattr(args, k) for k in ("out", "storage", "study", "seed", "pruner")}
+    tune = prepare(args.config, args.overrides, args.space, args.trials, opts)
+    require_optuna()
+    from finetune import distributed
+    from finetune.hardware import resolve_device
+    from finetune.tune_report import finished, write_report
+    from finetune.tune_worker import run_worker
+
+    ranks = distributed.init(resolve_device(tune.base_config.device).type)
+    try:
+        study = run_worker(tune, ranks)
+    finally:
+        distributed.close()
+    if study is None:  # a rank other than 0
+        return 0
+    if not finished(study, tune.info.trials):
+        print("tune: trials still running elsewhere; whichever worker finishes the last writes the report")
+        return 0
+    table = write_report(tune.study_dir, tune.info, study)
+    if table is not None:
+        from finetune.compare import markdown
+
+        print(markdown(table))
+        print(f"wrote {tune.study_dir}: comparison/, best.yaml, importances.json, *.png")
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from finetune.compare import compare, markdown
 
+    if len(args.runs) == 1 and (Path(args.runs[0]) / "tune.json").is_file():
+        return _compare_study(Path(args.runs[0]))
     out = Path(args.out)
     result = compare(args.runs, out, args.sort)
     if args.json:
@@ -219,6 +263,21 @@ def cmd_compare(args: argparse.Namespace) -> int:
         return 0
     print(markdown(result.table))
     print(f"wrote {out}/comparison.csv, comparison.md, per_class.csv, curves.png, per_class.png, tradeoff.png")
+    return 0
+
+
+def _compare_study(study_dir: Path) -> int:
+    """A study dir: its report, as the worker that finished the last trial wrote it."""
+    from finetune.compare import markdown
+    from finetune.tune import load_info, require_optuna
+
+    require_optuna()
+    from finetune.tune_report import write_report
+
+    table = write_report(study_dir, load_info(study_dir))
+    if table is None:
+        raise FinetuneError(f"compare: a tune worker is writing {study_dir / 'comparison'} now; try again in a moment")
+    print(markdown(table))
     return 0
 
 

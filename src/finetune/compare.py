@@ -103,6 +103,8 @@ def _epochs_cell(run: Run) -> str:
     done = f"{len(run.results)}/{run.config['train.epochs']}"
     if run.summary.get("stopped_early"):
         return f"{done} (early stop)"
+    if run.summary.get("pruned"):
+        return f"{done} (pruned)"
     return done + ("" if run.finished else " (stopped)")
 
 

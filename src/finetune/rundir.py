@@ -113,8 +113,8 @@ def check_continuation(saved: Config, new: Config, where: str, fix: str) -> None
 
 def is_finished(summary: dict[str, Any], epochs: int) -> bool:
     """Whether a run whose summary.json says `summary` has nothing left to train for `epochs`:
-    it completed them, or stopped early before its last epoch (a stop on the last epoch is
-    just its end, so raising train.epochs extends it)."""
+    it completed them, stopped early before its last epoch (a stop on the last epoch is
+    just its end, so raising train.epochs extends it), or tune's pruner ended it."""
     stopped = summary.get("stopped_early")
     stopped_before_end = stopped is not None and stopped["epoch"] < summary["epochs"]
-    return summary["epochs_completed"] >= epochs or stopped_before_end
+    return summary["epochs_completed"] >= epochs or stopped_before_end or summary.get("pruned") is not None

@@ -25,7 +25,7 @@ from finetune.models import build_model, check_model_config, skeleton
 from finetune.runtime import Subject, check_precision, resolve_runtime
 from finetune.runwriter import RunWriter
 from finetune.schedule import check_stages
-from finetune.training.loop import Trainer
+from finetune.training.loop import Judge, Trainer
 
 
 class Session:
@@ -34,10 +34,11 @@ class Session:
         self.data: dict[str, DataSplits] = {}
         self.stores: dict[Path, FeatureStore] = {}
 
-    def train(self, cfg: Config, run_dir: Path, resume: bool) -> dict[str, Any] | None:
-        """Train (or continue) one run; its summary, or None when it had nothing left to do."""
+    def train(self, cfg: Config, run_dir: Path, resume: bool, judge: Judge | None = None) -> dict[str, Any] | None:
+        """Train (or continue) one run; its summary, or None when it had nothing left to do.
+        `judge`: tune's pruner, asked after each epoch of the last stage (Trainer)."""
         state = _resume_state(run_dir) if resume else None
-        trainer = self.prepare(cfg, run_dir, state.get("runtime") if state else None)
+        trainer = self.prepare(cfg, run_dir, state.get("runtime") if state else None, judge)
         if state is not None:
             trainer.restore(state)
             print(f"resuming {run_dir} after epoch {trainer.progress.epoch}, step {trainer.progress.step}")
@@ -48,6 +49,10 @@ class Session:
         if stopped is not None:
             print(f"{run_dir} is complete: stopped early at epoch {stopped['epoch']} ({stopped['reason']})")
             return None
+        pruned = trainer.book.pruned
+        if pruned is not None:
+            print(f"{run_dir} is complete: pruned at epoch {pruned['epoch']} ({pruned['reason']})")
+            return None
         if trainer.progress.epoch >= cfg.train.epochs:
             print(f"{run_dir} already finished {cfg.train.epochs} epochs; raise --set train.epochs=N to train longer")
             return None
@@ -57,7 +62,9 @@ class Session:
             if trainer.writer:
                 trainer.writer.close()
 
-    def prepare(self, cfg: Config, run_dir: Path, recorded: dict[str, Any] | None = None) -> Trainer:
+    def prepare(
+        self, cfg: Config, run_dir: Path, recorded: dict[str, Any] | None = None, judge: Judge | None = None
+    ) -> Trainer:
         """Validate what is cheap to check, then load data and weights, then write the run dir.
 
         `recorded`: the runtime choice a resumed run's last.pt holds, kept so resume stays exact.
@@ -84,7 +91,7 @@ class Session:
         folder = Path(cfg.out_dir) / ".feature_cache"
         store = self.stores.setdefault(folder, FeatureStore(folder))
         writer = RunWriter(run_dir) if self.ranks.main else None
-        trainer = Trainer(cfg, data, built, runtime, run_dir, store, writer, self.ranks)
+        trainer = Trainer(cfg, data, built, runtime, run_dir, store, writer, self.ranks, judge)
         return trainer
 
     def _data(self, cfg: Config) -> DataSplits:

@@ -31,6 +31,7 @@ class EpochBook:
         self.best = BestTracker(self.monitor, **saved.get("best", saved.get("saver", {})))
         self.stopping = EarlyStopping(cfg.train.early_stopping, self.monitor, **saved.get("stopping", {}))
         self.log = ResultsLog(saved.get("rows"))
+        self.pruned: dict[str, Any] | None = saved.get("pruned")  # {epoch, reason}: tune's pruner ended the run
 
     def close(
         self,
@@ -70,11 +71,20 @@ class EpochBook:
         self.log.append(record, self.best.best_epoch)
         return EpochOutcome(record, metrics, is_best, stopped, result.confusion)
 
+    def prune(self, epoch: int, reason: str) -> None:
+        """End the run after `epoch` as early stopping would; last.pt keeps it, so a resume finds it complete."""
+        self.pruned = {"epoch": epoch, "reason": reason}
+
     def state(self) -> dict[str, Any]:
-        return {"best": self.best.state(), "stopping": self.stopping.state(), "rows": self.log.rows}
+        stopping, rows = self.stopping.state(), self.log.rows
+        return {"best": self.best.state(), "stopping": stopping, "rows": rows, "pruned": self.pruned}
 
     def stopped_early(self) -> dict[str, Any] | None:
         return self.stopping.report()
+
+    def ended(self) -> bool:
+        """Whether early stopping or a prune ended the run before its last epoch."""
+        return self.stopped_early() is not None or self.pruned is not None
 
     def summary(self) -> dict[str, Any]:
         """The run's results so far, for summary.json."""
@@ -91,6 +101,7 @@ class EpochBook:
             "final_val_acc": rows[-1]["val_acc"] if rows else None,
             "final_val_balanced_acc": rows[-1]["val_balanced_acc"] if rows else None,
             "stopped_early": self.stopped_early(),
+            "pruned": self.pruned,
             "time_per_epoch": float(np.mean(seconds)) if seconds else None,
             "time_per_epoch_by_stage": {
                 s: float(np.mean([r["epoch_seconds"] for r in rows if r["stage"] == s])) for s in stages

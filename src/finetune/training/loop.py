@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,8 @@ from finetune.training.state import Progress, portable_state, restore_training, 
 from finetune.training.steps import StepRunner, StepStats
 from finetune.training.stop import StopRequested, StopSignal
 
+Judge = Callable[[int, float], str | None]  # (epoch, monitored value) -> why to stop the run now, or None
+
 
 class Trainer:
     def __init__(
@@ -50,9 +53,12 @@ class Trainer:
         store: FeatureStore | None = None,
         writer: RunWriter | None = None,
         ranks: Ranks = SINGLE,
+        judge: Judge | None = None,
     ):
-        """`writer` writes the run; under DDP only rank 0 has one."""
+        """`writer` writes the run; under DDP only rank 0 has one. `judge` (tune's pruner) is asked
+        after each epoch once every stage trains; every rank passes one, rank 0's answer counts."""
         self.cfg, self.data, self.built, self.runtime = cfg, data, built, runtime
+        self.judge = judge
         self.run_dir, self.writer, self.ranks = Path(run_dir), writer, ranks
         device = runtime.device
         self.model = built.model.to(device, memory_format=runtime.layout)
@@ -120,7 +126,7 @@ class Trainer:
                 for epoch in range(self.progress.epoch + 1, self.cfg.train.epochs + 1):
                     self.run_epoch(epoch)
                     bar.update()
-                    if self.book.stopped_early():
+                    if self.book.ended():
                         break
             except StopRequested:
                 raise Interrupted(self.stop.signum or signal.SIGTERM, self.run_dir) from None
@@ -143,6 +149,7 @@ class Trainer:
         require_finite(result, self.head, epoch)
         change = self.stages.after_epoch(epoch, result.metrics()[self.cfg.checkpoint.monitor])
         seconds = time.perf_counter() - started + self.progress.seconds
+        last_stage = len(self.schedule.active(epoch)) == len(self.schedule.groups)
         outcome = self.book.close(
             epoch,
             self.schedule.stage(epoch),
@@ -153,14 +160,25 @@ class Trainer:
             group_lrs(self.optimizer),
             trainable_count(self.model),
             self.features.decision.note,
-            len(self.schedule.active(epoch)) == len(self.schedule.groups),
+            last_stage,
             change[0].describe(change[1]) if change else "",
         )
+        if last_stage and self.judge is not None:
+            self._ask_judge(epoch, outcome)
         self.progress = Progress(epoch=epoch, world=self.ranks.world)
         self._write(epoch, outcome)
         stop = self.replicas.any(self.stop.requested)  # every rank votes, so none waits in a collective
-        if stop and not outcome.stopped and epoch < self.cfg.train.epochs:
+        if stop and not self.book.ended() and epoch < self.cfg.train.epochs:
             raise StopRequested
+
+    def _ask_judge(self, epoch: int, outcome: EpochOutcome) -> None:
+        """Prune the run when the judge says so: only once the last stage trains (a stage change's
+        dip never prunes), before this epoch is written (last.pt then says the run is complete),
+        never on its last epoch (that stops nothing). Rank 0's answer holds on every rank."""
+        value = outcome.metrics[self.cfg.checkpoint.monitor]
+        reason = self.replicas.from_main(self.judge(epoch, value) if self.ranks.main else None)
+        if reason and not outcome.stopped and epoch < self.cfg.train.epochs:
+            self.book.prune(epoch, reason)
 
     def _write(self, epoch: int, outcome: EpochOutcome) -> None:
         if self.ranks.many:
@@ -177,6 +195,8 @@ class Trainer:
             tqdm.write(f"next stage: {outcome.record.next_stage}")
         if outcome.stopped:
             tqdm.write(f"early stop after epoch {epoch}: {self.book.stopping.reason}")
+        if self.book.pruned and self.book.pruned["epoch"] == epoch:
+            tqdm.write(f"pruned after epoch {epoch}: {self.book.pruned['reason']}")
 
     def _interrupt(self, epoch: int, stats: StepStats, started: float) -> None:
         """Save the epoch's steps so far (every rank's) in last.pt, then stop."""
