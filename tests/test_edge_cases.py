@@ -56,7 +56,7 @@ def test_compare_picks_each_runs_best_by_its_own_monitor():
         | {"val_balanced_acc": [0.5, 0.6], "epoch_seconds": [1.0, 1.0]}
     )
     runs = [
-        Run(monitor, None, {"train.epochs": 2, "checkpoint.monitor": monitor}, results, {})
+        Run(monitor, {"train.epochs": 2, "checkpoint.monitor": monitor}, results, {})
         for monitor in ("val_loss", "val_acc")
     ]
     table = comparison_table(runs, sort="run").set_index("run")
