@@ -105,41 +105,65 @@ def make_trainer(tmp_path: Path, imagefolder: Path):
     return make
 
 
-# Test tiers (markers in pyproject.toml). `./scripts/test.sh --fast` deselects all three;
-# CI runs everything. A whole module is tiered by its name, a test in a mixed module by its
-# own, and every test that asks for `make_trainer` trains in-process.
+# Test tiers (markers in pyproject.toml): `process` starts real processes, `training` trains a
+# model in-process, `extras` needs an optional extra. `./scripts/test.sh --fast` leaves all
+# three out; CI runs everything. Whole modules are tiered by name, tests of mixed modules by
+# their own name (measured with --durations), and every test that asks for `make_trainer`
+# trains. A new test no table names lands in the fast tier: it can slow --fast, never hide.
+PROCESS, TRAINING, EXTRAS = ("process",), ("training",), ("extras",)
 MODULE_TIERS = {
-    "test_resume": ("process",),  # kills and resumes `finetune train` processes
-    "test_distributed": ("process",),  # torchrun
-    "test_cli": ("training",),
-    "test_compare": ("training",),  # its runs are trained first
-    "test_inference": ("training",),  # ditto
-    "test_augment": ("extras",),  # kornia
-    "test_ecosystem": ("extras",),  # timm, onnx, tensorboard
+    "test_resume": PROCESS,  # kills and resumes `finetune train` processes
+    "test_distributed": PROCESS,  # torchrun
+    "test_cli": TRAINING,
+    "test_compare": TRAINING,  # its runs are trained first
+    "test_inference": TRAINING,  # ditto
+    "test_augment": EXTRAS,  # kornia
+    "test_ecosystem": EXTRAS,  # timm, onnx, tensorboard
+    "test_tune": EXTRAS,  # optuna
 }
 TEST_TIERS = {
-    "test_cli.py::test_train_end_to_end_in_a_real_process": ("process",),
-    "test_sweep.py::test_killed_sweep_rerun_skips_finished_runs_and_resumes_the_interrupted_one": ("process",),
-    "test_ecosystem.py::test_tensorboard_stream_continues_after_a_resume_without_duplicate_steps": ("process",),
-    "test_ecosystem.py::test_a_timm_model_trains_in_stages_resumes_and_predicts": ("training",),
-    "test_ecosystem.py::test_export_round_trips_within_tolerance_and_predict_reads_it": ("training",),
-    "test_sweep.py::test_grid_over_seeds_writes_each_run_as_train_would_and_aggregates_seeds": ("training",),
-    "test_sweep.py::test_a_list_of_configs_is_one_sweep_with_shared_sets": ("training",),
-    "test_sweep.py::test_a_user_error_in_a_later_run_stops_the_sweep_and_keeps_finished_runs": ("training",),
-    "test_schedule.py::test_three_stage_cosine_run_records_the_lrs_plan_printed": ("training",),
-    "test_schedule.py::test_early_stopping_resets_at_a_new_stage_and_is_reported": ("training",),
-    "test_schedule.py::test_patience_running_out_on_the_last_epoch_leaves_the_run_extendable": ("training",),
-    "test_edge_cases.py::test_training_on_33_images_in_batches_of_32_runs_cached_and_uncached": ("training",),
-    "test_hardware.py::test_summary_records_the_memory_format": ("training",),
-    "test_bad_input.py::test_nan_loss_stops_with_epoch_and_step_and_keeps_best": ("training",),
-    "test_bad_input.py::test_weights_that_turn_non_finite_on_an_epochs_last_step_are_never_saved": ("training",),
-    "test_models.py::test_a_timm_model_loads_a_weights_file": ("extras",),
+    "test_cli": {"test_train_end_to_end_in_a_real_process": PROCESS},
+    "test_ecosystem": {
+        "test_tensorboard_stream_continues_after_a_resume_without_duplicate_steps": PROCESS,
+        "test_a_timm_model_trains_in_stages_resumes_and_predicts": TRAINING,
+        "test_export_round_trips_within_tolerance_and_predict_reads_it": TRAINING,
+    },
+    "test_rundir": {
+        "test_two_trains_of_one_config_started_at_once_get_their_own_dirs": PROCESS,
+        "test_a_live_run_is_refused_to_others_and_resumable_at_once_after_kill_9": PROCESS,
+        "test_under_torchrun_rank_0_claims_and_every_rank_gets_its_refusal": PROCESS,
+        "test_two_sweeps_on_one_dir_train_every_run_exactly_once": PROCESS,
+    },
+    "test_training_units": {  # two ranks started with torch.multiprocessing
+        "test_collectives_use_the_training_device_and_the_stop_vote_is_not_per_step": PROCESS,
+        "test_a_signal_on_one_rank_stops_every_rank_after_the_same_epoch": PROCESS,
+        "test_ranks_agree_on_the_step_to_stop_at": PROCESS,
+    },
+    "test_sweep": {
+        "test_a_sweep_rerun_continues_a_run_only_as_train_resume_would": PROCESS,
+        "test_killed_sweep_rerun_skips_finished_runs_and_resumes_the_interrupted_one": PROCESS,
+        "test_grid_over_seeds_writes_each_run_as_train_would_and_aggregates_seeds": TRAINING,
+        "test_a_list_of_configs_is_one_sweep_with_shared_sets": TRAINING,
+        "test_a_user_error_in_a_later_run_stops_the_sweep_and_keeps_finished_runs": TRAINING,
+    },
+    "test_schedule": {
+        "test_three_stage_cosine_run_records_the_lrs_plan_printed": TRAINING,
+        "test_early_stopping_resets_at_a_new_stage_and_is_reported": TRAINING,
+        "test_patience_running_out_on_the_last_epoch_leaves_the_run_extendable": TRAINING,
+    },
+    "test_edge_cases": {"test_training_on_33_images_in_batches_of_32_runs_cached_and_uncached": TRAINING},
+    "test_hardware": {"test_summary_records_the_memory_format": TRAINING},
+    "test_bad_input": {
+        "test_nan_loss_stops_with_epoch_and_step_and_keeps_best": TRAINING,
+        "test_weights_that_turn_non_finite_on_an_epochs_last_step_are_never_saved": TRAINING,
+    },
+    "test_models": {"test_a_timm_model_loads_a_weights_file": EXTRAS},
 }
 
 
 def tiers(item: pytest.Function) -> set[str]:
     module = item.path.stem
-    found = {*MODULE_TIERS.get(module, ()), *TEST_TIERS.get(f"{item.path.name}::{item.originalname}", ())}
+    found = {*MODULE_TIERS.get(module, ()), *TEST_TIERS.get(module, {}).get(item.originalname, ())}
     if "make_trainer" in item.fixturenames:
         found.add("training")
     return found
