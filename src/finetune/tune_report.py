@@ -59,7 +59,9 @@ def _importances(study: optuna.Study, study_dir: Path) -> None:
         print(f"importances: {len(complete)} completed trial(s); they need 2 or more")
         return
     try:
-        importances = optuna.importance.get_param_importances(study)
+        with warnings.catch_warnings():  # fANOVA on a handful of trials warns about its quantiles
+            warnings.simplefilter("ignore")
+            importances = optuna.importance.get_param_importances(study)
     except (RuntimeError, ValueError) as exc:
         print(f"importances: not computed ({exc})")
         return

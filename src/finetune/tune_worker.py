@@ -70,10 +70,13 @@ class Worker:
         try:
             values = {p.key: p.suggest(trial) for p in self.tune.params}
             return check_trial_dir(self.tune, lock, trial.number, values), lock, trial
-        except FinetuneError as exc:
+        except (FinetuneError, ValueError) as exc:  # ValueError: Optuna refuses a changed set of choices
             self.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
             lock.release()
-            raise FinetuneError(f"tune: {trial_name(trial.number)}: {exc}") from None
+            fix = (
+                "" if isinstance(exc, FinetuneError) else "; the study was run with another space: give another --study"
+            )
+            raise FinetuneError(f"tune: {trial_name(trial.number)}: {exc}{fix}") from None
 
     def judge(self, trial: optuna.Trial) -> Judge:
         """Report each epoch's monitored value; the pruner's verdict, as a reason to stop."""
