@@ -63,7 +63,7 @@ def test_two_processes_keep_identical_weights_and_only_rank_0_writes(staged_ddp)
     assert sorted(p.name for p in run.iterdir()) == ["best.pt", "config.yaml", "last.pt", "results.csv", "summary.json"]
     printed = proc.rank_log(0, "stdout")
     assert printed.count("weights identical on 2 ranks") == 3
-    assert "2 processes, data.batch_size 4 per process (8 images per step)" in printed
+    assert "2 processes, data.batch_size 4 per process (8 images per optimizer step)" in printed
     assert proc.rank_log(1, "stdout") == "", "other ranks print nothing"
     assert pd.read_csv(run / "results.csv")["stage"].tolist() == ["head", "layer4", "backbone"]
     assert json.loads((run / "summary.json").read_text())["processes"] == 2

@@ -44,22 +44,25 @@ def test_min_epochs_holds_a_plateau_stage_back_and_max_epochs_forces_it(config_f
     assert "max_epochs 2 reached" in forced["next_stage"][1]
 
 
-def test_restore_best_puts_back_the_weights_of_the_stage_befores_best_epoch(make_trainer):
-    stages = "train.unfreeze=[{modules: [layer4], after: plateau, patience: 1, max_epochs: 3, restore_best: true}]"
-    trainer = make_trainer("train.epochs=5", "train.lr_head=0.05", stages)
+@pytest.mark.parametrize("ema", ["null", "{decay: 0.5}"], ids=["weights", "ema"])
+def test_restore_best_puts_back_the_weights_of_the_stage_befores_best_epoch(make_trainer, ema):
+    """With EMA the best epoch was scored on the average, so the average's weights come back."""
+    from finetune.ema import evaluated_weights
+
+    stages = "train.unfreeze=[{modules: [layer4], after: plateau, patience: 1, max_epochs: 6, restore_best: true}]"
+    trainer = make_trainer("train.epochs=8", "train.lr_head=0.05", stages, f"train.ema={ema}")
     after: dict[int, dict[str, torch.Tensor]] = {}
-    for epoch in range(1, 6):
+    for epoch in range(1, 8):
         trainer.run_epoch(epoch)
-        after[epoch] = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        after[epoch] = {k: v.clone() for k, v in evaluated_weights(trainer.model, trainer.ema).items()}
         if trainer.book.log.rows[-1]["next_stage"]:
             break
     rows = trainer.book.log.rows
     best = max(rows, key=lambda r: (r["val_acc"], -r["epoch"]))["epoch"]
     assert f"weights of epoch {best} restored" in rows[-1]["next_stage"]
+    assert best < epoch, "a plateau: the switching epoch did not improve, and the weights trained on after the best"
     restored = trainer.model.state_dict()
     assert all(torch.equal(restored[k], v) for k, v in after[best].items())
-    if best != epoch:
-        assert not all(torch.equal(restored[k], v) for k, v in after[epoch].items())
 
 
 def test_plan_shows_a_plateau_stage_as_its_window(config_file, capsys):

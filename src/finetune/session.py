@@ -86,7 +86,7 @@ class Session:
         if self.ranks.many:
             print(
                 f"{self.ranks.world} processes, data.batch_size {cfg.data.batch_size} per process "
-                f"({cfg.data.batch_size * self.ranks.world} images per step)"
+                f"({cfg.data.batch_size * self.ranks.world * cfg.train.accumulate_steps} images per optimizer step)"
             )
         folder = Path(cfg.out_dir) / ".feature_cache"
         store = self.stores.setdefault(folder, FeatureStore(folder))

@@ -98,7 +98,7 @@ class Trainer:
         guard, batch, names = self.stop.guard, cfg.data.batch_size, data.class_names
         self.evaluate = Evaluator(self.model, transform, val_set, names, runtime, batch, guard, self.replicas, self.ema)
         self.book = EpochBook(cfg)
-        self.stages = StageSwitch(self.schedule, cfg.checkpoint.monitor, self.model)
+        self.stages = StageSwitch(self.schedule, cfg.checkpoint.monitor, self.model, self.ema)
         self.progress = Progress(world=ranks.world)
 
     def restore(self, state: dict[str, Any]) -> None:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from finetune.checkpoint import is_improvement
+from finetune.ema import WeightAverage, evaluated_weights
 from finetune.schedule import Group, Schedule
 
 
@@ -31,8 +32,10 @@ class StageChange:
 
 
 class StageSwitch:
-    def __init__(self, schedule: Schedule, monitor: str, model: nn.Module):
-        self.schedule, self.monitor, self.model = schedule, monitor, model
+    def __init__(self, schedule: Schedule, monitor: str, model: nn.Module, ema: WeightAverage | None = None):
+        """With `ema`, the best epoch was scored on the average: those weights come back, and
+        the average starts over from them."""
+        self.schedule, self.monitor, self.model, self.ema = schedule, monitor, model, ema
         self.keep_weights = any(g.stage is not None and g.stage.restore_best for g in schedule.groups)
         self.epochs = 0  # epochs of the current stage
         self.best: float | None = None  # its best value, counting improvements above the next rule's min_delta
@@ -53,6 +56,8 @@ class StageSwitch:
         restored = None
         if group.stage is not None and group.stage.restore_best and self.best_weights is not None:
             self.model.load_state_dict(self.best_weights)
+            if self.ema is not None:
+                self.ema.restart()
             restored = self.best_epoch
         return StageChange(group.name, epoch + 1, restored), why
 
@@ -92,7 +97,8 @@ class StageSwitch:
         if is_improvement(self.monitor, value, self.best_value):
             self.best_value, self.best_epoch = value, epoch
             if self.keep_weights:
-                self.best_weights = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+                scored = evaluated_weights(self.model, self.ema)
+                self.best_weights = {k: v.detach().cpu().clone() for k, v in scored.items()}
 
     def state(self) -> dict[str, Any]:
         keys = ("epochs", "best", "bad_epochs", "best_epoch", "best_value", "best_weights")
