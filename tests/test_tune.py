@@ -140,7 +140,7 @@ def test_two_workers_on_one_journal_file_train_every_trial_once(study, tmp_path)
 
 def test_a_worker_killed_mid_trial_leaves_it_to_be_resumed_exactly(tmp_path):
     data = make_imagefolder(tmp_path / "data", train_per_class=40, val_per_class=10)
-    config = write_config(tmp_path / "c.yaml", data, tmp_path / "runs", data={"batch_size": 4}, train={"epochs": 3})
+    config = write_config(tmp_path / "c.yaml", data, tmp_path / "runs", data={"batch_size": 4}, train={"epochs": 2})
     space = tmp_path / "space.yaml"
     space.write_text(GOOD)
     args = ["tune", config, "--space", space, "--trials", "1", "--out"]

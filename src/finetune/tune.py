@@ -12,7 +12,9 @@ storage and the ranks receive each trial's values and every prune decision from 
 from __future__ import annotations
 
 import json
+import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,6 +33,7 @@ if TYPE_CHECKING:
     import optuna
 
 
+ATTEMPTS = 5  # opening a new RDB study, which workers started together race to create
 STUDY_FILE = "tune.json"  # how `finetune compare STUDY_DIR` and a rerun find the study
 
 
@@ -114,15 +117,11 @@ def open_study(study_dir: Path, info: StudyInfo) -> optuna.Study:
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     study_dir.mkdir(parents=True, exist_ok=True)
     try:
-        study = optuna.create_study(
-            storage=_storage(study_dir, info.storage),
-            study_name=info.study,
-            pruner=_pruner(info.pruner),
-            direction=info.direction(),
-            load_if_exists=True,
-        )
+        storage = _storage(study_dir, info.storage)
+        study = _create(storage, info)
     except ImportError as exc:
-        raise FinetuneError(f"tune: --storage {info.storage} needs {exc.name}: pip install 'finetune[tune]'") from None
+        driver = exc.name or "its database driver"
+        raise FinetuneError(f"tune: --storage {info.storage} needs {driver}: pip install 'finetune[tune]'") from None
     if study.direction.name.lower() != info.direction():
         raise FinetuneError(
             f"tune: study {info.study} {study.direction.name.lower()}s, but checkpoint.monitor {info.monitor} "
@@ -130,6 +129,20 @@ def open_study(study_dir: Path, info: StudyInfo) -> optuna.Study:
         )
     atomic_write_text(study_dir / STUDY_FILE, json.dumps(asdict(info), indent=2))
     return study
+
+
+def _create(storage: Any, info: StudyInfo) -> optuna.Study:
+    import optuna
+
+    return _retrying(
+        lambda: optuna.create_study(
+            storage=storage,
+            study_name=info.study,
+            pruner=_pruner(info.pruner),
+            direction=info.direction(),
+            load_if_exists=True,
+        )
+    )
 
 
 def _storage(study_dir: Path, url: str | None) -> Any:
@@ -141,10 +154,23 @@ def _storage(study_dir: Path, url: str | None) -> Any:
 
         return optuna.storages.JournalStorage(JournalFileBackend(str(study_dir / "study.journal")))
     try:
-        return optuna.storages.RDBStorage(url)
+        return _retrying(lambda: optuna.storages.RDBStorage(url))
     except (sqlalchemy.exc.SQLAlchemyError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise FinetuneError(f"tune: --storage {url} cannot be opened ({first}); check the URL and server") from None
+
+
+def _retrying(make: Callable[[], Any]) -> Any:
+    """`make()`, again after a moment when workers started together raced to create the same
+    tables or study in a new database (the loser's insert fails; the next try finds them)."""
+    import sqlalchemy.exc
+
+    for attempt in range(1, ATTEMPTS):
+        try:
+            return make()
+        except sqlalchemy.exc.IntegrityError:
+            time.sleep(0.2 * attempt)
+    return make()
 
 
 def _pruner(name: str) -> optuna.pruners.BasePruner:
