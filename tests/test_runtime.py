@@ -139,15 +139,16 @@ def test_measuring_times_every_candidate_when_the_budget_allows():
     assert 2 <= result.batch <= 8 and all(m.train > 0 and m.infer > 0 and m.setup >= 0 for m in result.measured)
 
 
-def test_a_measurement_cut_short_by_the_budget_says_so_and_is_kept(cache, config, monkeypatch, long_run):
-    """Kept, so that every later run of the config (a sweep's twin, a resume) makes the same choice."""
+def test_a_measurement_cut_short_by_the_budget_says_so_and_is_measured_again(cache, config, monkeypatch, long_run):
+    """Not cached: on a busy machine the budget stops after the first candidate, and that partial
+    answer would stick for every later run (a resume keeps its choice in last.pt anyway)."""
     monkeypatch.setattr(calibrate_module, "BUDGET_S", 0.0)
     cfg = config(*AUTO)
     runtime = resolve_runtime(cfg, subject_for(cfg))
     assert runtime.decided_by == "measured" and len(runtime.calibration.measured) == 1
-    assert runtime.calibration.skipped and "not measured" in runtime.note() and str(cache) in runtime.note()
+    assert runtime.calibration.skipped and "not measured" in runtime.note() and "measures again" in runtime.note()
     again = resolve_runtime(cfg, subject_for(cfg))
-    assert again.decided_by == "cached" and again.describe() == runtime.describe()
+    assert again.decided_by == "measured"
 
 
 def test_a_run_too_short_to_win_back_the_time_is_not_measured_nor_cached(cache, config):
@@ -210,10 +211,13 @@ def test_a_resumed_run_keeps_its_measured_choice_and_stays_exact(config_file, tm
     from finetune.cli import main
 
     monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path / "first"))
-    config = str(config_file(precision="auto", train={"epochs": 3, "feature_cache": "off"}))
+    config = str(config_file(precision="fp32", train={"epochs": 3, "feature_cache": "off"}))  # the format is measured
     reference, run = tmp_path / "reference", tmp_path / "run"
-    assert main(["train", config, "--run-dir", str(reference)]) == 0
     assert main(["train", config, "--run-dir", str(run), "--set", "train.epochs=2"]) == 0
+    chosen = json.loads((run / "summary.json").read_text())["runtime"]
+    assert chosen["decided_by"] == "measured"
+    pinned = [f"train.memory_format={chosen['memory_format']}"]
+    assert main(["train", config, "--run-dir", str(reference), "--set", *pinned]) == 0  # the same numerics
     monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path / "later"))
     assert main(["train", "--resume", str(run), "--set", "train.epochs=3"]) == 0
     assert not (tmp_path / "later").exists(), "nothing measured on resume"

@@ -96,7 +96,7 @@ def _rates(c: Calibration) -> str:
     infer = ", ".join(f"{m.precision} {m.memory_format} {m.infer:.1f}" for m in c.measured)
     line = f"(in {c.seconds:.1f} s at batch {c.batch}); img/s train: {train}; inference: {infer}"
     if c.skipped:
-        line += f"; over budget, not measured: {', '.join(c.skipped)} (delete {calibration_cache.cache_dir()} to redo)"
+        line += f"; over budget, not measured: {', '.join(c.skipped)} (not cached: the next run measures again)"
     return line
 
 
@@ -210,7 +210,7 @@ def _find_or_measure(
     if cached is not None:
         return cached, "cached"
     measured = calibrate(cfg, subject.model, subject.head_name, device, options, work.train_images)
-    if not measured.short_run:  # cut short by the budget it is kept: every later run makes the same choice
+    if not (measured.short_run or measured.skipped):  # a busy machine's partial answer is measured again
         calibration_cache.save(key, measured)
     return measured, "measured"
 
