@@ -247,3 +247,18 @@ def test_two_workers_share_a_study_on_a_postgresql_server(study, tmp_path, postg
     assert states(shared).count("COMPLETE") == 3
     assert not (out / "study.journal").exists()
     assert yaml.safe_load((out / "tune.json").read_text())["storage"] == postgres
+
+
+def test_sweep_with_storage_deals_each_grid_point_to_one_worker_across_machines(study, tmp_path):
+    """Two workers with their own dirs (machines sharing no filesystem) and one database."""
+    config, _ = study()
+    url = f"sqlite:///{tmp_path / 'sweep.db'}"
+    grid = ["--grid", "train.lr_backbone=1e-4,2e-4,3e-4,4e-4"]
+    outs = [tmp_path / "a" / "sweep", tmp_path / "b" / "sweep"]
+    workers = [Finetune("sweep", config, *grid, "--out", out, "--storage", url) for out in outs]
+    printed = [w.finish() for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], printed
+    trained = sorted(p.parent.name for out in outs for p in out.glob("*/summary.json"))
+    assert trained == [f"lr_backbone={v}e-4" for v in range(1, 5)], "every grid point trained once"
+    shared = optuna.load_study(study_name="sweep-sweep", storage=url)
+    assert sorted(t.user_attrs["run"] for t in shared.trials if t.state.name == "COMPLETE") == trained

@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", help="one run per value")
     sweep.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2: every setting once per seed")
     sweep.add_argument("--out", help="sweep dir (default: <out_dir>/sweep-<first run>)")
+    sweep.add_argument("--storage", help="RDB URL: deal the runs to workers on several machines (Optuna)")
     sweep.set_defaults(func=cmd_sweep)
 
     tune = sub.add_parser("tune", help="search a config's keys with Optuna, pruning bad trials early")
@@ -193,7 +194,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     runs = expand(args.configs, args.overrides, args.grid, _seeds(args.seeds))
     out = Path(args.out) if args.out else default_out(args.configs, runs)
     print(f"sweep: {len(runs)} runs in {out}")
-    held = run_sweep(runs, out)
+    if args.storage:
+        from finetune.sweep_storage import run_shared
+        from finetune.tune import require_optuna
+
+        require_optuna()
+        held = run_shared(runs, out, args.storage)
+        runs = [r for r in runs if (out / r.name / "config.yaml").is_file()]  # other machines keep theirs
+    else:
+        held = run_sweep(runs, out)
     if held:
         print(
             f"sweep: {len(held)} runs still held by other processes ({', '.join(r.name for r in held)}); "

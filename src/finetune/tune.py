@@ -111,17 +111,7 @@ def require_optuna() -> None:
 
 def open_study(study_dir: Path, info: StudyInfo) -> optuna.Study:
     """Create the study, or load it when a worker (or an earlier run of the command) did."""
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    study_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        storage = _storage(study_dir, info.storage)
-        study = _create(storage, info)
-    except ImportError as exc:
-        driver = exc.name or "its database driver"
-        raise FinetuneError(f"tune: --storage {info.storage} needs {driver}: pip install 'finetune[tune]'") from None
+    study = connect(study_dir, info.storage, info.study, info.direction(), _pruner(info.pruner))
     if study.direction.name.lower() != info.direction():
         raise FinetuneError(
             f"tune: study {info.study} {study.direction.name.lower()}s, but checkpoint.monitor {info.monitor} "
@@ -131,18 +121,26 @@ def open_study(study_dir: Path, info: StudyInfo) -> optuna.Study:
     return study
 
 
-def _create(storage: Any, info: StudyInfo) -> optuna.Study:
+def connect(
+    folder: Path, url: str | None, name: str, direction: str, pruner: optuna.pruners.BasePruner | None = None
+) -> optuna.Study:
+    """The study `name` in the storage at `url` (None: the journal file in `folder`), created
+    by whichever worker comes first; tune and `sweep --storage` share it."""
     import optuna
 
-    return _retrying(
-        lambda: optuna.create_study(
-            storage=storage,
-            study_name=info.study,
-            pruner=_pruner(info.pruner),
-            direction=info.direction(),
-            load_if_exists=True,
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        storage = _storage(folder, url)
+        return _retrying(
+            lambda: optuna.create_study(
+                storage=storage, study_name=name, pruner=pruner, direction=direction, load_if_exists=True
+            )
         )
-    )
+    except ImportError as exc:
+        driver = exc.name or "its database driver"
+        raise FinetuneError(f"--storage {url} needs {driver}: pip install 'finetune[tune]'") from None
 
 
 def _storage(study_dir: Path, url: str | None) -> Any:
@@ -157,7 +155,7 @@ def _storage(study_dir: Path, url: str | None) -> Any:
         return _retrying(lambda: optuna.storages.RDBStorage(url))
     except (sqlalchemy.exc.SQLAlchemyError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise FinetuneError(f"tune: --storage {url} cannot be opened ({first}); check the URL and server") from None
+        raise FinetuneError(f"--storage {url} cannot be opened ({first}); check the URL and server") from None
 
 
 def _retrying(make: Callable[[], Any]) -> Any:
@@ -168,8 +166,8 @@ def _retrying(make: Callable[[], Any]) -> Any:
     for attempt in range(1, ATTEMPTS):
         try:
             return make()
-        except sqlalchemy.exc.IntegrityError:
-            time.sleep(0.2 * attempt)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError, sqlalchemy.exc.ProgrammingError):
+            time.sleep(0.2 * attempt)  # "already exists"; a server that is down fails the last try too
     return make()
 
 
