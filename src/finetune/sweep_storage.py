@@ -21,6 +21,7 @@ from finetune.errors import FinetuneError
 from finetune.runlock import RunLock, claim
 from finetune.sweep import SweepRun, _finished, _train
 from finetune.tune import connect
+from finetune.tune_worker import claim_orphan
 
 if TYPE_CHECKING:
     from finetune.session import Session
@@ -49,7 +50,7 @@ def run_shared(runs: list[SweepRun], out: Path, url: str) -> list[SweepRun]:
 def _next(study: optuna.Study, runs: list[SweepRun], out: Path) -> tuple[optuna.Trial, RunLock] | None:
     """A run whose worker died (RUNNING, its dir unlocked here), else the next run nobody got."""
     for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        lock = claim(out / runs[frozen.number].name) if frozen.number < len(runs) else None
+        lock = claim_orphan(out / runs[frozen.number].name) if frozen.number < len(runs) else None
         if lock is not None:
             return optuna.Trial(study, frozen._trial_id), lock
     while len(study.get_trials(deepcopy=False)) < len(runs):

@@ -202,7 +202,11 @@ def write_best(study: optuna.Study, study_dir: Path, info: StudyInfo) -> Path | 
         best = study.best_trial
     except ValueError:
         return None
-    raw = read_yaml(study_dir / trial_name(best.number) / "config.yaml")
+    saved = study_dir / trial_name(best.number) / "config.yaml"
+    if not saved.is_file():
+        print(f"best: {trial_name(best.number)} ran on another machine; its run dir there holds its config")
+        return None
+    raw = read_yaml(saved)
     raw["name"] = info.name
     path = study_dir / "best.yaml"
     atomic_write_text(path, yaml.safe_dump(raw, sort_keys=False))

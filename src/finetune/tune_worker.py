@@ -40,6 +40,12 @@ def sampler_for(seed: int, number: int) -> optuna.samplers.BaseSampler:
     return optuna.samplers.TPESampler(seed=int(np.random.SeedSequence([seed, number]).generate_state(1)[0]))
 
 
+def claim_orphan(run_dir: Path) -> RunLock | None:
+    """The dir of a RUNNING trial, if it is here and no live process holds it: its worker died.
+    One that is not here may be trained right now on a machine that shares no filesystem."""
+    return claim(run_dir) if run_dir.is_dir() else None
+
+
 class Worker:
     def __init__(self, tune: Tune, study: optuna.Study):
         self.tune, self.study = tune, study
@@ -47,7 +53,7 @@ class Worker:
     def next_job(self) -> tuple[Job, RunLock, optuna.Trial] | None:
         """The next trial to train, its run dir claimed; None when nothing is left for this worker."""
         for frozen in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            lock = claim(self.tune.study_dir / trial_name(frozen.number))
+            lock = claim_orphan(self.tune.study_dir / trial_name(frozen.number))
             if lock is not None:  # its worker died: resume it
                 return self._job(optuna.Trial(self.study, frozen._trial_id), lock)
         while self._counted() < self.tune.info.trials:
