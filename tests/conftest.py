@@ -120,6 +120,8 @@ MODULE_TIERS = {
     "test_augment": EXTRAS,  # kornia
     "test_ecosystem": EXTRAS,  # timm, onnx, tensorboard
     "test_tune": EXTRAS,  # optuna
+    "test_plateau": TRAINING,
+    "test_toolkit_training": TRAINING,
 }
 TEST_TIERS = {
     "test_cli": {"test_train_end_to_end_in_a_real_process": PROCESS},
@@ -158,6 +160,21 @@ TEST_TIERS = {
         "test_weights_that_turn_non_finite_on_an_epochs_last_step_are_never_saved": TRAINING,
     },
     "test_models": {"test_a_timm_model_loads_a_weights_file": EXTRAS},
+    "test_plateau": {
+        "test_kill_inside_and_right_after_a_plateau_switch_resumes_bit_identical": PROCESS,
+        "test_under_torchrun_every_rank_switches_at_the_same_step": PROCESS,
+    },
+    "test_toolkit_training": {
+        "test_sigterm_inside_an_accumulated_step_with_ema_and_clipping_resumes_bit_identical": PROCESS,
+        "test_accumulation_with_ema_under_torchrun_keeps_the_ranks_identical": PROCESS,
+    },
+    "test_runtime": {  # these time real train steps for seconds, or train
+        "test_auto_measures_a_copy_once_then_reads_the_cache": TRAINING,
+        "test_measuring_times_every_candidate_when_the_budget_allows": TRAINING,
+        "test_a_measurement_cut_short_by_the_budget_says_so_and_is_measured_again": TRAINING,
+        "test_plan_says_train_will_measure_then_shows_what_train_chose": TRAINING,
+        "test_a_resumed_run_keeps_its_measured_choice_and_stays_exact": TRAINING,
+    },
 }
 
 
