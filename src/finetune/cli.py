@@ -172,6 +172,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         return 0
     batches = f" of {plan.accumulate_steps} batches each" if plan.accumulate_steps > 1 else ""
     print(f"{cfg.name}: {plan.train_size} train images, {plan.steps_per_epoch} optimizer steps per epoch{batches}")
+    print(plan.runtime)
     print(pd.DataFrame(plan.groups).to_markdown(index=False))
     print()
     print(pd.DataFrame(plan_table(plan)).to_markdown(index=False))
