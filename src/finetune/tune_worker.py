@@ -22,6 +22,7 @@ from finetune.distributed import Ranks, from_main
 from finetune.errors import FinetuneError, Interrupted
 from finetune.runlock import RunLock, claim
 from finetune.tune import Job, Tune, check_trial_dir, open_study, trial_name
+from finetune.tune_space import label
 
 if TYPE_CHECKING:
     from finetune.session import Session
@@ -36,8 +37,11 @@ WHY = {
 
 def sampler_for(seed: int, number: int) -> optuna.samplers.BaseSampler:
     """A TPE sampler seeded by (seed, trial number): a study continued by the same command draws
-    what an uninterrupted one would (with one worker, whose history is the same)."""
-    return optuna.samplers.TPESampler(seed=int(np.random.SeedSequence([seed, number]).generate_state(1)[0]))
+    what an uninterrupted one would (with one worker, whose history is the same). The seed goes
+    in as SeedSequence words, which numpy's RandomState mixes fully (seeded by one int, the first
+    draws of neighbouring trials came out close together)."""
+    words = np.random.SeedSequence([seed, number]).generate_state(4)
+    return optuna.samplers.TPESampler(seed=words)  # type: ignore[arg-type]  # RandomState.seed takes arrays
 
 
 def claim_orphan(run_dir: Path) -> RunLock | None:
@@ -149,7 +153,7 @@ def _receive(ranks: Ranks) -> Job | None:
 def _train(session: Session, tune: Tune, job: Job, judge: Judge) -> dict[str, Any] | None:
     run_dir = tune.study_dir / trial_name(job.number)
     cfg = tune.config(job.number, job.values)
-    print(f"{trial_name(job.number)}: " + ", ".join(f"{k}={v}" for k, v in job.values.items()))
+    print(f"{trial_name(job.number)}: " + ", ".join(f"{k}={label(v)}" for k, v in job.values.items()))
     try:
         return session.train(cfg, run_dir, resume=job.resume, judge=judge)
     except Interrupted as exc:
