@@ -136,3 +136,27 @@ def test_under_torchrun_every_rank_switches_at_the_same_step(plateau_run, tmp_pa
     results = pd.read_csv(tmp_path / "run" / "results.csv")
     assert results["next_stage"].notna().any()
     assert proc.rank_log(0, "stdout").count("weights identical on 2 ranks") == len(results)
+
+
+def test_a_plateau_on_the_last_epoch_starts_nothing(config_file, tmp_path):
+    """No stage after the run: the last.pt keeps the trained weights, stage_starts says none."""
+    stages = "train.unfreeze=[{modules: [layer4], after: plateau, patience: 1, restore_best: true}]"
+    assert (
+        main(
+            ["train", str(config_file()), "--run-dir", str(tmp_path / "run"), "--set", "train.epochs=2", *FLAT, stages]
+        )
+        == 0
+    )
+    results = pd.read_csv(tmp_path / "run" / "results.csv")
+    assert results["next_stage"].isna().all()
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["stage_starts"]["layer4"] is None
+
+
+def test_plan_window_starts_where_a_plateau_can_first_be_seen(config_file, tmp_path):
+    """A stage's first epoch always improves, so patience 1 needs two epochs of the stage before."""
+    from finetune.config_load import load_config
+    from finetune.plan import make_plan
+
+    cfg = load_config(str(config_file()), ["train.epochs=6", *FLAT, plateau_stages()])
+    assert make_plan(cfg).groups[1]["trains from epoch"].startswith("3-")
+    assert run(config_file(), tmp_path, *FLAT, plateau_stages())["stage"].tolist()[2] == "layer4"

@@ -114,10 +114,13 @@ class CachePlanner:
         self.stage = ""
 
     def decide(self, epoch: int) -> CacheDecision:
-        """A plateau stage may start before the decided range ends: a new stage decides anew."""
+        """Decided as at the stage's first epoch, whichever epoch asks (a resumed run decides as
+        the uninterrupted one did); a plateau stage may start before the decided range ends, so
+        a new stage decides anew."""
         stage = self.schedule.stage(epoch)
         if self.current is None or epoch not in self.current.epochs or stage != self.stage:
-            self.current = decide_cache(self.cfg, self.schedule, self.model, epoch, *self.sizes, self.runtime)
+            first = max(g.epoch for g in self.schedule.active(epoch)) + 1
+            self.current = decide_cache(self.cfg, self.schedule, self.model, first, *self.sizes, self.runtime)
             self.stage = stage
         return self.current
 

@@ -86,7 +86,10 @@ class Schedule:
             elif g.plateau is not None:
                 rule, last = g.plateau, self.cfg.epochs
                 latest = last if rule.max_epochs is None else min(last, before[1] + rule.max_epochs)
-                current = (min(last, before[0] + rule.min_epochs), latest)
+                soonest = max(rule.min_epochs, rule.patience + 1)  # a stage's first epoch always improves
+                if rule.max_epochs is not None:
+                    soonest = min(soonest, rule.max_epochs)
+                current = (min(last, before[0] + soonest), latest)
             if g is group:
                 return current
             before = current

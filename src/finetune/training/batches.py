@@ -30,7 +30,6 @@ def steps_per_epoch(n: int, batch_size: int, world: int = 1, accumulate: int = 1
 @dataclass
 class EpochBatches:
     index: tuple[torch.Tensor, ...]  # this rank's batches of the epoch's order, on the device
-    flips: torch.Tensor  # per image of the dataset, on the device
     inputs: Iterator[torch.Tensor]  # model inputs of the steps from `first` on
     first: int  # steps done before (a resumed epoch)
 
@@ -63,4 +62,4 @@ class BatchSource:
                 self.transform(x, flips[i] if hflip else None, augment and partial(augment.images, epoch=epoch, step=s))
                 for s, (i, x) in enumerate(zip(todo, self.train_set.batches(todo), strict=True), start=done)
             )
-        return EpochBatches(index, flips, inputs, done)
+        return EpochBatches(index, inputs, done)

@@ -47,7 +47,7 @@ class StageSwitch:
     def after_epoch(self, epoch: int, value: float) -> tuple[StageChange, str] | None:
         """Count `epoch` in its stage; the stage starting at `epoch + 1` and why, if one does."""
         self._count(epoch, value)
-        group = self._next(epoch)
+        group = self._next(epoch) if epoch < self.schedule.cfg.epochs else None  # no stage after the last epoch
         if group is None:
             return None
         why = "its epoch" if group.plateau is None else self._plateau_reason(group)
@@ -96,9 +96,13 @@ class StageSwitch:
             self.bad_epochs += 1
         if is_improvement(self.monitor, value, self.best_value):
             self.best_value, self.best_epoch = value, epoch
-            if self.keep_weights:
+            if self.keep_weights and self._stage_to_come(epoch):
                 scored = evaluated_weights(self.model, self.ema)
                 self.best_weights = {k: v.detach().cpu().clone() for k, v in scored.items()}
+
+    def _stage_to_come(self, epoch: int) -> bool:
+        """Whether a stage still starts after `epoch`: only then may its best weights come back."""
+        return any(g.epoch is None or g.epoch >= epoch for g in self.schedule.groups)
 
     def state(self) -> dict[str, Any]:
         keys = ("epochs", "best", "bad_epochs", "best_epoch", "best_value", "best_weights")

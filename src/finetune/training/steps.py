@@ -157,11 +157,15 @@ class StepRunner:
         """The host sync every few steps: stop on a non-finite loss, show and log the last one."""
         done = stats.losses[: stats.done]
         bad = torch.nonzero(~torch.isfinite(done))
-        if len(bad):
-            first = int(bad[0])
+        if self.replicas.any(bool(len(bad))):  # every rank stops, none waits in a collective
+            where = (
+                f"{done[int(bad[0])].item()} at epoch {epoch}, step {int(bad[0]) + 1}"
+                if len(bad)
+                else (f"non-finite on another process in epoch {epoch}")
+            )
             raise FinetuneError(
-                f"loss became {done[first].item()} at epoch {epoch}, step {first + 1}; lower train.lr_head / "
-                "train.lr_backbone or check the data (best.pt and last.pt were left as they were)"
+                f"loss became {where}; lower train.lr_head / train.lr_backbone or check the data "
+                "(best.pt and last.pt were left as they were)"
             )
         loss = done[-1].item()
         bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
