@@ -5,6 +5,7 @@ switched off, exact resume."""
 from __future__ import annotations
 
 import copy
+import importlib.util
 
 import pytest
 import torch
@@ -14,6 +15,8 @@ from finetune.config import AugmentConfig, CropConfig, JitterConfig
 from finetune.config_load import load_config
 
 SAME = torch.rand(1, 3, 32, 32).repeat(6, 1, 1, 1)  # six copies of one image
+
+needs_kornia = pytest.mark.skipif(importlib.util.find_spec("kornia") is None, reason="needs the augment extra")
 
 
 def augment(rank: int = 0, **kw) -> Augment:
@@ -30,6 +33,7 @@ def moved(out: torch.Tensor) -> set[bool]:
     return {bool((image != image[:, :1, :1]).any()) for image in out}
 
 
+@needs_kornia
 def test_each_image_of_a_batch_gets_its_own_crop_jitter_and_erasing():
     aug = augment(random_resized_crop=CropConfig(scale=[0.35, 1.0]), color_jitter=JitterConfig(0.3, 0.3, 0.3, 0.05))
     out = aug.images(SAME, epoch=1, step=0)
@@ -39,6 +43,7 @@ def test_each_image_of_a_batch_gets_its_own_crop_jitter_and_erasing():
     assert len({tuple((e != SAME[0]).any(0).nonzero()[0].tolist()) for e in erased}) > 1, "patches differ"
 
 
+@needs_kornia
 def test_draws_are_a_function_of_seed_epoch_and_step_and_leave_the_global_rng_alone():
     aug = augment(random_resized_crop=CropConfig(), trivial_augment=True)
     before = torch.get_rng_state()
@@ -48,6 +53,7 @@ def test_draws_are_a_function_of_seed_epoch_and_step_and_leave_the_global_rng_al
     assert torch.equal(torch.get_rng_state(), before), "dropout's RNG is untouched"
 
 
+@needs_kornia
 def test_streams_never_collide_and_each_rank_draws_its_own():
     crop = CropConfig(scale=[0.35, 1.0])
     rank0, rank1 = augment(random_resized_crop=crop), augment(rank=1, random_resized_crop=crop)
@@ -61,6 +67,7 @@ def test_streams_never_collide_and_each_rank_draws_its_own():
     assert torch.equal(torch.get_rng_state(), before), "dropout's RNG is untouched"
 
 
+@needs_kornia
 def test_kornias_policies_pick_one_op_per_batch():
     """Why `_PerImage` exists: every image of a kornia TrivialAugment/RandAugment call gets the same ops."""
     from kornia.augmentation.auto import RandAugment, TrivialAugment
@@ -69,6 +76,7 @@ def test_kornias_policies_pick_one_op_per_batch():
     assert all(len(moved(policy(FLAT))) == 1 for policy in [TrivialAugment(), RandAugment(n=2, m=10)] * 8)
 
 
+@needs_kornia
 @pytest.mark.parametrize("policy", ["trivial_augment", "rand_augment"])
 def test_trivial_and_rand_augment_pick_their_ops_per_image(policy):
     aug = augment(**{policy: True})
@@ -104,6 +112,7 @@ def test_bad_augment_values_are_config_errors():
 AUGMENTED = ["data.augment={random_resized_crop: {scale: [0.5, 1]}, color_jitter: {brightness: 0.2}, mixup: 0.2}"]
 
 
+@needs_kornia
 def test_augmented_training_skips_the_cache_and_resumes_exactly(make_trainer):
     reference = make_trainer(*AUGMENTED, "train.epochs=2", run_name="reference")
     reference.run_epoch(1)
