@@ -111,6 +111,23 @@ def test_a_bad_space_is_one_line_and_exit_2_before_anything_trains(study, tmp_pa
     assert not glob.glob(str(out / "trial-*")), "nothing trained, no trial dir left"
 
 
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--trials", "0"], "tune: --trials 0: give the study's total number of trials, at least 1"),
+        (["--storage", "study.db"], "tune: --storage study.db: expected an RDB URL"),
+        (["--storage", "postgresql://tune@127.0.0.1:1/none"], "--storage postgresql://tune@127.0.0.1:1/none cannot be"),
+    ],
+)
+def test_bad_options_are_one_line_and_exit_2(study, tmp_path, capsys, option, message):
+    config, space = study()
+    args = ["tune", str(config), "--space", str(space), "--trials", "2", "--out", str(tmp_path / "study"), *option]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+    assert not glob.glob(str(tmp_path / "study" / "trial-*"))
+
+
 def test_a_sampled_combination_the_config_refuses_fails_its_trial_before_it_trains(study, tmp_path, capsys):
     """Each value alone passes (the config never unfreezes; it has 2 epochs), together they do not."""
     config, space = study("train.epochs: {choices: [1]}\ntrain.unfreeze_epoch: {choices: [1]}\n")

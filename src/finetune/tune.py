@@ -96,8 +96,15 @@ def prepare(config: str, overrides: list[str], space: str, trials: int, opts: di
     if storage is not None and storage.split(":", 1)[0].split("+", 1)[0] not in ("sqlite", "postgresql", "mysql"):
         raise FinetuneError(f"tune: --storage {storage}: expected an RDB URL (sqlite:///FILE, postgresql://...)")
     seed = cfg.seed if opts.get("seed") is None else opts["seed"]
-    info = StudyInfo(opts.get("study") or cfg.name, storage, cfg.name, cfg.checkpoint.monitor, trials, seed,
-                     opts.get("pruner") or "median")  # fmt: skip
+    info = StudyInfo(
+        study=opts.get("study") or cfg.name,
+        storage=storage,
+        name=cfg.name,
+        monitor=cfg.checkpoint.monitor,
+        trials=trials,
+        seed=seed,
+        pruner=opts.get("pruner") or "median",
+    )
     study_dir = Path(opts["out"]) if opts.get("out") else Path(cfg.out_dir) / f"tune-{cfg.name}"
     return Tune(base, cfg, config, params, study_dir, info)
 
