@@ -14,18 +14,17 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-import optuna
 import pandas as pd
 import pytest
 import yaml
 from conftest import make_imagefolder, write_config
-from optuna.storages import JournalStorage
-from optuna.storages.journal import JournalFileBackend
 from test_distributed import Torchrun
 from test_resume import Finetune, assert_same_as_reference, csv_rows
 
 from finetune.cli import main
 from finetune.config_load import load_config
+
+optuna = pytest.importorskip("optuna", reason="needs the tune extra: pip install -e '.[tune]'")
 
 GOOD = "train.lr_head: {low: 2.0e-3, high: 4.0e-3}\ntrain.lr_backbone: {low: 1.0e-4, high: 1.0e-3, log: true}\n"
 BAD = "train.lr_head: {low: 1.0e-10, high: 2.0e-10}\ntrain.lr_backbone: {low: 1.0e-10, high: 2.0e-10, log: true}\n"
@@ -45,7 +44,9 @@ def study(tmp_path: Path):
 
 
 def load(study_dir: Path, name: str = "tiny") -> optuna.Study:
-    storage = JournalStorage(JournalFileBackend(str(study_dir / "study.journal")))
+    from optuna.storages.journal import JournalFileBackend
+
+    storage = optuna.storages.JournalStorage(JournalFileBackend(str(study_dir / "study.journal")))
     return optuna.load_study(study_name=name, storage=storage)
 
 
