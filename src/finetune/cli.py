@@ -196,10 +196,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else default_out(args.configs, runs)
     print(f"sweep: {len(runs)} runs in {out}")
     if args.storage:
-        from finetune.sweep_storage import run_shared
         from finetune.tune import require_optuna
 
         require_optuna()
+        from finetune.sweep_storage import run_shared
+
         held = run_shared(runs, out, args.storage)
         runs = [r for r in runs if (out / r.name / "config.yaml").is_file()]  # other machines keep theirs
     else:
