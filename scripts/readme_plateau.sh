@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Regenerate docs/plateau_example/: unfreeze_on_plateau against early_unfreeze and
 # gradual_unfreeze on the same real CIFAR-10 images (mobilenet_v2 with its ImageNet weights,
-# 96 px, 1000 train / 400 val), each stage's modules given in MobileNetV2's names
+# 64 px, 1000 train / 400 val), each stage's modules given in MobileNetV2's names
 # (features.14-18 stand for resnet's layer4). The README quotes the printed lines.
 # Usage: scripts/readme_plateau.sh [CIFAR10_IMAGEFOLDER_ROOT]
 set -euo pipefail
@@ -11,7 +11,7 @@ runs=$(mktemp -d)
 trap 'rm -rf "$runs"' EXIT
 top='[features.14, features.15, features.16, features.17, features.18]'
 mid='[features.7, features.8, features.9, features.10, features.11, features.12, features.13]'
-common=(data.dataset=imagefolder "data.root=$root" model.arch=mobilenet_v2 data.image_size=96
+common=(data.dataset=imagefolder "data.root=$root" model.arch=mobilenet_v2 data.image_size=64
   data.train_size=1000 data.val_size=400 train.epochs=8 "out_dir=$runs")
 train() { .venv/bin/finetune train "configs/$1.yaml" --run-dir "$runs/$1" --set "${common[@]}" "${@:2}"; }
 
