@@ -142,6 +142,18 @@ def test_a_sampled_combination_the_config_refuses_fails_its_trial_before_it_trai
     assert not (out / "trial-0000").exists()
 
 
+def test_a_trial_that_diverges_fails_and_the_study_goes_on(study, tmp_path, capsys):
+    """A loss that turns non-finite ends that trial (FAIL), not the study: a rerun would only
+    diverge again on the same values."""
+    config, space = study("train.lr_backbone: {choices: [1.0e+30, 1.0e-4]}\n")
+    out = tmp_path / "study"
+    sets = ["train.optimizer=sgd", "train.feature_cache=off"]
+    assert main(["tune", str(config), "--space", str(space), "--trials", "3", "--out", str(out), "--set", *sets]) == 0
+    assert "failed: loss became" in capsys.readouterr().out
+    found = states(load(out))
+    assert "FAIL" in found and found.count("COMPLETE") == 3, "a failed trial does not count towards --trials"
+
+
 def test_two_workers_on_one_journal_file_train_every_trial_once(study, tmp_path):
     config, space = study()
     out = tmp_path / "study"

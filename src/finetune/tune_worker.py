@@ -9,6 +9,7 @@ workers can ask at once; a trial numbered past the total is told FAIL at once an
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 from pathlib import Path
@@ -122,7 +123,8 @@ def run_worker(tune: Tune, ranks: Ranks) -> optuna.Study | None:
     session = Session(ranks)
     if not ranks.main:
         while (job := _receive(ranks)) is not None:
-            _train(session, tune, job, lambda epoch, value: None)
+            with contextlib.suppress(FinetuneError):  # rank 0 says it; every rank goes on to the next trial
+                _train(session, tune, job, lambda epoch, value: None)
         return None
     worker = Worker(tune, open_study(tune.study_dir, tune.info))
     while True:
@@ -136,7 +138,12 @@ def run_worker(tune: Tune, ranks: Ranks) -> optuna.Study | None:
             return worker.study
         job, lock, trial = taken
         with lock:  # told under the lock: no other worker takes it for an orphan meanwhile
-            summary = _train(session, tune, job, worker.judge(trial))
+            try:
+                summary = _train(session, tune, job, worker.judge(trial))
+            except FinetuneError as exc:  # this trial's values diverged (say): it fails, the study goes on
+                worker.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+                print(f"{trial_name(trial.number)} failed: {exc}")
+                continue
             worker.tell(trial, summary or _saved_summary(lock.folder))
 
 
