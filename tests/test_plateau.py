@@ -160,3 +160,14 @@ def test_plan_window_starts_where_a_plateau_can_first_be_seen(config_file, tmp_p
     cfg = load_config(str(config_file()), ["train.epochs=6", *FLAT, plateau_stages()])
     assert make_plan(cfg).groups[1]["trains from epoch"].startswith("3-")
     assert run(config_file(), tmp_path, *FLAT, plateau_stages())["stage"].tolist()[2] == "layer4"
+
+
+def test_a_sweep_grids_plateau_settings_like_any_key(config_file, tmp_path):
+    """`after`, `patience` and `max_epochs` are swept as whole stage lists (top-level commas split)."""
+    fast = "[{modules: [layer4], after: plateau, patience: 1, max_epochs: 1}]"
+    slow = "[{modules: [layer4], after: plateau, patience: 3, max_epochs: 2}]"
+    out = tmp_path / "sweep"
+    args = ["sweep", str(config_file()), "--grid", f"train.unfreeze={fast},{slow}", "--out", str(out)]
+    assert main([*args, "--set", "train.epochs=4", *FLAT]) == 0
+    starts = sorted(json.loads(p.read_text())["stage_starts"]["layer4"] for p in out.glob("*/summary.json"))
+    assert starts == [2, 3], "max_epochs 1 and 2 of the head"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -70,18 +71,24 @@ def expand(configs: list[str], overrides: list[str], grid: list[str], seeds: lis
         for values in itertools.product(*(v for _, v in axes)):
             for seed in seeds or [None]:
                 sets = [f"{k}={v}" for (k, _), v in zip(axes, values, strict=True)]
-                sets += [] if seed is None else [f"seed={seed}"]
-                parts = ([Path(path).stem] if len(configs) > 1 else []) + [_label(s) for s in sets]
-                name = ",".join(parts) or Path(path).stem
-                runs.append(SweepRun(name, load_config(path, [*overrides, *sets, f"name={name}"])))
+                labels = [_label(k, v, options.index(v)) for (k, options), v in zip(axes, values, strict=True)]
+                if seed is not None:
+                    sets.append(f"seed={seed}")
+                    labels.append(f"seed={seed}")
+                name = ",".join(([Path(path).stem] if len(configs) > 1 else []) + labels) or Path(path).stem
+                runs.append(SweepRun(name, load_config(path, [*overrides, *sets, f"name={json.dumps(name)}"])))
     if len({r.name for r in runs}) < len(runs):
         raise FinetuneError("sweep: two runs would share a run dir; give configs with different file names")
     return runs
 
 
-def _label(item: str) -> str:
-    key, _, value = item.partition("=")
-    return f"{key.rsplit('.', 1)[-1]}={value}".replace("/", "_")
+def _label(key: str, value: str, index: int) -> str:
+    """`lr_backbone=1e-05` in a run's name; a long or spaced block (a stage list, a scheduler) is
+    named by its place in the grid, `unfreeze#2`, since its text would make a poor folder name."""
+    short = key.rsplit(".", 1)[-1]
+    if len(value) <= 40 and not re.search(r"[\s{}]", value):
+        return f"{short}={value}".replace("/", "_")
+    return f"{short}#{index + 1}"
 
 
 def default_out(configs: list[str], runs: list[SweepRun]) -> Path:
