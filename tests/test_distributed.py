@@ -50,7 +50,7 @@ class Torchrun(subprocess.Popen):
 def staged_ddp(tmp_path_factory):
     """A finished 2-process run of a 3-stage cosine config (its cached stages wrapped in DDP too)."""
     root = tmp_path_factory.mktemp("ddp")
-    data = make_imagefolder(root / "data", train_per_class=20, val_per_class=6)
+    data = make_imagefolder(root / "data", train_per_class=80, val_per_class=6)  # 30 steps per rank: 3 stop votes
     config = write_config(root / "c.yaml", data, root / "runs", data={"batch_size": 4}, train=STAGES)
     proc = Torchrun(root / "logs", "train", config, "--run-dir", root / "reference")
     out = proc.finish()
@@ -94,8 +94,7 @@ def test_sigterm_under_torchrun_then_resume_with_two_or_one_processes(staged_ddp
     while csv_rows(run) < 1:
         assert proc.poll() is None and time.monotonic() < deadline, proc.finish()
         time.sleep(0.01)
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGTERM)  # early in epoch 2: the ranks stop at its next vote (step 10 or 20 of 30)
     proc.finish()
     state = torch.load(run / "last.pt", weights_only=True)
     assert state["progress"]["epoch"] == 1 and state["progress"]["step"] > 0, "stopped inside epoch 2"

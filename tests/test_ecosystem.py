@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 from conftest import make_imagefolder, write_config
-from test_resume import Finetune, csv_rows, resume, stop_when
+from test_resume import Finetune, resume, stop_when
 
 from finetune.cli import main
 from finetune.errors import FinetuneError
@@ -106,7 +106,7 @@ def test_tensorboard_stream_continues_after_a_resume_without_duplicate_steps(tmp
     config = write_config(tmp_path / "c.yaml", data, tmp_path / "runs", data={"batch_size": 4}, train={"epochs": 2})
     run = tmp_path / "run"
     proc = Finetune("train", config, "--run-dir", run, "--tensorboard")
-    assert stop_when(proc, lambda: csv_rows(run) == 1, signal.SIGTERM, delay=1.0) == 143
+    assert stop_when(proc, lambda: proc.bar_at("epoch 2", steps=2), signal.SIGTERM) == 143
     resume(run)
     events = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0, "images": 0}).Reload()
     tags = events.Tags()

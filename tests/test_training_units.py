@@ -81,7 +81,8 @@ def test_collectives_use_the_training_device_and_the_stop_vote_is_not_per_step(t
         assert outcome == "finished" and epochs == 2
         assert set(calls) == {"cpu"}, "every collective's tensor on the training device"
         votes = math.ceil(steps / VOTE_EVERY)
-        assert steps == 30 and len(calls) == 2 * (votes + 2), "per epoch: the votes, the train sums, the epoch's stop"
+        per_epoch = 2 * votes + 2  # stop votes, finiteness checks (same steps), train sums, the epoch end
+        assert steps == 30 and len(calls) == 2 * per_epoch, "a collective every 10 steps, not every step"
 
 
 def test_a_signal_on_one_rank_stops_every_rank_after_the_same_epoch(tmp_path):
