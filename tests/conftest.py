@@ -164,6 +164,11 @@ TEST_TIERS = {
         "test_kill_inside_and_right_after_a_plateau_switch_resumes_bit_identical": PROCESS,
         "test_under_torchrun_every_rank_switches_at_the_same_step": PROCESS,
     },
+    "test_lr_find": {
+        "test_the_suggestion_lands_within_a_factor_of_10_of_the_lr_that_trains_best": TRAINING,
+        "test_lr_find_then_train_equals_train_alone_and_changes_no_run": TRAINING,
+        "test_a_later_stage_ramps_its_own_group_after_the_epochs_before_it": TRAINING,
+    },
     "test_toolkit_training": {
         "test_sigterm_inside_an_accumulated_step_with_ema_and_clipping_resumes_bit_identical": PROCESS,
         "test_accumulation_with_ema_under_torchrun_keeps_the_ranks_identical": PROCESS,

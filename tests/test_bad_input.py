@@ -296,6 +296,15 @@ CASES = {
         lambda e: ["plan", e.text_config("name: " + "[" * 100_000 + "]" * 100_000 + "\n")],
         r"raw\.yaml: YAML nested too deeply",
     ),
+    "lr-find unknown stage": (
+        lambda e: ["lr-find", e.config(), "--stage", "layer9"],
+        r"lr-find --stage 'layer9': the config's stages are head, backbone",
+    ),
+    "lr-find too few steps": (lambda e: ["lr-find", e.config(), "--steps", "2"], r"--steps 2: give 5 to 1000"),
+    "lr-find lrs reversed": (
+        lambda e: ["lr-find", e.config(), "--start-lr", "1", "--end-lr", "0.1"],
+        r"need 0 < start < end",
+    ),
     "negative memory budget": (
         lambda e: ["train", e.config(), "--set", "data.memory_budget_mb=-1"],
         r"data\.memory_budget_mb = -1 must not be negative",

@@ -54,6 +54,17 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("--set", dest="overrides", action="extend", default=[], nargs="+", metavar="KEY=VALUE")
     config.set_defaults(func=cmd_config)
 
+    find = sub.add_parser("lr-find", help="an LR range test for one stage: suggests its LR, changes no run")
+    find.add_argument("config")
+    find.add_argument("--set", dest="overrides", action="extend", default=[], nargs="+", metavar="KEY=VALUE")
+    find.add_argument("--stage", help="the stage whose groups ramp (default: the first, the head)")
+    find.add_argument("--out", help="where lr_find.csv/.png go (default: <out_dir>/lr_find-<name>[-<stage>])")
+    find.add_argument("--steps", type=int, default=100, help="optimizer steps of the ramp (default 100)")
+    find.add_argument("--start-lr", type=float, default=1e-7, help="the ramp's first LR (default 1e-7)")
+    find.add_argument("--end-lr", type=float, default=10.0, help="the ramp's last LR (default 10)")
+    find.add_argument("--json", action="store_true", help="print the result as JSON")
+    find.set_defaults(func=cmd_lr_find)
+
     sweep = sub.add_parser("sweep", help="train several configs or a grid in one process, then compare them")
     sweep.add_argument("configs", nargs="+", help="one YAML config (with --grid/--seeds) or several")
     sweep.add_argument("--set", dest="overrides", action="extend", default=[], nargs="+", metavar="KEY=VALUE")
@@ -184,6 +195,44 @@ def cmd_config(args: argparse.Namespace) -> int:
     from finetune.config import to_yaml
 
     print(to_yaml(load_config(args.config, args.overrides)), end="")
+    return 0
+
+
+def cmd_lr_find(args: argparse.Namespace) -> int:
+    if not 5 <= args.steps <= 1000:
+        raise FinetuneError(f"lr-find --steps {args.steps}: give 5 to 1000 (100 is usual)")
+    if not 0 < args.start_lr < args.end_lr:
+        raise FinetuneError(f"lr-find --start-lr {args.start_lr:g} --end-lr {args.end_lr:g}: need 0 < start < end")
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        raise FinetuneError("lr-find runs in one process; start it without torchrun")
+    cfg = load_config(args.config, args.overrides)
+    from finetune.lr_find import find_lr, save, set_line
+
+    test = find_lr(cfg, args.stage, args.steps, args.start_lr, args.end_lr)
+    default = f"lr_find-{cfg.name}" + (f"-{args.stage}" if args.stage else "")
+    csv, png = save(test, Path(args.out) if args.out else Path(cfg.out_dir) / default)
+    lr = test.suggestion
+    use = set_line(cfg, test, lr) if lr is not None else None
+    if args.json:
+        fields = {"stage": test.stage, "ramped": test.joining, "suggestion": lr, "set": use, "steps": len(test.lrs)}
+        files = {"csv": str(csv), "png": str(png)}
+        print(json.dumps({**fields, "ended": test.ended, "seconds": test.seconds, **files}, indent=2))
+        return 0
+    n = test.epochs_before
+    first = [
+        f"epoch{'s 1-' if n > 1 else ' '}{n} trained first" if n else "",
+        f"{test.cut} inputs cached" * bool(test.cut),
+    ]
+    setup = f" ({', '.join(filter(None, first))}: {test.setup_seconds:.1f} s)" if any(first) else ""
+    print(f"lr-find: {len(test.lrs)} steps of stage {test.stage} in {test.seconds:.2f} s{setup}; {test.ended}")
+    if lr is None:
+        print(f"no suggestion: the loss never fell; lower --start-lr (was {args.start_lr:g}) or check the data")
+    else:
+        print(f"suggested lr for {test.stage}: {lr:.2g}, a tenth of where the loss bottoms out")
+        if test.bottom == len(test.lrs) - 1:
+            print(f"the loss still fell at the last lr: raise --end-lr (was {args.end_lr:g}) to see where it turns")
+        print(f"use it: finetune train {args.config} {use}")
+    print(f"wrote {csv} and {png}")
     return 0
 
 

@@ -63,9 +63,15 @@ class Session:
                 trainer.writer.close()
 
     def prepare(
-        self, cfg: Config, run_dir: Path, recorded: dict[str, Any] | None = None, judge: Judge | None = None
+        self,
+        cfg: Config,
+        run_dir: Path,
+        recorded: dict[str, Any] | None = None,
+        judge: Judge | None = None,
+        write: bool = True,
     ) -> Trainer:
-        """Validate what is cheap to check, then load data and weights, then write the run dir.
+        """Validate what is cheap to check, then load data and weights: a Trainer whose writer
+        (rank 0's, unless `write` is off: lr-find writes no run) writes the run dir.
 
         `recorded`: the runtime choice a resumed run's last.pt holds, kept so resume stays exact.
         """
@@ -81,7 +87,7 @@ class Session:
         runtime = resolve_runtime(cfg, subject, self.ranks, recorded)
         print(
             f"{cfg.name}: {cfg.model.arch} on {len(data.train)} train / {len(data.val)} val images, "
-            f"{data.num_classes} classes, {runtime.describe()}, run dir {run_dir}"
+            f"{data.num_classes} classes, {runtime.describe()}" + (f", run dir {run_dir}" if write else "")
         )
         if self.ranks.many:
             print(
@@ -90,7 +96,7 @@ class Session:
             )
         folder = Path(cfg.out_dir) / ".feature_cache"
         store = self.stores.setdefault(folder, FeatureStore(folder))
-        writer = RunWriter(run_dir) if self.ranks.main else None
+        writer = RunWriter(run_dir) if self.ranks.main and write else None
         trainer = Trainer(cfg, data, built, runtime, run_dir, store, writer, self.ranks, judge)
         return trainer
 

@@ -108,7 +108,7 @@ class StepRunner:
                     self.optimizer.zero_grad(set_to_none=True)
                 truth = labels[batches.index[step]]
                 inputs, targets = self.augment.mix(inputs, truth, epoch, step) if self.augment else (inputs, truth)
-                stats.losses[step], stats.corrects[step] = self._backward(
+                stats.losses[step], stats.corrects[step] = self.backward(
                     forward, inputs, targets, truth, shares[step], ends
                 )
                 stats.done = step + 1
@@ -117,7 +117,7 @@ class StepRunner:
                     break
         return stats
 
-    def _backward(
+    def backward(
         self,
         forward: nn.Module,
         inputs: torch.Tensor,
@@ -139,11 +139,7 @@ class StepRunner:
     def _update(self, stats: StepStats, epoch: int, global_step: int, bar: tqdm) -> bool:
         """The optimizer step (gradients clipped after fp16's unscaling), the weight average,
         and the host sync every few steps; whether every rank stops here."""
-        if self.clip is not None:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.params, self.clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        self.optimizer_step()
         if self.ema is not None:
             self.ema.update()
         update = global_step - self.schedule.global_step(epoch)
@@ -152,6 +148,14 @@ class StepRunner:
         if (update + 1) % CHECK_EVERY == 0 or last or stop:
             self._check(stats, epoch, global_step, bar)
         return stop and not last
+
+    def optimizer_step(self) -> None:
+        """Clip (after fp16's unscaling) and step: the scaler skips a step whose gradients overflowed."""
+        if self.clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
 
     def _check(self, stats: StepStats, epoch: int, global_step: int, bar: tqdm) -> None:
         """The host sync every few steps: stop on a non-finite loss, show and log the last one."""

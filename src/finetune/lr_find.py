@@ -1,0 +1,214 @@
+"""`finetune lr-find`: Leslie Smith's LR range test for the groups that join in one stage.
+
+The groups joining in the stage train for `steps` optimizer steps while their LR rises
+exponentially from `start` to `end` (that is the named group's LR; a group joining with it
+keeps its ratio to it). The epochs before the stage are trained first, as `train` trains
+them, so the ramp starts from the weights the stage would start from (fastai's advice: fit
+the head, then unfreeze, then find the LR); groups that joined earlier keep the LR the
+schedule gives them as the stage starts. The ramp stops once a running average of the loss
+is 4x its minimum, or the loss is not finite. The suggestion is the classic "minimum / 10" read
+from a centred moving average of the loss (a running average lags the ramp by a decade or
+more), with the minimum taken where the loss reaches its bottom, so noise along a flat
+bottom does not move it.
+
+The stage runs as `train` runs it: the same batches, numerics, freezing, accumulation and
+clipping, and the same feature cache (a head or partial stage trains on cached activations,
+so the frozen bottom is computed once; the head-input cache on disk is the one `train` then
+reads). It trains a model of its own and restores the RNG states, so a `train` after it is
+the same as a `train` alone. It writes no run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+import shlex
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+import yaml
+from matplotlib.figure import Figure
+
+from finetune.config import Config, StageConfig, stage_name
+from finetune.errors import FinetuneError
+from finetune.files import atomic_write_bytes, atomic_write_text
+from finetune.freezing import apply_stage, schedule_group, set_train_mode
+from finetune.hardware import resolve_device
+from finetune.schedule import Group
+from finetune.session import Session
+from finetune.training.loop import Trainer
+
+SMOOTHING = 0.9  # the running average the stop rule watches: about 10 steps
+DIVERGED = 4.0  # stop once that average is this many times its minimum
+WINDOW = 9  # steps of the centred average the suggestion is read from (it does not lag)
+
+
+@dataclass
+class RangeTest:
+    """One ramp: the named group's LR and the loss at every step it took."""
+
+    stage: str
+    joining: dict[str, float]  # each ramped group's LR as a multiple of the stage group's
+    lrs: list[float]
+    losses: list[float]
+    seconds: float  # the ramp's steps
+    setup_seconds: float  # the epochs before the stage and its feature cache
+    epochs_before: int  # trained first, as `train` trains them
+    cut: str | None  # the module whose inputs were cached
+    ended: str  # why the ramp stopped
+
+    @property
+    def smoothed(self) -> list[float]:
+        """The loss as a centred moving average: a running average would lag the ramp by its window."""
+        return pd.Series(self.losses).rolling(WINDOW, center=True, min_periods=1).mean().tolist()
+
+    @property
+    def bottom(self) -> int:
+        """The first step at which the smoothed loss is within 5% of its fall from its lowest:
+        on a flat bottom, where the flat part starts, not where noise puts the minimum."""
+        smoothed = self.smoothed
+        lowest = min(smoothed)
+        top = max(smoothed[: smoothed.index(lowest) + 1])
+        return next(i for i, value in enumerate(smoothed) if value <= lowest + 0.05 * (top - lowest))
+
+    @property
+    def suggestion(self) -> float | None:
+        """The LR at the bottom of the loss / 10: a decade below where the loss stops falling it
+        still falls fast, and is far from diverging. None when the loss never fell."""
+        smoothed = self.smoothed
+        if min(smoothed) >= 0.99 * max(smoothed[: self.bottom + 1]):
+            return None
+        return self.lrs[self.bottom] / 10
+
+
+def find_lr(cfg: Config, stage: str | None, steps: int = 100, start: float = 1e-7, end: float = 10.0) -> RangeTest:
+    """Ramp the LR of `stage` (default: the first) over `steps` optimizer steps, on a model of its own."""
+    device = resolve_device(cfg.device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        trainer = Session().prepare(cfg, Path(cfg.out_dir), write=False)
+        began = time.perf_counter()
+        group, epoch = reach(trainer, stage)
+        apply_stage(trainer.model, trainer.schedule, epoch)
+        cut = trainer.features.cut_for(epoch)
+        setup = time.perf_counter() - began
+        set_train_mode(trainer.model, trainer.schedule, epoch)
+        joining = {g.name: g.lr / group.lr for g in trainer.schedule.groups if g.epoch == group.epoch}
+        test = RangeTest(group.name, joining, [], [], 0.0, setup, epoch - 1, cut and cut.cut, "")
+        _ramp(trainer, test, epoch, cut, [start * (end / start) ** (i / (steps - 1)) for i in range(steps)])
+    return test
+
+
+def reach(trainer: Trainer, name: str | None) -> tuple[Group, int]:
+    """Train the epochs before stage `name` (default: the first) as `train` would, so its groups
+    ramp from the weights they would start from; the group and its first epoch."""
+    names = [g.name for g in trainer.schedule.groups]
+    if name is not None and name not in names:
+        raise FinetuneError(f"lr-find --stage {name!r}: the config's stages are {', '.join(names)}; name one of them")
+    name, epoch = name or names[0], 1
+    while not next(g for g in trainer.schedule.groups if g.name == name).trains_in(epoch):
+        if epoch > trainer.cfg.train.epochs:
+            raise FinetuneError(
+                f"lr-find --stage {name}: the stage did not start within train.epochs {trainer.cfg.train.epochs}"
+            )
+        trainer.run_epoch(epoch)
+        epoch += 1
+    return next(g for g in trainer.schedule.groups if g.name == name), epoch
+
+
+def _ramp(trainer: Trainer, test: RangeTest, epoch: int, cut: torch.nn.Module | None, lrs: list[float]) -> None:
+    """Train one optimizer step per LR until the smoothed loss diverges."""
+    forward = cut if cut is not None else trainer.model
+    others = trainer.schedule.lrs(trainer.schedule.global_step(epoch))  # groups that joined before
+    batches, k = _cycle(trainer, epoch, cut), trainer.cfg.train.accumulate_steps
+    average, lowest = 0.0, math.inf
+    began = time.perf_counter()
+    for i, lr in enumerate(lrs):
+        for param_group in trainer.optimizer.param_groups:
+            name = schedule_group(param_group["name"])
+            param_group["lr"] = lr * test.joining[name] if name in test.joining else others[name]
+        trainer.optimizer.zero_grad(set_to_none=True)
+        loss = _step(trainer, [next(batches) for _ in range(k)], forward, epoch, i * k)
+        if not math.isfinite(loss):
+            test.ended = f"the loss was {loss} at lr {lr:.2g}"
+            break
+        test.lrs.append(lr)
+        test.losses.append(loss)
+        average = SMOOTHING * average + (1 - SMOOTHING) * loss
+        running = average / (1 - SMOOTHING ** (i + 1))  # debiased
+        lowest = min(lowest, running)
+        if running > DIVERGED * lowest:
+            test.ended = f"the loss diverged at lr {lr:.2g}"
+            break
+    test.seconds = time.perf_counter() - began
+    test.ended = test.ended or f"the ramp reached lr {lrs[-1]:.2g}"
+
+
+def _step(trainer: Trainer, chunk: list[tuple[torch.Tensor, torch.Tensor]], forward, epoch: int, first: int) -> float:
+    """One optimizer step over `chunk` (train.accumulate_steps batches), as the step runner takes it."""
+    total = sum(len(index) for index, _ in chunk)
+    loss = torch.zeros((), device=trainer.runtime.device)
+    for n, (index, inputs) in enumerate(chunk):
+        truth = trainer.labels[index]
+        augment = trainer.steps.augment
+        inputs, targets = augment.mix(inputs, truth, epoch, first + n) if augment else (inputs, truth)
+        batch_loss, _ = trainer.steps.backward(forward, inputs, targets, truth, len(index) / total, True)
+        loss += batch_loss * len(index) / total
+    trainer.steps.optimizer_step()
+    return loss.item()
+
+
+def _cycle(trainer: Trainer, epoch: int, cut: torch.nn.Module | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The stage's first epoch's batches, again from its start when 100 steps outlast it."""
+    while True:
+        batches = trainer.batches.epoch(epoch, 0, cut, trainer.features.cache)
+        yield from zip(batches.index, batches.inputs, strict=True)
+
+
+def set_line(cfg: Config, test: RangeTest, lr: float) -> str:
+    """`--set` arguments that give the ramped groups the suggested LR (and keep their ratios)."""
+    values = {name: float(f"{lr * ratio:.2g}") for name, ratio in test.joining.items()}
+    parts = []
+    stages = list(cfg.train.unfreeze or [])
+    for name, value in values.items():
+        if name == "head":
+            parts.append(f"train.lr_head={value:g}")
+        elif not stages:
+            parts.append(f"train.lr_backbone={value:g}")
+    if stages and set(values) - {"head"}:
+        listed = [_stage_dict(s, values.get(stage_name(s))) for s in stages]
+        parts.append(f"train.unfreeze={yaml.safe_dump(listed, default_flow_style=True, width=10**6).strip()}")
+    return "--set " + " ".join(shlex.quote(p) for p in parts)
+
+
+def _stage_dict(stage: StageConfig, lr: float | None) -> dict:
+    """The stage as YAML would give it: only the keys that differ from their defaults."""
+    default = StageConfig()
+    given = {f.name: getattr(stage, f.name) for f in dataclasses.fields(stage)}
+    kept = {k: v for k, v in given.items() if v != getattr(default, k)}
+    return {**kept, "lr": lr} if lr is not None else kept
+
+
+def save(test: RangeTest, out: Path) -> tuple[Path, Path]:
+    """lr_find.csv (every step) and lr_find.png (loss against LR, the suggestion marked)."""
+    out.mkdir(parents=True, exist_ok=True)
+    table = pd.DataFrame({"step": range(1, len(test.lrs) + 1), "lr": test.lrs, "loss": test.losses})
+    table["smoothed_loss"] = test.smoothed
+    csv, png = out / "lr_find.csv", out / "lr_find.png"
+    atomic_write_text(csv, table.to_csv(index=False))
+    fig = Figure(figsize=(7, 4.5), layout="tight")
+    ax = fig.subplots()
+    ax.plot(test.lrs, test.losses, alpha=0.3, label="loss")
+    ax.plot(test.lrs, test.smoothed, label="smoothed")
+    if test.suggestion is not None:
+        ax.axvline(test.suggestion, color="tab:red", linestyle="--", label=f"suggested {test.suggestion:.2g}")
+    ax.set(xscale="log", xlabel=f"lr of {test.stage}", ylabel="train loss", title=f"LR range test: {test.stage}")
+    ax.legend()
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=100)
+    atomic_write_bytes(png, image.getvalue())
+    return csv, png
