@@ -24,7 +24,7 @@ def test_the_suggestion_is_a_tenth_of_where_the_loss_bottoms_out_not_where_noise
     falling = [2.0 - 0.05 * i for i in range(30)]  # 2.0 -> 0.55
     flat = [0.5 + 0.001 * (i % 3) for i in range(30)]  # noise along the bottom
     test = ramp(falling + flat + [1.0, 3.0, 9.0])
-    assert 28 <= test.bottom <= 31
+    assert 30 <= test.bottom <= 35  # the flat part starts at 30; a decade-wide average reaches it a little later
     assert test.suggestion == pytest.approx(test.lrs[test.bottom] / 10)
     assert ramp([1.0 + 0.01 * i for i in range(40)]).suggestion is None  # it never fell
 

@@ -7,9 +7,9 @@ them, so the ramp starts from the weights the stage would start from (fastai's a
 the head, then unfreeze, then find the LR); groups that joined earlier keep the LR the
 schedule gives them as the stage starts. The ramp stops once a running average of the loss
 is 4x its minimum, or the loss is not finite. The suggestion is the classic "minimum / 10" read
-from a centred moving average of the loss (a running average lags the ramp by a decade or
-more), with the minimum taken where the loss reaches its bottom, so noise along a flat
-bottom does not move it.
+from a centred moving average of the loss over a decade of LR (a running average lags the
+ramp by a decade or more), with the minimum taken where the loss reaches its bottom, so noise
+along a flat bottom does not move it.
 
 The stage runs as `train` runs it: the same batches, numerics, freezing, accumulation and
 clipping, and the same feature cache (a head or partial stage trains on cached activations,
@@ -45,7 +45,7 @@ from finetune.training.loop import Trainer
 
 SMOOTHING = 0.9  # the running average the stop rule watches: about 10 steps
 DIVERGED = 4.0  # stop once that average is this many times its minimum
-WINDOW = 9  # steps of the centred average the suggestion is read from (it does not lag)
+FLOOR = 0.01  # the loss's bottom starts where it is within this share of its fall from its lowest
 
 
 @dataclass
@@ -64,17 +64,20 @@ class RangeTest:
 
     @property
     def smoothed(self) -> list[float]:
-        """The loss as a centred moving average: a running average would lag the ramp by its window."""
-        return pd.Series(self.losses).rolling(WINDOW, center=True, min_periods=1).mean().tolist()
+        """The loss as a moving average over a decade of LR, centred: a running average would lag
+        the ramp by its window, and a shorter one leaves batch noise that moves the minimum."""
+        per_decade = 1 / math.log10(self.lrs[1] / self.lrs[0]) if len(self.lrs) > 1 else 1
+        window = 2 * round(per_decade / 2) + 1
+        return pd.Series(self.losses).rolling(window, center=True, min_periods=1).mean().tolist()
 
     @property
     def bottom(self) -> int:
-        """The first step at which the smoothed loss is within 5% of its fall from its lowest:
+        """The first step at which the smoothed loss is within 1% of its fall from its lowest:
         on a flat bottom, where the flat part starts, not where noise puts the minimum."""
         smoothed = self.smoothed
         lowest = min(smoothed)
         top = max(smoothed[: smoothed.index(lowest) + 1])
-        return next(i for i, value in enumerate(smoothed) if value <= lowest + 0.05 * (top - lowest))
+        return next(i for i, value in enumerate(smoothed) if value <= lowest + FLOOR * (top - lowest))
 
     @property
     def suggestion(self) -> float | None:
