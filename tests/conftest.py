@@ -179,6 +179,7 @@ TEST_TIERS = {
         "test_a_measurement_cut_short_by_the_budget_says_so_and_is_measured_again": TRAINING,
         "test_plan_says_train_will_measure_then_shows_what_train_chose": TRAINING,
         "test_a_resumed_run_keeps_its_measured_choice_and_stays_exact": TRAINING,
+        "test_a_compiled_run_trains_as_the_eager_one_does": TRAINING,  # a compile: tens of seconds on a CPU
     },
 }
 

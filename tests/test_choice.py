@@ -81,3 +81,29 @@ def test_only_a_fully_pinned_config_skips_measuring(precision, fmt, pinned):
 def test_nothing_measured_is_an_error_not_a_guess():
     with pytest.raises(ValueError, match="nothing was measured"):
         choose([], RUN)
+
+
+def test_torch_compile_is_chosen_only_where_its_faster_steps_win_back_every_compile():
+    """This CPU's ResNet18 at 224 px: eager bf16 channels_last 63.6 img/s, compiled 45.6 after a
+    30 s compile (never worth it); a GPU-like 1.5x faster compiled step pays only over enough
+    whole-forward images, and a compile per shape and per stage counts against it."""
+    eager = Measured("bf16", "channels_last", train=63.6, infer=200)
+    slower = Measured("bf16", "channels_last", train=45.6, infer=200, setup=30.0, compiled=True)
+    faster = Measured("bf16", "channels_last", train=95.4, infer=200, setup=30.0, compiled=True)
+    long = Workload(100_000, 10_000, full_images=100_000, stages=1)
+    assert not choose([eager, slower], long).compile
+    assert choose([eager, faster], long) == Choice("bf16", "bf16", "channels_last", compile=True)
+    assert not choose([eager, faster], Workload(9000, 2400, full_images=9000)).compile  # 47 s saved, 60 s compiling
+    many_stages = Workload(100_000, 10_000, full_images=20_000, stages=4)  # 105 s saved, 240 s compiling
+    assert not choose([eager, faster], many_stages).compile
+    head_only = Workload(100_000, 10_000, full_images=0)  # every epoch on a cached cut
+    assert not choose([eager, faster], head_only).compile
+
+
+def test_torch_compile_is_timed_only_for_a_run_long_enough_to_risk_a_compile():
+    from finetune.calibrate import COMPILE_GUESS_S, COMPILE_SHARE, worth_compiling
+
+    eager = Measured("fp32", "channels_last", train=100, infer=300)
+    enough = int(100 * COMPILE_GUESS_S / COMPILE_SHARE)  # images that take 10x a compile to train
+    assert worth_compiling(eager, Workload(enough, 0, full_images=enough))
+    assert not worth_compiling(eager, Workload(enough, 0, full_images=enough // 2))

@@ -230,3 +230,43 @@ def test_a_resumed_run_keeps_its_measured_choice_and_stays_exact(config_file, tm
     pd.testing.assert_frame_equal(results[0], results[1])
     weights = [torch.load(r / "last.pt", weights_only=True)["model"] for r in (reference, run)]
     assert all(torch.equal(v, weights[1][k]) for k, v in weights[0].items())
+
+
+def test_a_cached_compile_timing_decides_compile_and_a_record_or_pin_wins(cache, config):
+    """The compiled step's rate and compile time sit in the calibration beside the eager rates;
+    on the tiny run (epochs 2-3 on the whole forward) a 10x faster step after 0.1 s pays."""
+    cfg = config(*AUTO)
+    subject = subject_for(cfg)
+    options = candidates("auto", "auto", native_precisions(CPU))
+    given = [Measured(c.precision, c.memory_format, train=10.0, infer=50.0) for c in options]
+    fastest = given[0]
+    compiled = Measured(fastest.precision, fastest.memory_format, train=100.0, infer=50.0, setup=0.1, compiled=True)
+    key = calibration_key(cfg, subject, CPU, [c.label for c in options])
+    calibration_cache.save(key, Calibration([*given, compiled], batch=8, seconds=1.5))
+    runtime = resolve_runtime(cfg, subject)
+    assert runtime.compile and runtime.describe().endswith("compiled")
+    assert runtime.record()["compile"] and "compiling took 0 s" in runtime.note()
+    assert not resolve_runtime(config(*AUTO, "train.compile=off"), subject).compile
+    recorded = {"precision": "fp32", "memory_format": "contiguous", "compile": True, "calibration": None}
+    assert resolve_runtime(cfg, subject, recorded=recorded).compile, "resume keeps the recorded choice"
+    assert not resolve_runtime(config(*AUTO, "train.compile=off"), subject, recorded=recorded).compile
+
+
+def test_a_compiled_run_trains_as_the_eager_one_does(config_file, tmp_path):
+    """train.compile: on compiles the whole forward's train step (here epochs 2 and 3; the head
+    epoch trains on its cached inputs): the same losses to float tolerance, recorded as compiled."""
+    import pandas as pd
+
+    from finetune.cli import main
+
+    config = str(config_file(train={"epochs": 3}))
+    runs = {mode: tmp_path / mode for mode in ("on", "off")}
+    for mode, run in runs.items():
+        assert main(["train", config, "--run-dir", str(run), "--set", f"train.compile={mode}"]) == 0
+    summary = json.loads((runs["on"] / "summary.json").read_text())
+    assert summary["runtime"]["compile"] is True
+    results = [pd.read_csv(run / "results.csv") for run in runs.values()]
+    columns = ["train_loss", "val_loss", "val_acc"]
+    pd.testing.assert_frame_equal(
+        results[0][columns], results[1][columns], atol=1e-2, rtol=0
+    )  # fused kernels round otherwise

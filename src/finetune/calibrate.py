@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from finetune.choice import Candidate, Measured, autocast
+from finetune.choice import Candidate, Measured, Workload, autocast
 from finetune.config import Config
 from finetune.freezing import set_train_mode
 from finetune.schedule import Schedule
@@ -28,6 +28,8 @@ FIRST_ROUND = 0.6  # of the budget, to time every candidate once; the rest re-ti
 CLOSE = 0.75  # candidates this close to the best train rate are timed again: one timing can be unlucky
 ROUNDS = 4  # re-timings at most: enough to beat noise, and a fast GPU stops early
 RUN_SHARE = 0.03  # of a run's estimated length, the most it spends measuring
+COMPILE_GUESS_S = 30.0  # what compiling a ResNet18 train step took on 2 CPU cores: what trying torch.compile risks
+COMPILE_SHARE = 0.1  # it is tried on a run whose whole-forward training takes at least 10x that
 
 
 @dataclass
@@ -122,6 +124,27 @@ def calibrate(
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result
+
+
+def worth_compiling(eager: Measured, work: Workload) -> bool:
+    """Whether to time torch.compile at all: it costs a compile (tens of seconds), so only a run
+    long enough that the time would be small beside it is worth the try; the answer is cached."""
+    return work.full_images / eager.train * COMPILE_SHARE >= COMPILE_GUESS_S
+
+
+def measure_compiled(
+    cfg: Config, model: nn.Module, head_name: str, device: torch.device, eager: Measured, batch: int
+) -> Measured:
+    """`eager`'s candidate with its train step under torch.compile: the steady rate, and the
+    compile time as its set-up (inference stays eager: it is the train step that repeats)."""
+    print(f"timing torch.compile of the {eager.label} train step (it compiles first: tens of seconds)")
+    copied = stage_copy(cfg, model, head_name, device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        bench = Bench(torch.compile(copied), device, cfg.data.image_size)
+        first = bench.train_step(eager.candidate, batch)
+        step = min(bench.train_step(eager.candidate, batch) for _ in range(3))
+    setup = max(0.0, first - step)
+    return Measured(eager.precision, eager.memory_format, batch / step, eager.infer, setup, compiled=True)
 
 
 def stage_copy(cfg: Config, model: nn.Module, head_name: str, device: torch.device) -> nn.Module:

@@ -8,7 +8,7 @@ taken on a busy machine could not test it.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -40,10 +40,15 @@ class Measured:
     train: float  # img/s of a forward+backward step of the stage that trains most
     infer: float  # img/s of a forward without grad (evaluation, feature-cache extraction)
     setup: float = 0.0  # seconds the first step at a new input shape costs over a steady one
+    compiled: bool = False  # the train step under torch.compile: `setup` is then its compile time
 
     @property
     def candidate(self) -> Candidate:
         return Candidate(self.precision, self.memory_format)
+
+    @property
+    def label(self) -> str:
+        return f"{self.precision} {self.memory_format}" + (" compiled" if self.compiled else "")
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,8 @@ class Workload:
     train_images: int
     infer_images: int
     shapes: int = 2  # a full and a short last batch: each new shape pays `setup` once
+    full_images: int = 0  # train images of the epochs that run the whole forward (not a cached cut)
+    stages: int = 1  # what trains changes this often among those epochs: a compiled step recompiles each time
 
     def seconds(self, m: Measured) -> tuple[float, float]:
         """(train, inference) seconds the whole run would take with this candidate."""
@@ -64,6 +71,7 @@ class Choice:
     precision: str
     infer_precision: str
     memory_format: str
+    compile: bool = False  # torch.compile the train step
 
 
 def candidates(precision: str, memory_format: str, native: list[str]) -> list[Candidate]:
@@ -80,8 +88,9 @@ def choose(measured: list[Measured], work: Workload) -> Choice:
     precision may differ between them (autocast is per call).
     """
     best: tuple[float, Choice] | None = None
+    eager = [m for m in measured if not m.compiled]
     for fmt in FORMATS:
-        here = [m for m in measured if m.memory_format == fmt]
+        here = [m for m in eager if m.memory_format == fmt]
         if not here:
             continue
         train = min(here, key=lambda m: work.seconds(m)[0])
@@ -91,7 +100,17 @@ def choose(measured: list[Measured], work: Workload) -> Choice:
             best = (total, Choice(train.precision, infer.precision, fmt))
     if best is None:
         raise ValueError("choose: nothing was measured")
-    return best[1]
+    chosen = best[1]
+    train = next(m for m in eager if (m.precision, m.memory_format) == (chosen.precision, chosen.memory_format))
+    compiled = next((m for m in measured if m.compiled and m.candidate == train.candidate), None)
+    return replace(chosen, compile=compiled is not None and compile_gain(train, compiled, work) > 0)
+
+
+def compile_gain(eager: Measured, compiled: Measured, work: Workload) -> float:
+    """Seconds torch.compile saves over the run: the faster steps of the whole-forward epochs,
+    less a compile per input shape and per change of what trains."""
+    saved = work.full_images / eager.train - work.full_images / compiled.train
+    return saved - work.shapes * work.stages * compiled.setup
 
 
 def only_choice(options: list[Candidate]) -> Choice | None:

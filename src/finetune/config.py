@@ -139,6 +139,7 @@ class TrainConfig:
     ema: EmaConfig | None = None  # null = off
     feature_cache: Literal["auto", "off"] = "auto"
     memory_format: Literal["auto", "channels_last", "contiguous"] = "auto"
+    compile: Literal["auto", "on", "off"] = "auto"  # torch.compile the train step; auto: where measured to pay back
     scale_lr: Literal["none", "linear"] = "none"  # under torchrun: linear multiplies every LR by the world size
     unfreeze: list[StageConfig] | None = None
     layer_lr_decay: float = 1.0

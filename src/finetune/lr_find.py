@@ -125,7 +125,7 @@ def reach(trainer: Trainer, name: str | None) -> tuple[Group, int]:
 
 def _ramp(trainer: Trainer, test: RangeTest, epoch: int, cut: torch.nn.Module | None, lrs: list[float]) -> None:
     """Train one optimizer step per LR until the smoothed loss diverges."""
-    forward = cut if cut is not None else trainer.model
+    forward = cut if cut is not None else trainer.compiled
     others = trainer.schedule.lrs(trainer.schedule.global_step(epoch))  # groups that joined before
     batches, k = _cycle(trainer, epoch, cut), trainer.cfg.train.accumulate_steps
     average, lowest = 0.0, math.inf

@@ -10,15 +10,26 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
 from torch import nn
 
 from finetune import calibration_cache
-from finetune.calibrate import Calibration, calibrate
-from finetune.choice import DTYPES, LAYOUTS, Candidate, Choice, Workload, autocast, candidates, choose, only_choice
+from finetune.calibrate import Calibration, calibrate, measure_compiled, worth_compiling
+from finetune.choice import (
+    DTYPES,
+    LAYOUTS,
+    Candidate,
+    Choice,
+    Measured,
+    Workload,
+    autocast,
+    candidates,
+    choose,
+    only_choice,
+)
 from finetune.config import Config
 from finetune.distributed import SINGLE, Ranks, from_main
 from finetune.errors import FinetuneError
@@ -37,6 +48,7 @@ class Runtime:
     lr_scale: float = 1.0  # the number of processes with train.scale_lr linear, else 1
     decided_by: str = "config"  # config | measured | cached | recorded | pending (plan, not measured yet)
     calibration: Calibration | None = None
+    compile: bool = False  # torch.compile the train step (train.compile, or measured to pay back)
 
     def __post_init__(self) -> None:
         self.infer_precision = self.infer_precision or self.precision
@@ -62,7 +74,8 @@ class Runtime:
 
     def describe(self) -> str:
         infer = f" (inference {self.infer_precision})" if self.infer_precision != self.precision else ""
-        return f"{self.device} {self.precision} {self.memory_format}{infer}"
+        compiled = " compiled" if self.compile else ""
+        return f"{self.device} {self.precision} {self.memory_format}{compiled}{infer}"
 
     def record(self) -> dict[str, Any]:
         """The choice and what it was decided from, for last.pt (resume keeps it) and summary.json."""
@@ -70,6 +83,7 @@ class Runtime:
             "precision": self.precision,
             "infer_precision": self.infer_precision,
             "memory_format": self.memory_format,
+            "compile": self.compile,
             "lr_scale": self.lr_scale,
             "decided_by": self.decided_by,
         }
@@ -92,8 +106,11 @@ class Runtime:
 
 
 def _rates(c: Calibration) -> str:
-    train = ", ".join(f"{m.precision} {m.memory_format} {m.train:.1f}" for m in c.measured)
-    infer = ", ".join(f"{m.precision} {m.memory_format} {m.infer:.1f}" for m in c.measured)
+    train = ", ".join(f"{m.label} {m.train:.1f}" for m in c.measured)
+    infer = ", ".join(f"{m.label} {m.infer:.1f}" for m in c.measured if not m.compiled)
+    compiled = [f"{m.setup:.0f} s" for m in c.measured if m.compiled]
+    if compiled:
+        infer += f"; compiling took {compiled[0]}"
     line = f"(in {c.seconds:.1f} s at batch {c.batch}); img/s train: {train}; inference: {infer}"
     if c.skipped:
         line += f"; over budget, not measured: {', '.join(c.skipped)} (not cached: the next run measures again)"
@@ -128,7 +145,11 @@ def resolve_runtime(
     check_precision(cfg.precision, device)
     lr_scale = float(ranks.world) if cfg.train.scale_lr == "linear" else 1.0
     choice, how, rates = _decide(cfg, device, subject, ranks, recorded, measure)
-    runtime = Runtime(device, choice.precision, choice.memory_format, choice.infer_precision, lr_scale, how, rates)
+    if cfg.train.compile != "auto":
+        choice = replace(choice, compile=cfg.train.compile == "on")
+    runtime = Runtime(
+        device, choice.precision, choice.memory_format, choice.infer_precision, lr_scale, how, rates, choice.compile
+    )
     if measure and how in ("measured", "cached", "recorded"):
         print(runtime.note())
     return runtime
@@ -188,9 +209,14 @@ def calibration_key(cfg: Config, subject: Subject, device: torch.device, labels:
 
 
 def workload(cfg: Config, subject: Subject, ranks: Ranks) -> Workload:
-    """Images per process over the whole run: every epoch trains and evaluates."""
+    """Images per process over the whole run: every epoch trains and evaluates. Epochs on the
+    whole forward (no cached cut; a stage waiting for a plateau counted as not started) are
+    those torch.compile would speed up."""
     per_rank = [math.ceil(n / ranks.world) for n in (subject.n_train, subject.n_val)]
-    return Workload(cfg.train.epochs * per_rank[0], cfg.train.epochs * per_rank[1])
+    schedule = Schedule(cfg.train, subject.model, subject.head_name, steps_per_epoch=1)
+    full = [e for e in range(1, cfg.train.epochs + 1) if schedule.cache_cut(e) is None]
+    stages = len({schedule.stage(e) for e in full})
+    return Workload(cfg.train.epochs * per_rank[0], cfg.train.epochs * per_rank[1], 2, len(full) * per_rank[0], stages)
 
 
 def inference_runtime(device: str, precision: str, model: nn.Module) -> Runtime:
@@ -206,13 +232,36 @@ def inference_runtime(device: str, precision: str, model: nn.Module) -> Runtime:
 def _find_or_measure(
     cfg: Config, subject: Subject, device: torch.device, options: list[Candidate], key: dict[str, Any], work: Workload
 ) -> tuple[Calibration, str]:
-    cached = calibration_cache.load(key)
-    if cached is not None:
-        return cached, "cached"
-    measured = calibrate(cfg, subject.model, subject.head_name, device, options, work.train_images)
-    if not (measured.short_run or measured.skipped):  # a busy machine's partial answer is measured again
-        calibration_cache.save(key, measured)
-    return measured, "measured"
+    calibration = calibration_cache.load(key)
+    how = "cached"
+    if calibration is None:
+        calibration, how = (
+            calibrate(cfg, subject.model, subject.head_name, device, options, work.train_images),
+            "measured",
+        )
+    eager = _train_rate(calibration, work)
+    if (
+        cfg.train.compile == "auto"
+        and worth_compiling(eager, work)
+        and not any(m.compiled for m in calibration.measured)
+    ):
+        calibration.measured.append(
+            measure_compiled(cfg, subject.model, subject.head_name, device, eager, calibration.batch)
+        )
+        how = "measured"
+    if how == "measured" and not (calibration.short_run or calibration.skipped):  # a busy machine's is measured again
+        calibration_cache.save(key, calibration)
+    return calibration, how
+
+
+def _train_rate(calibration: Calibration, work: Workload) -> Measured:
+    """The measured rate of the train step `choose` picks."""
+    chosen = choose(calibration.measured, work)
+    return next(
+        m
+        for m in calibration.measured
+        if not m.compiled and (m.precision, m.memory_format) == (chosen.precision, chosen.memory_format)
+    )
 
 
 def _pending(cfg: Config) -> Choice:
@@ -227,4 +276,4 @@ def _kept(cfg: Config, recorded: dict[str, Any]) -> Choice:
     precision = recorded["precision"] if cfg.precision == "auto" else cfg.precision
     infer = recorded.get("infer_precision", precision) if cfg.precision == "auto" else cfg.precision
     fmt = recorded["memory_format"] if cfg.train.memory_format == "auto" else cfg.train.memory_format
-    return Choice(precision, infer, fmt)
+    return Choice(precision, infer, fmt, recorded.get("compile", False))

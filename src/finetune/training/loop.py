@@ -62,6 +62,7 @@ class Trainer:
         self.run_dir, self.writer, self.ranks = Path(run_dir), writer, ranks
         device = runtime.device
         self.model = built.model.to(device, memory_format=runtime.layout)
+        self.compiled = torch.compile(self.model) if runtime.compile else self.model  # the whole forward's train step
         self.head = self.model.get_submodule(built.head_name)
         self.ema = WeightAverage(self.model, cfg.train.ema) if cfg.train.ema else None
         self.replicas, self.stop = Replicas(ranks, device), StopSignal(ranks)
@@ -137,7 +138,7 @@ class Trainer:
         apply_stage(self.model, self.schedule, epoch)
         cut = self.features.cut_for(epoch)
         set_train_mode(self.model, self.schedule, epoch)
-        forward = self.replicas.wrap(cut if cut is not None else self.model, (self.schedule.stage(epoch), cut))
+        forward = self.replicas.wrap(cut if cut is not None else self.compiled, (self.schedule.stage(epoch), cut))
         batches = self.batches.epoch(epoch, self.progress.step, cut, self.features.cache)
         stats = self.steps.run(epoch, forward, batches, self.labels, self.progress)
         if not stats.complete:
