@@ -24,7 +24,8 @@ on and off, and shows seconds per stage epoch and the largest weight difference 
     .venv/bin/python scripts/bench.py --arch resnet18 --weights none --size 32 --train 40 --val 20 --epochs 1 \
         --setups feature_extract --skip-memory --raw-steps 1     # a smoke test of this script
 
-Prints a table and writes bench.md / bench.csv to --out.
+Prints a table and writes bench.md / bench.csv to --out. `--pruning` instead runs
+scripts/bench_pruning.py: a tune study with and without pruning (issue 17).
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--setups", nargs="+", default=list(SETUPS), choices=[*SETUPS, GRADUAL])
     p.add_argument("--choices", action="store_true", help="also run every setup with each fixed runtime choice")
     p.add_argument("--raw-steps", type=int, default=6, help="timed raw steps per numerics on CPU (50 on a GPU)")
+    p.add_argument("--pruning", action="store_true", help="instead: what pruning saves in tune (bench_pruning.py)")
     p.add_argument("--skip-memory", action="store_true", help="skip holding all 50,000 CIFAR-10 images in memory")
     p.add_argument("--out", default="bench_results")
     p.add_argument("--reference-run", help=argparse.SUPPRESS)  # internal: one reference setup
@@ -336,6 +338,11 @@ def main() -> None:
     args = parse_args()
     out_dir = Path(args.out).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
+    if args.pruning:
+        import bench_pruning
+
+        bench_pruning.main(["--out", str(out_dir / "pruning")])
+        return
     torch.set_num_threads(os.cpu_count() or 1)
     if args.reference_run:
         result = reference_run(args, args.reference_run)
