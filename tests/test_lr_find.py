@@ -17,7 +17,7 @@ from finetune.lr_find import RangeTest
 
 def ramp(losses: list[float]) -> RangeTest:
     lrs = [10 ** (-6 + i / 10) for i in range(len(losses))]
-    return RangeTest("head", {"head": 1.0}, lrs, losses, 0.0, 0.0, 0, None, "")
+    return RangeTest("head", {"head": 1.0}, {"head": 1e-3}, lrs, losses, 0.0, 0.0, 0, None, "")
 
 
 def test_the_suggestion_is_a_tenth_of_where_the_loss_bottoms_out_not_where_noise_puts_its_minimum():
@@ -80,20 +80,22 @@ def test_lr_find_then_train_equals_train_alone_and_changes_no_run(tmp_path, imag
 
 def test_a_later_stage_ramps_its_own_group_after_the_epochs_before_it(tmp_path, imagefolder, capsys):
     """Stage layer4 joins at epoch 2: epoch 1 trains the head first; the ramp moves layer4's LR
-    alone (the head keeps its scheduled LR), and the printed --set line runs as printed."""
-    stages = "train.unfreeze=[{epoch: 1, modules: [layer4]}, {epoch: 2, modules: [layer3], lr: 1.0e-5}]"
+    alone (the head keeps its scheduled LR), and the printed --set line, after lr-find's own
+    --set, gives layer4 the suggestion and leaves layer3 (which follows it by layer_lr_decay) as it was."""
+    stages = "train.unfreeze=[{epoch: 1, modules: [layer4]}, {epoch: 2, modules: [layer3]}]"
     config = str(write_config(tmp_path / "c.yaml", imagefolder, tmp_path / "runs"))
     out_dir = tmp_path / "found"
-    args = ["lr-find", config, "--set", stages, "--stage", "layer4", "--steps", "30", "--out", str(out_dir), "--json"]
+    sets = [stages, "train.layer_lr_decay=0.5"]
+    args = ["lr-find", config, "--set", *sets, "--stage", "layer4", "--steps", "30", "--out", str(out_dir), "--json"]
     assert main(args) == 0
     printed = capsys.readouterr().out
     result = __import__("json").loads(printed[printed.index("{") :])
     assert result["stage"] == "layer4" and result["ramped"] == {"layer4": 1.0} and result["steps"] <= 30
     assert "epoch 1/3 head" in printed  # trained first, as train would
     words = shlex.split(result["set"])
-    assert words[0] == "--set" and len(words) == 2 and words[1].startswith("train.unfreeze=")
-    cfg = load_config(config, [stages, words[1]])
+    assert words[:3] == ["--set", *sets] and len(words) == 4 and words[3].startswith("train.unfreeze=")
+    cfg = load_config(config, words[1:])
     assert cfg.train.unfreeze[0].lr == pytest.approx(result["suggestion"], rel=0.05)
-    assert cfg.train.unfreeze[1].lr == 1.0e-5 and cfg.train.lr_head == 1.0e-3
+    assert cfg.train.unfreeze[1].lr == pytest.approx(0.5e-4) and cfg.train.lr_head == 1.0e-3
     table = pd.read_csv(out_dir / "lr_find.csv")
     assert table["lr"].iloc[0] == pytest.approx(1e-7)

@@ -238,7 +238,7 @@ def test_a_cached_compile_timing_decides_compile_and_a_record_or_pin_wins(cache,
     cfg = config(*AUTO)
     subject = subject_for(cfg)
     options = candidates("auto", "auto", native_precisions(CPU))
-    given = [Measured(c.precision, c.memory_format, train=10.0, infer=50.0) for c in options]
+    given = [Measured(c.precision, c.memory_format, train=20.0 - i, infer=50.0) for i, c in enumerate(options)]
     fastest = given[0]
     compiled = Measured(fastest.precision, fastest.memory_format, train=100.0, infer=50.0, setup=0.1, compiled=True)
     key = calibration_key(cfg, subject, CPU, [c.label for c in options])
@@ -250,19 +250,26 @@ def test_a_cached_compile_timing_decides_compile_and_a_record_or_pin_wins(cache,
     recorded = {"precision": "fp32", "memory_format": "contiguous", "compile": True, "calibration": None}
     assert resolve_runtime(cfg, subject, recorded=recorded).compile, "resume keeps the recorded choice"
     assert not resolve_runtime(config(*AUTO, "train.compile=off"), subject, recorded=recorded).compile
+    failed = Measured(fastest.precision, fastest.memory_format, 20.0, 50.0, setup=float("inf"), compiled=True)
+    calibration_cache.save(key, Calibration([*given, failed], batch=8, seconds=1.5))
+    runtime = resolve_runtime(cfg, subject)
+    assert not runtime.compile and "torch.compile failed here" in runtime.note(), "a failed compile is never chosen"
 
 
 def test_a_compiled_run_trains_as_the_eager_one_does(config_file, tmp_path):
     """train.compile: on compiles the whole forward's train step (here epochs 2 and 3; the head
     epoch trains on its cached inputs): the same losses to float tolerance, recorded as compiled."""
     import pandas as pd
+    from torch._dynamo.utils import counters
 
     from finetune.cli import main
 
     config = str(config_file(train={"epochs": 3}))
     runs = {mode: tmp_path / mode for mode in ("on", "off")}
     for mode, run in runs.items():
+        counters.clear()
         assert main(["train", config, "--run-dir", str(run), "--set", f"train.compile={mode}"]) == 0
+        assert (counters["stats"]["unique_graphs"] > 0) == (mode == "on"), "dynamo compiled the step, and only then"
     summary = json.loads((runs["on"] / "summary.json").read_text())
     assert summary["runtime"]["compile"] is True
     results = [pd.read_csv(run / "results.csv") for run in runs.values()]

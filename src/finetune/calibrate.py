@@ -9,6 +9,7 @@ and a forked RNG keep the run itself untouched. A batch whose timing would not f
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -141,7 +142,11 @@ def measure_compiled(
     copied = stage_copy(cfg, model, head_name, device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         bench = Bench(torch.compile(copied), device, cfg.data.image_size)
-        first = bench.train_step(eager.candidate, batch)
+        try:
+            first = bench.train_step(eager.candidate, batch)
+        except Exception as exc:  # any backend failure (no C++ compiler, no triton): the run trains eager
+            print(f"torch.compile failed here ({str(exc).splitlines()[0][:200]}): the run trains eager")
+            return Measured(eager.precision, eager.memory_format, eager.train, eager.infer, math.inf, compiled=True)
         step = min(bench.train_step(eager.candidate, batch) for _ in range(3))
     setup = max(0.0, first - step)
     return Measured(eager.precision, eager.memory_format, batch / step, eager.infer, setup, compiled=True)

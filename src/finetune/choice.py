@@ -8,6 +8,7 @@ taken on a busy machine could not test it.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -49,6 +50,11 @@ class Measured:
     @property
     def label(self) -> str:
         return f"{self.precision} {self.memory_format}" + (" compiled" if self.compiled else "")
+
+    @property
+    def failed(self) -> bool:
+        """torch.compile could not build this step here (no compiler, say): never chosen."""
+        return self.compiled and math.isinf(self.setup)
 
 
 @dataclass(frozen=True)
@@ -103,7 +109,8 @@ def choose(measured: list[Measured], work: Workload) -> Choice:
     chosen = best[1]
     train = next(m for m in eager if (m.precision, m.memory_format) == (chosen.precision, chosen.memory_format))
     compiled = next((m for m in measured if m.compiled and m.candidate == train.candidate), None)
-    return replace(chosen, compile=compiled is not None and compile_gain(train, compiled, work) > 0)
+    pays = compiled is not None and not compiled.failed and compile_gain(train, compiled, work) > 0
+    return replace(chosen, compile=pays)
 
 
 def compile_gain(eager: Measured, compiled: Measured, work: Workload) -> float:

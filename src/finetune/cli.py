@@ -212,7 +212,7 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
     default = f"lr_find-{cfg.name}" + (f"-{args.stage}" if args.stage else "")
     csv, png = save(test, Path(args.out) if args.out else Path(cfg.out_dir) / default)
     lr = test.suggestion
-    use = set_line(cfg, test, lr) if lr is not None else None
+    use = set_line(cfg, test, lr, args.overrides) if lr is not None else None
     if args.json:
         fields = {"stage": test.stage, "ramped": test.joining, "suggestion": lr, "set": use, "steps": len(test.lrs)}
         files = {"csv": str(csv), "png": str(png)}

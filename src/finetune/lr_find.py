@@ -37,7 +37,7 @@ from matplotlib.figure import Figure
 from finetune.config import Config, StageConfig, stage_name
 from finetune.errors import FinetuneError
 from finetune.files import atomic_write_bytes, atomic_write_text
-from finetune.freezing import apply_stage, schedule_group, set_train_mode
+from finetune.freezing import schedule_group
 from finetune.hardware import resolve_device
 from finetune.schedule import Group
 from finetune.session import Session
@@ -54,6 +54,7 @@ class RangeTest:
 
     stage: str
     joining: dict[str, float]  # each ramped group's LR as a multiple of the stage group's
+    base_lrs: dict[str, float]  # every group's configured LR, as the schedule derived it
     lrs: list[float]
     losses: list[float]
     seconds: float  # the ramp's steps
@@ -96,13 +97,15 @@ def find_lr(cfg: Config, stage: str | None, steps: int = 100, start: float = 1e-
         trainer = Session().prepare(cfg, Path(cfg.out_dir), write=False)
         began = time.perf_counter()
         group, epoch = reach(trainer, stage)
-        apply_stage(trainer.model, trainer.schedule, epoch)
-        cut = trainer.features.cut_for(epoch)
+        cut = trainer.enter(epoch)
         setup = time.perf_counter() - began
-        set_train_mode(trainer.model, trainer.schedule, epoch)
-        joining = {g.name: g.lr / group.lr for g in trainer.schedule.groups if g.epoch == group.epoch}
-        test = RangeTest(group.name, joining, [], [], 0.0, setup, epoch - 1, cut and cut.cut, "")
+        groups = trainer.schedule.groups
+        joining = {g.name: g.lr / group.lr for g in groups if g.epoch == group.epoch}
+        base = {g.name: g.lr for g in groups}
+        test = RangeTest(group.name, joining, base, [], [], 0.0, setup, epoch - 1, cut and cut.cut, "")
         _ramp(trainer, test, epoch, cut, [start * (end / start) ** (i / (steps - 1)) for i in range(steps)])
+    if not test.lrs:
+        raise FinetuneError(f"lr-find: {test.ended} at the first step; lower --start-lr (was {start:g})")
     return test
 
 
@@ -114,10 +117,9 @@ def reach(trainer: Trainer, name: str | None) -> tuple[Group, int]:
         raise FinetuneError(f"lr-find --stage {name!r}: the config's stages are {', '.join(names)}; name one of them")
     name, epoch = name or names[0], 1
     while not next(g for g in trainer.schedule.groups if g.name == name).trains_in(epoch):
-        if epoch > trainer.cfg.train.epochs:
-            raise FinetuneError(
-                f"lr-find --stage {name}: the stage did not start within train.epochs {trainer.cfg.train.epochs}"
-            )
+        if epoch > trainer.cfg.train.epochs or trainer.book.ended():
+            why = "train would stop early before it" if trainer.book.ended() else "it did not start within train.epochs"
+            raise FinetuneError(f"lr-find --stage {name}: {why} (after epoch {epoch - 1}); lr-find has nothing to ramp")
         trainer.run_epoch(epoch)
         epoch += 1
     return next(g for g in trainer.schedule.groups if g.name == name), epoch
@@ -172,10 +174,13 @@ def _cycle(trainer: Trainer, epoch: int, cut: torch.nn.Module | None) -> Iterato
         yield from zip(batches.index, batches.inputs, strict=True)
 
 
-def set_line(cfg: Config, test: RangeTest, lr: float) -> str:
-    """`--set` arguments that give the ramped groups the suggested LR (and keep their ratios)."""
+def set_line(cfg: Config, test: RangeTest, lr: float, overrides: list[str] = ()) -> str:
+    """`--set` arguments that give the ramped groups the suggested LR (and keep their ratios),
+    after the `overrides` lr-find was given. In a stage list every stage gets its LR written
+    out: a stage without `lr` follows the one before it (layer_lr_decay), and only the ramped
+    stages were tested at a new LR."""
     values = {name: float(f"{lr * ratio:.2g}") for name, ratio in test.joining.items()}
-    parts = []
+    parts = list(overrides)
     stages = list(cfg.train.unfreeze or [])
     for name, value in values.items():
         if name == "head":
@@ -183,17 +188,17 @@ def set_line(cfg: Config, test: RangeTest, lr: float) -> str:
         elif not stages:
             parts.append(f"train.lr_backbone={value:g}")
     if stages and set(values) - {"head"}:
-        listed = [_stage_dict(s, values.get(stage_name(s))) for s in stages]
+        lrs = {**test.base_lrs, **values}
+        listed = [_stage_dict(s, lrs[stage_name(s)]) for s in stages]
         parts.append(f"train.unfreeze={yaml.safe_dump(listed, default_flow_style=True, width=10**6).strip()}")
     return "--set " + " ".join(shlex.quote(p) for p in parts)
 
 
-def _stage_dict(stage: StageConfig, lr: float | None) -> dict:
-    """The stage as YAML would give it: only the keys that differ from their defaults."""
+def _stage_dict(stage: StageConfig, lr: float) -> dict:
+    """The stage as YAML would give it (only the keys that differ from their defaults), at `lr`."""
     default = StageConfig()
     given = {f.name: getattr(stage, f.name) for f in dataclasses.fields(stage)}
-    kept = {k: v for k, v in given.items() if v != getattr(default, k)}
-    return {**kept, "lr": lr} if lr is not None else kept
+    return {**{k: v for k, v in given.items() if v != getattr(default, k)}, "lr": lr}
 
 
 def save(test: RangeTest, out: Path) -> tuple[Path, Path]:

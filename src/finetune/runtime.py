@@ -72,10 +72,15 @@ class Runtime:
         """Only fp16 needs loss scaling; a disabled scaler is a pass-through."""
         return torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
 
-    def describe(self) -> str:
+    @property
+    def numerics(self) -> str:
+        """What the numbers computed depend on (the head-input cache is keyed by it); compile is not:
+        extraction runs eager."""
         infer = f" (inference {self.infer_precision})" if self.infer_precision != self.precision else ""
-        compiled = " compiled" if self.compile else ""
-        return f"{self.device} {self.precision} {self.memory_format}{compiled}{infer}"
+        return f"{self.device} {self.precision} {self.memory_format}{infer}"
+
+    def describe(self) -> str:
+        return self.numerics + (" compiled" if self.compile else "")
 
     def record(self) -> dict[str, Any]:
         """The choice and what it was decided from, for last.pt (resume keeps it) and summary.json."""
@@ -108,9 +113,9 @@ class Runtime:
 def _rates(c: Calibration) -> str:
     train = ", ".join(f"{m.label} {m.train:.1f}" for m in c.measured)
     infer = ", ".join(f"{m.label} {m.infer:.1f}" for m in c.measured if not m.compiled)
-    compiled = [f"{m.setup:.0f} s" for m in c.measured if m.compiled]
+    compiled = [m for m in c.measured if m.compiled]
     if compiled:
-        infer += f"; compiling took {compiled[0]}"
+        infer += "; torch.compile failed here" if compiled[0].failed else f"; compiling took {compiled[0].setup:.0f} s"
     line = f"(in {c.seconds:.1f} s at batch {c.batch}); img/s train: {train}; inference: {infer}"
     if c.skipped:
         line += f"; over budget, not measured: {', '.join(c.skipped)} (not cached: the next run measures again)"
@@ -214,7 +219,8 @@ def workload(cfg: Config, subject: Subject, ranks: Ranks) -> Workload:
     those torch.compile would speed up."""
     per_rank = [math.ceil(n / ranks.world) for n in (subject.n_train, subject.n_val)]
     schedule = Schedule(cfg.train, subject.model, subject.head_name, steps_per_epoch=1)
-    full = [e for e in range(1, cfg.train.epochs + 1) if schedule.cache_cut(e) is None]
+    augmented = cfg.data.augment.active  # augmentation runs every image through the whole model
+    full = [e for e in range(1, cfg.train.epochs + 1) if augmented or schedule.cache_cut(e) is None]
     stages = len({schedule.stage(e) for e in full})
     return Workload(cfg.train.epochs * per_rank[0], cfg.train.epochs * per_rank[1], 2, len(full) * per_rank[0], stages)
 

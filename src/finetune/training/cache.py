@@ -88,7 +88,7 @@ class CacheProvider:
     def key(self) -> str:
         """The head-input cache's disk key: weights, pixels, size, normalization, numerics."""
         b = self.built
-        settings = (self.cfg.model.arch, self.transform.size, b.mean, b.std, self.runtime.describe())
+        settings = (self.cfg.model.arch, self.transform.size, b.mean, b.std, self.runtime.numerics)
         fingerprints = [self.train_set.fingerprint(), self.val_set.fingerprint()]
         return cache_key(b.model, b.head_name, fingerprints, "|".join(map(str, settings)))
 

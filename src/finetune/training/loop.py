@@ -22,7 +22,7 @@ from finetune.data import DataSplits, class_counts
 from finetune.distributed import SINGLE, Ranks
 from finetune.ema import WeightAverage, evaluated_weights
 from finetune.errors import Interrupted
-from finetune.features import CachePlanner, FeatureStore
+from finetune.features import CachePlanner, CutModel, FeatureStore
 from finetune.freezing import apply_stage, build_optimizer, group_lrs, set_train_mode, trainable_count
 from finetune.losses import WeightedCrossEntropy, class_weights
 from finetune.models import BuiltModel
@@ -133,11 +133,17 @@ class Trainer:
                 raise Interrupted(self.stop.signum or signal.SIGTERM, self.run_dir) from None
         return self.summary()
 
-    def run_epoch(self, epoch: int) -> None:
-        started = time.perf_counter()
+    def enter(self, epoch: int) -> CutModel | None:
+        """Put the model in `epoch`'s stage: what takes gradients, the cut (its activations
+        ready), and which modules are in train mode."""
         apply_stage(self.model, self.schedule, epoch)
         cut = self.features.cut_for(epoch)
         set_train_mode(self.model, self.schedule, epoch)
+        return cut
+
+    def run_epoch(self, epoch: int) -> None:
+        started = time.perf_counter()
+        cut = self.enter(epoch)
         forward = self.replicas.wrap(cut if cut is not None else self.compiled, (self.schedule.stage(epoch), cut))
         batches = self.batches.epoch(epoch, self.progress.step, cut, self.features.cache)
         stats = self.steps.run(epoch, forward, batches, self.labels, self.progress)
