@@ -238,24 +238,18 @@ def inference_runtime(device: str, precision: str, model: nn.Module) -> Runtime:
 def _find_or_measure(
     cfg: Config, subject: Subject, device: torch.device, options: list[Candidate], key: dict[str, Any], work: Workload
 ) -> tuple[Calibration, str]:
-    calibration = calibration_cache.load(key)
-    how = "cached"
+    calibration, how = calibration_cache.load(key), "cached"
     if calibration is None:
-        calibration, how = (
-            calibrate(cfg, subject.model, subject.head_name, device, options, work.train_images),
-            "measured",
-        )
-    eager = _train_rate(calibration, work)
-    if (
-        cfg.train.compile == "auto"
-        and worth_compiling(eager, work)
-        and not any(m.compiled for m in calibration.measured)
-    ):
-        calibration.measured.append(
-            measure_compiled(cfg, subject.model, subject.head_name, device, eager, calibration.batch)
-        )
+        calibration = calibrate(cfg, subject.model, subject.head_name, device, options, work.train_images)
         how = "measured"
-    if how == "measured" and not (calibration.short_run or calibration.skipped):  # a busy machine's is measured again
+    partial = calibration.short_run or calibration.skipped  # a probe's rates, or a busy machine's: measured again
+    eager = _train_rate(calibration, work)
+    timed = any(m.compiled and m.candidate == eager.candidate for m in calibration.measured)
+    if cfg.train.compile == "auto" and not (timed or partial) and worth_compiling(eager, work):
+        compiled = measure_compiled(cfg, subject.model, subject.head_name, device, eager, calibration.batch)
+        calibration.measured.append(compiled)
+        how = "measured"
+    if how == "measured" and not partial:
         calibration_cache.save(key, calibration)
     return calibration, how
 
