@@ -9,7 +9,7 @@ trains all its epochs (early stopping is off in the config). Prints, and writes 
 - the epochs (and whole-network epochs) the pruned study trained, as a share of the unpruned's;
 - each study's wall time;
 - each study's best, and whether the pruned best is within noise of the unpruned best (two
-  binomial standard errors of accuracy on the validation set).
+  binomial standard errors of accuracy on the validation set, Agresti-Coull).
 
     .venv/bin/python scripts/bench.py --pruning                     # digits, MobileNetV2, 10 x 10 epochs
     .venv/bin/python scripts/bench_pruning.py --trials 2 --epochs 5  # a smoke test (the space needs 5)
@@ -83,7 +83,9 @@ def report(args: argparse.Namespace, pruned: pd.DataFrame, full: pd.DataFrame, s
     whole = pruned["whole epochs"].sum() / max(1, full["whole epochs"].sum())
     best_pruned, best_full = pruned["best"].max(), full["best"].max()
     n = int(full["val images"].iloc[0])
-    noise = 2 * math.sqrt(best_full * (1 - best_full) / n)
+    p = (best_full * n + 2) / (n + 4)  # Agresti-Coull: a best of 1.0 still has a standard error
+    noise = 2 * math.sqrt(p * (1 - p) / (n + 4))
+    same_best = (pruned["best"].iloc[:first].max(), full["best"].iloc[:first].max())
     table = full[["epochs", "whole epochs", "best"]].add_suffix(" (none)")
     table = table.join(pruned[["epochs", "whole epochs", "best", "pruned at"]].add_suffix(" (median)"))
     lines = [
@@ -97,7 +99,8 @@ def report(args: argparse.Namespace, pruned: pd.DataFrame, full: pd.DataFrame, s
         f"- wall time: {seconds['median']:.0f} s with pruning, {seconds['none']:.0f} s without "
         f"({seconds['median'] / seconds['none']:.0%})",
         f"- best val: {best_pruned:.4f} with pruning, {best_full:.4f} without; noise (2 binomial SE on {n} "
-        f"images) {noise:.4f}: {'within' if best_full - best_pruned <= noise else 'NOT within'} noise",
+        f"images) {noise:.4f}: {'within' if best_full - best_pruned <= noise else 'NOT within'} noise; "
+        f"of the first {first} trials (the same in both): {same_best[0]:.4f} with pruning, {same_best[1]:.4f} without",
     ]
     return "\n".join(lines) + "\n"
 
