@@ -372,7 +372,7 @@ def main() -> None:
             mine["speedup"] = theirs["total s"] / mine["total s"]
             rows += [theirs, mine]
         sweep = sweep_run(args, setups, Path(runs), ours)
-        choices = fixed_choice_runs(args, setups, Path(runs), ours) if args.choices else None
+        choices = fixed_choice_runs(args, setups, Path(runs)) if args.choices else None
     table = pd.DataFrame(rows)
     totals = table.groupby("tool")["total s"].sum()
     rates = raw_rates(args)
@@ -386,18 +386,21 @@ def main() -> None:
     table.to_csv(out_dir / "bench.csv", index=False, float_format="%.4g")
 
 
-def fixed_choice_runs(args: argparse.Namespace, setups: list[str], runs: Path, ours: dict) -> pd.DataFrame:
-    """Whole-process seconds of every setup with each fixed (precision, memory format), beside auto's."""
+def fixed_choice_runs(args: argparse.Namespace, setups: list[str], runs: Path) -> pd.DataFrame:
+    """Whole-process seconds of every setup with auto and with each fixed (precision, memory
+    format), each run in a folder of its own: a head-input cache left by an earlier run of the
+    same numerics would make a later one look faster. auto reads its cached measurement, as any
+    run after a (machine, model, size)'s first does."""
     from finetune.choice import candidates
     from finetune.hardware import native_precisions
 
     rows = []
     for setup in setups:
-        row = {"setup": setup, "auto": ours[setup]["wall"], "auto chose": ours[setup]["choice"]}
+        auto = finetune_run(args, setup, runs / f"{setup}-auto")
+        row = {"setup": setup, "auto": auto["wall"], "auto chose": auto["choice"]}
         for c in candidates("auto", "auto", native_precisions(torch.device(args.device))):
             sets = [f"precision={c.precision}", f"train.memory_format={c.memory_format}"]
-            name = f"{setup}-{c.precision}-{c.memory_format}"
-            row[c.label] = finetune_run(args, setup, runs, sets, name=name)["wall"]
+            row[c.label] = finetune_run(args, setup, runs / f"{setup}-{c.precision}-{c.memory_format}", sets)["wall"]
         rows.append(row)
     table = pd.DataFrame(rows)
     fixed = table.drop(columns=["setup", "auto", "auto chose"])
