@@ -84,18 +84,8 @@ class Trainer:
         sets = (train_set, val_set)
         self.features = CacheProvider(cfg, planner, built, sets, transform, runtime, store, ranks, self.stop.guard)
         self.batches = BatchSource(cfg, train_set, transform, augment, ranks, device)
-        self.steps = StepRunner(
-            self.optimizer,
-            self.scaler,
-            criterion,
-            self.schedule,
-            runtime,
-            augment,
-            self.replicas,
-            self.stop,
-            writer,
-            self.ema,
-        )
+        optimizing = (self.optimizer, self.scaler, criterion, self.schedule, runtime)
+        self.steps = StepRunner(*optimizing, augment, self.replicas, self.stop, writer, self.ema)
         guard, batch, names = self.stop.guard, cfg.data.batch_size, data.class_names
         self.evaluate = Evaluator(self.model, transform, val_set, names, runtime, batch, guard, self.replicas, self.ema)
         self.book = EpochBook(cfg)
