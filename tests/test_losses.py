@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -93,3 +95,33 @@ def test_the_weight_moves_with_the_module_and_gradients_match_torchs():
     expected = LOGITS.clone().requires_grad_()
     nn.CrossEntropyLoss(weight=WEIGHT)(expected, LABELS).backward()
     assert torch.allclose(logits.grad, expected.grad, atol=1e-6)
+
+
+def test_evaluation_scores_match_sklearns_with_a_class_missing_from_truth_and_from_predictions():
+    from sklearn.metrics import balanced_accuracy_score, confusion_matrix
+
+    from finetune.training.evaluator import score
+
+    rng = np.random.default_rng(0)
+    truth = rng.choice([0, 1, 3], size=50)  # class c has no validation images
+    logits = torch.randn(50, 4)
+    logits[:, 1] -= 10  # and class b is never predicted
+    result = score(logits, torch.from_numpy(truth), NAMES)
+    preds = logits.argmax(1).numpy()
+    with pytest.warns(UserWarning, match="not in y_true"):  # sklearn too leaves class c out
+        expected = balanced_accuracy_score(truth, preds)
+    assert result.balanced_acc == pytest.approx(expected)
+    assert (result.confusion == confusion_matrix(truth, preds, labels=range(4))).all()
+    assert math.isnan(result.per_class["c"]) and result.per_class["b"] == 0.0
+    assert result.acc == pytest.approx((preds == truth).mean())
+
+
+def test_auto_weights_match_sklearns_balanced_rule():
+    from sklearn.utils.class_weight import compute_class_weight
+
+    counts = np.array([30, 7, 0, 12])
+    with pytest.warns(UserWarning):
+        w = class_weights("auto", counts, NAMES)
+    present = np.array([0, 1, 3])
+    expected = compute_class_weight("balanced", classes=present, y=np.repeat(present, counts[present]))
+    assert w[present].tolist() == pytest.approx(expected.tolist())

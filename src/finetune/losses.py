@@ -7,7 +7,6 @@ import warnings
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.utils.class_weight import compute_class_weight
 from torch import nn
 
 from finetune.data import class_index
@@ -17,7 +16,7 @@ from finetune.errors import FinetuneError
 def class_weights(spec: str | list | dict, counts: np.ndarray, class_names: list[str]) -> torch.Tensor | None:
     """Per-class loss weights, or None for plain cross-entropy.
 
-    `auto` is sklearn's "balanced" inverse frequency over the classes present in training;
+    `auto` is sklearn's "balanced" rule, n / (classes * count), over the classes present in training;
     a class with no training samples gets weight 0 (and a warning) rather than the huge
     weight a 1/(count+eps) formula gives it, which would leave the seen classes near 0.
     """
@@ -37,9 +36,8 @@ def class_weights(spec: str | list | dict, counts: np.ndarray, class_names: list
 
 def _auto_weights(counts: np.ndarray, class_names: list[str]) -> np.ndarray:
     present = np.flatnonzero(counts)
-    labels = np.repeat(present, counts[present])
     weights = np.zeros(len(counts))
-    weights[present] = compute_class_weight("balanced", classes=present, y=labels)
+    weights[present] = counts.sum() / (len(present) * counts[present])
     missing = [class_names[i] for i in np.flatnonzero(counts == 0)]
     if missing:
         warnings.warn(

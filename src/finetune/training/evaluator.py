@@ -9,7 +9,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import balanced_accuracy_score, confusion_matrix
 from torch import nn
 from tqdm import tqdm
 
@@ -70,19 +69,18 @@ class Evaluator:
 
 
 def score(logits: torch.Tensor, labels: torch.Tensor, class_names: list[str]) -> EvalResult:
-    """Loss (unweighted), accuracy, balanced accuracy and per-class accuracy on one split."""
-    preds = logits.argmax(1).numpy()
-    truth = labels.numpy()
-    per_class = {}
-    for index, name in enumerate(class_names):
-        mask = truth == index
-        per_class[name] = float((preds[mask] == index).mean()) if mask.any() else math.nan
+    """Loss (unweighted), accuracy, balanced accuracy and per-class accuracy on one split, from
+    the confusion matrix (numpy, not sklearn.metrics: importing that costs every run 0.7 s)."""
+    preds, truth, k = logits.argmax(1).numpy(), labels.numpy(), len(class_names)
+    confusion = np.bincount(truth * k + preds, minlength=k * k).reshape(k, k)  # rows: true class
+    seen = confusion.sum(1)
+    recall = np.divide(confusion.diagonal(), seen, out=np.full(k, math.nan), where=seen > 0)
     return EvalResult(
         loss=float(F.cross_entropy(logits, labels)),
         acc=float((preds == truth).mean()),
-        balanced_acc=float(balanced_accuracy_score(truth, preds)),
-        per_class=per_class,
-        confusion=confusion_matrix(truth, preds, labels=range(len(class_names))),
+        balanced_acc=float(np.nanmean(recall)),  # sklearn's balanced accuracy: over the classes present
+        per_class=dict(zip(class_names, recall.tolist(), strict=True)),
+        confusion=confusion,
     )
 
 
