@@ -3,6 +3,7 @@ import multiprocessing
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import CLASSES, make_imagefolder, write_image
 
 from finetune.batching import BatchTransform, epoch_plan
@@ -99,6 +100,15 @@ def test_batch_transform_resizes_flips_and_normalizes():
     assert out.shape == (2, 3, 8, 8)
     assert out[0, 0, 0, 0] > 0.9 and out[0, 0, 0, -1] < -0.9
     assert out[1, 0, 0, -1] > 0.9 and out[1, 0, 0, 0] < -0.9
+
+
+def test_batch_transform_antialiases_a_downscale_and_upscales_as_antialiasing_would():
+    """Only a downscale needs antialiasing; the faster plain kernel must upscale to the same pixels."""
+    images = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
+    for size in (40, 6):
+        t = BatchTransform(size, mean=(0.0,) * 3, std=(1.0,) * 3, device=torch.device("cpu"))
+        expected = F.interpolate(images.float() / 255, size=(size, size), mode="bilinear", antialias=True)
+        torch.testing.assert_close(t(images), expected, atol=1e-6, rtol=0)
 
 
 def mixed_size_folder(tmp_path):

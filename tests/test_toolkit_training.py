@@ -159,6 +159,7 @@ def test_weight_decay_leaves_norm_layers_and_biases_alone(optimizer):
             weight_decay=0.1, freeze_backbone=False, optimizer=optimizer, decay_norm_and_bias=old_behaviour
         )
         opt = build_optimizer(cfg, model, Schedule(cfg, model, "fc", steps_per_epoch=5))
+        assert opt.defaults["fused"], "a CPU model's optimizer steps with the fused kernel"
         names = [g["name"] for g in opt.param_groups]
         split = ["head", "head/no_decay", "backbone", "backbone/no_decay"]
         assert names == (["head", "backbone"] if old_behaviour else split)

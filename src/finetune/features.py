@@ -32,7 +32,7 @@ from finetune.errors import FinetuneError
 from finetune.runtime import Runtime
 from finetune.schedule import Schedule
 
-CACHE_FORMAT = 3  # part of the disk key: a new layout never reads an old file
+CACHE_FORMAT = 4  # part of the disk key: a new layout or batch transform never reads an old file
 
 
 @dataclass
