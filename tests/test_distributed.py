@@ -94,7 +94,12 @@ def test_sigterm_under_torchrun_then_resume_with_two_or_one_processes(staged_ddp
     while csv_rows(run) < 1:
         assert proc.poll() is None and time.monotonic() < deadline, proc.finish()
         time.sleep(0.01)
-    proc.send_signal(signal.SIGTERM)  # early in epoch 2: the ranks stop at its next vote (step 10 or 20 of 30)
+    # The ranks vote once more just after results.csv gets epoch 1's row, and a signal before
+    # that vote stops the run at the epoch boundary (as it should). Epoch 2 takes about 3 s
+    # (its layer4 inputs, then 30 steps): half a second in, the signal lands inside it, and
+    # the ranks stop at its next vote (step 10 or 20 of 30).
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
     proc.finish()
     state = torch.load(run / "last.pt", weights_only=True)
     assert state["progress"]["epoch"] == 1 and state["progress"]["step"] > 0, "stopped inside epoch 2"
