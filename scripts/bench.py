@@ -34,6 +34,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -71,7 +72,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu or cuda: every loop and the raw step run there")
     p.add_argument("--setups", nargs="+", default=list(SETUPS), choices=[*SETUPS, GRADUAL])
     p.add_argument("--choices", action="store_true", help="also run every setup with each fixed runtime choice")
-    p.add_argument("--raw-steps", type=int, default=6, help="timed raw steps per numerics on CPU (50 on a GPU)")
+    p.add_argument("--raw-steps", type=int, default=6, help="steps per timed block on CPU (50 on a GPU); median of 3")
     p.add_argument("--pruning", action="store_true", help="instead: what pruning saves in tune (bench_pruning.py)")
     p.add_argument("--skip-memory", action="store_true", help="skip holding all 50,000 CIFAR-10 images in memory")
     p.add_argument("--out", default="bench_results")
@@ -292,14 +293,18 @@ def raw_throughput(model: torch.nn.Module, runtime, size: int, steps: int) -> di
             model(x)
 
     def rate(fn: Callable[[], None]) -> float:
+        """The median of three timed blocks: one block's rate moved by 10-20% between runs."""
         fn()  # warm-up
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            fn()
-        sync()
-        return 32 * steps / (time.perf_counter() - t0)
+        rates = []
+        for _ in range(3):
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                fn()
+            sync()
+            rates.append(32 * steps / (time.perf_counter() - t0))
+        return statistics.median(rates)
 
     model.train()
     train = rate(step)

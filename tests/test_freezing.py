@@ -1,3 +1,5 @@
+import copy
+
 import torch
 import torchvision
 
@@ -114,3 +116,32 @@ def test_feature_cache_on_disk_is_reused_by_a_later_run(make_trainer):
     torch.testing.assert_close(second.features.cache.train, first.features.cache.train, rtol=0, atol=0)
     for a, b in zip(first.head.parameters(), second.head.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_optimizer_state_saved_in_another_memory_layout_steps_as_the_unfused_optimizer_does():
+    """The fused kernels read a parameter's state as laid out like the parameter, whatever its
+    strides: state saved from a contiguous model and loaded into a channels_last one must be
+    re-laid, or Adam's moments are read scrambled (silently wrong updates)."""
+    from finetune.freezing import build_optimizer, load_optimizer_state
+
+    cfg = TrainConfig(freeze_backbone=False)
+    saved_model = torchvision.models.resnet18(num_classes=3)
+    saved_opt = build_optimizer(cfg, saved_model, Schedule(cfg, saved_model, "fc", steps_per_epoch=5))
+    for p in saved_model.parameters():
+        p.grad = torch.randn_like(p)
+    saved_opt.step()
+    steps = {}
+    for fused in (True, False):
+        model = torchvision.models.resnet18(num_classes=3)
+        model.load_state_dict(saved_model.state_dict())
+        model.to(memory_format=torch.channels_last)
+        opt = build_optimizer(cfg, model, Schedule(cfg, model, "fc", steps_per_epoch=5))
+        opt.defaults["fused"] = opt.param_groups[0]["fused"] = opt.param_groups[1]["fused"] = fused
+        saved = copy.deepcopy(saved_opt.state_dict())  # loading aliases the step counts, which a step bumps
+        load_optimizer_state(opt, saved, [n for n, _ in model.named_parameters()])
+        for p, q in zip(model.parameters(), saved_model.parameters(), strict=True):
+            p.grad = torch.empty_like(p).copy_(q.grad)  # laid out as the parameter, as autograd does
+        opt.step()
+        steps[fused] = {n: p.detach().contiguous() for n, p in model.named_parameters()}
+    for name, value in steps[False].items():
+        torch.testing.assert_close(steps[True][name], value, msg=name)

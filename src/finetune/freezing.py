@@ -110,6 +110,17 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict, order: l
             {index[n]: saved["state"][i] for n, i in zip(names, group["params"], strict=True) if i in saved["state"]}
         )
     optimizer.load_state_dict({"state": state, "param_groups": current["param_groups"]})
+    _lay_out_like_params(optimizer)
+
+
+def _lay_out_like_params(optimizer: torch.optim.Optimizer) -> None:
+    """Give each parameter's state its parameter's memory layout. The fused kernels read the
+    state in the parameter's element order whatever its strides, so moments saved from a
+    contiguous model and loaded into a channels_last one would be read scrambled."""
+    for param, state in optimizer.state.items():
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
 def _names_before_param_names(name: str, current: dict, order: list[str]) -> list[str]:
