@@ -104,7 +104,7 @@ def test_evaluation_scores_match_sklearns_with_a_class_missing_from_truth_and_fr
 
     rng = np.random.default_rng(0)
     truth = rng.choice([0, 1, 3], size=50)  # class c has no validation images
-    logits = torch.randn(50, 4)
+    logits = torch.randn(50, 4, generator=torch.Generator().manual_seed(0))
     logits[:, 1] -= 10  # and class b is never predicted
     result = score(logits, torch.from_numpy(truth), NAMES)
     preds = logits.argmax(1).numpy()
