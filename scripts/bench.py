@@ -86,9 +86,9 @@ def reference_run(args: argparse.Namespace, setup: str) -> dict:
     from torch.utils.data import DataLoader, Subset
     from torchvision import datasets, transforms
 
-    from finetune.config import ModelConfig
-    from finetune.data import choose_subset
-    from finetune.models import build_model
+    from finetune.config.schema import ModelConfig
+    from finetune.data.sources import choose_subset
+    from finetune.model.build import build_model
 
     torch.manual_seed(args.seed)
     started = time.perf_counter()
@@ -258,9 +258,9 @@ def raw_rates(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     network (Adam included) and inference, at batch 32. Keyed by "precision memory_format"."""
     import torchvision
 
-    from finetune.choice import candidates
-    from finetune.hardware import native_precisions
-    from finetune.runtime import Runtime
+    from finetune.runtime.candidates import candidates
+    from finetune.runtime.hardware import native_precisions
+    from finetune.runtime.resolve import Runtime
 
     torch.manual_seed(0)
     device = torch.device(args.device)
@@ -322,8 +322,8 @@ def _rss_mb(field: str) -> float:
 
 def memory_run(args: argparse.Namespace, out_dir: Path) -> None:
     """RSS added by holding the whole CIFAR-10 training set (50,000 images) in memory."""
-    from finetune.config import DataConfig
-    from finetune.data import load_data
+    from finetune.config.schema import DataConfig
+    from finetune.data.sources import load_data
 
     before = _rss_mb("VmRSS")
     t0 = time.perf_counter()
@@ -396,8 +396,8 @@ def fixed_choice_runs(args: argparse.Namespace, setups: list[str], runs: Path) -
     format), each run in a folder of its own: a head-input cache left by an earlier run of the
     same numerics would make a later one look faster. auto reads its cached measurement, as any
     run after a (machine, model, size)'s first does."""
-    from finetune.choice import candidates
-    from finetune.hardware import native_precisions
+    from finetune.runtime.candidates import candidates
+    from finetune.runtime.hardware import native_precisions
 
     rows = []
     for setup in setups:
@@ -488,7 +488,7 @@ def _auto_choice(setup: str, result: dict) -> str:
 
 def _where(args: argparse.Namespace) -> str:
     """The machine, as the calibration cache names it: chip, the flags that matter, threads."""
-    from finetune.hardware import device_name
+    from finetune.runtime.hardware import device_name
 
     return f"{device_name(torch.device(args.device))}, {os.cpu_count()} CPU cores"
 

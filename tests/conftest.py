@@ -80,16 +80,16 @@ def make_trainer(tmp_path: Path, imagefolder: Path):
     """An in-process Trainer on the tiny image folder; `--set`-style overrides."""
     import torch
 
-    from finetune.config_load import from_dict
-    from finetune.data import load_data
-    from finetune.models import build_model
-    from finetune.rundir import create_run_dir
-    from finetune.runtime import resolve_runtime
-    from finetune.runwriter import RunWriter
+    from finetune.config.load import from_dict
+    from finetune.data.sources import load_data
+    from finetune.model.build import build_model
+    from finetune.runs.rundir import create_run_dir
+    from finetune.runs.writer import RunWriter
+    from finetune.runtime.resolve import resolve_runtime
     from finetune.training.loop import Trainer
 
     def make(*overrides: str, run_name: str = "run"):
-        from finetune.config_load import apply_override
+        from finetune.config.load import apply_override
 
         raw = tiny_config(imagefolder, tmp_path / "runs")
         for item in overrides:

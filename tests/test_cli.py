@@ -11,7 +11,7 @@ import yaml
 from conftest import write_config
 
 from finetune.cli import main
-from finetune.config_load import from_dict, load_config
+from finetune.config.load import from_dict, load_config
 
 EXPECTED_COLUMNS = [
     "epoch", "stage", "train_loss", "train_acc", "val_loss", "val_acc", "val_balanced_acc", "trainable_params",

@@ -11,11 +11,11 @@ import pandas as pd
 import pytest
 import torch
 from conftest import make_imagefolder, write_config
-from test_resume import Finetune, resume, stop_when
+from processes import Finetune, resume, stop_when
 
 from finetune.cli import main
 from finetune.errors import FinetuneError
-from finetune.export import export
+from finetune.inference.export import export
 
 
 def event_accumulator():
@@ -128,8 +128,8 @@ def test_a_resumed_event_stream_replaces_the_steps_it_trains_again(tmp_path, con
     """Killed after 5 logged steps with 3 in last.pt: steps 4 and 5 are trained (and logged)
     again, and only the second session's values remain."""
     EventAccumulator = event_accumulator()
-    from finetune.config_load import load_config
-    from finetune.runwriter import RunWriter
+    from finetune.config.load import load_config
+    from finetune.runs.writer import RunWriter
 
     cfg = load_config(config_file(), ["log.tensorboard=true"])
     for session, (done, steps) in enumerate([(0, range(1, 6)), (3, range(4, 7))]):

@@ -10,13 +10,13 @@ import torch
 from conftest import make_imagefolder, write_config
 from PIL import Image
 
-from finetune.batching import split_batches
 from finetune.cli import main
-from finetune.compare import Run, comparison_table
-from finetune.config import DataConfig
-from finetune.data import load_data
-from finetune.imageset import ImageSet
-from finetune.losses import class_weights
+from finetune.config.schema import DataConfig
+from finetune.data.batching import split_batches
+from finetune.data.imageset import ImageSet
+from finetune.data.sources import load_data
+from finetune.runs.compare import Run, comparison_table
+from finetune.training.losses import class_weights
 
 
 def test_a_last_batch_of_one_joins_the_batch_before():

@@ -11,7 +11,7 @@ import torch
 from conftest import make_imagefolder, write_config
 
 from finetune.cli import main
-from finetune.config_load import load_config
+from finetune.config.load import load_config
 from finetune.lr_find import RangeTest
 
 

@@ -13,9 +13,9 @@ import sys
 import warnings
 from pathlib import Path
 
-from finetune.config_load import load_config
+from finetune.config.load import load_config
 from finetune.errors import FinetuneError, Interrupted
-from finetune.rundir import owned_run_dir, resume_config
+from finetune.runs.rundir import owned_run_dir, resume_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,9 +151,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise FinetuneError("train: give a CONFIG file, or --resume RUN_DIR")
     else:
         cfg = load_config(args.config, overrides)
-    from finetune import distributed
-    from finetune.hardware import resolve_device
-    from finetune.session import Session
+    from finetune.runtime import distributed
+    from finetune.runtime.hardware import resolve_device
+    from finetune.training.session import Session
 
     ranks = distributed.init(resolve_device(cfg.device).type)
     try:
@@ -192,7 +192,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_config(args: argparse.Namespace) -> int:
     """The config as a run's config.yaml holds it: `finetune train` takes it back unchanged."""
-    from finetune.config import to_yaml
+    from finetune.config.schema import to_yaml
 
     print(to_yaml(load_config(args.config, args.overrides)), end="")
     return 0
@@ -239,16 +239,16 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     if "TORCHELASTIC_RUN_ID" in os.environ:
         raise FinetuneError("sweep runs its runs in one process; under torchrun, use finetune train per config")
-    from finetune.sweep import default_out, expand, run_sweep, write_comparison
+    from finetune.search.sweep import default_out, expand, run_sweep, write_comparison
 
     runs = expand(args.configs, args.overrides, args.grid, _seeds(args.seeds))
     out = Path(args.out) if args.out else default_out(args.configs, runs)
     print(f"sweep: {len(runs)} runs in {out}")
     if args.storage:
-        from finetune.tune import require_optuna
+        from finetune.search.tune import require_optuna
 
         require_optuna()
-        from finetune.sweep_storage import run_shared
+        from finetune.search.storage import run_shared
 
         held = run_shared(runs, out, args.storage)
         runs = [r for r in runs if (out / r.name / "config.yaml").is_file()]  # other machines keep theirs
@@ -264,7 +264,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if table is None:
         print(f"sweep: every run finished; another sweep process is writing {out / 'comparison'}")
         return 0
-    from finetune.compare import markdown
+    from finetune.runs.compare import markdown
 
     print(markdown(table))
     repeats = "seeds.csv/.md (with --seeds or a data.fold grid)"
@@ -282,15 +282,15 @@ def _seeds(text: str | None) -> list[int] | None:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from finetune.tune import prepare, require_optuna
+    from finetune.search.tune import prepare, require_optuna
 
     opts = {k: getattr(args, k) for k in ("out", "storage", "study", "seed", "pruner")}
     tune = prepare(args.config, args.overrides, args.space, args.trials, opts)
     require_optuna()
-    from finetune import distributed
-    from finetune.hardware import resolve_device
-    from finetune.tune_report import finished, write_report
-    from finetune.tune_worker import run_worker
+    from finetune.runtime import distributed
+    from finetune.runtime.hardware import resolve_device
+    from finetune.search.report import finished, write_report
+    from finetune.search.worker import run_worker
 
     ranks = distributed.init(resolve_device(tune.base_config.device).type)
     try:
@@ -304,7 +304,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         return 0
     table = write_report(tune.study_dir, tune.info, study)
     if table is not None:
-        from finetune.compare import markdown
+        from finetune.runs.compare import markdown
 
         print(markdown(table))
         print(f"wrote {tune.study_dir}: comparison/, best.yaml, importances.json, *.png")
@@ -312,7 +312,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from finetune.compare import compare, markdown
+    from finetune.runs.compare import compare, markdown
 
     if len(args.runs) == 1 and (Path(args.runs[0]) / "tune.json").is_file():
         return _compare_study(Path(args.runs[0]))
@@ -328,11 +328,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def _compare_study(study_dir: Path) -> int:
     """A study dir: its report, as the worker that finished the last trial wrote it."""
-    from finetune.compare import markdown
-    from finetune.tune import load_info, require_optuna
+    from finetune.runs.compare import markdown
+    from finetune.search.tune import load_info, require_optuna
 
     require_optuna()
-    from finetune.tune_report import write_report
+    from finetune.search.report import write_report
 
     table = write_report(study_dir, load_info(study_dir))
     if table is None:
@@ -344,7 +344,7 @@ def _compare_study(study_dir: Path) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from finetune.inference import evaluate_checkpoint
+    from finetune.inference.predict import evaluate_checkpoint
 
     report = evaluate_checkpoint(args.checkpoint, args.overrides, Path(args.out) if args.out else None, args.tta)
     if args.json:
@@ -362,7 +362,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from finetune.export import export
+    from finetune.inference.export import export
 
     result = export(args.checkpoint, args.format, Path(args.out) if args.out else None, args.batch, args.overrides)
     print(
@@ -375,7 +375,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from finetune.inference import predict
+    from finetune.inference.predict import predict
 
     results = predict(args.checkpoint, args.images, args.top_k, tta=args.tta)
     if args.json:

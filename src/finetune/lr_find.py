@@ -34,14 +34,14 @@ import torch
 import yaml
 from matplotlib.figure import Figure
 
-from finetune.config import Config, StageConfig, stage_name
+from finetune.config.schema import Config, StageConfig, stage_name
 from finetune.errors import FinetuneError
 from finetune.files import atomic_write_bytes, atomic_write_text
-from finetune.freezing import schedule_group
-from finetune.hardware import resolve_device
-from finetune.schedule import Group
-from finetune.session import Session
+from finetune.model.freezing import schedule_group
+from finetune.model.schedule import Group
+from finetune.runtime.hardware import resolve_device
 from finetune.training.loop import Trainer
+from finetune.training.session import Session
 
 SMOOTHING = 0.9  # the running average the stop rule watches: about 10 steps
 DIVERGED = 4.0  # stop once that average is this many times its minimum

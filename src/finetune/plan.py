@@ -1,7 +1,7 @@
 """`finetune plan`: the schedule a config will run, epoch by epoch, before paying for it.
 
-It asks the same units `train` asks (runtime.py for precision, memory format and LR scale,
-schedule.py for groups and LRs, features.py for the cache rule) on a weightless model, so the
+It asks the same units `train` asks (runtime/resolve.py for precision, memory format and LR scale,
+model/schedule.py for groups and LRs, training/features.py for the cache rule) on a weightless model, so the
 two cannot disagree; no image is decoded, no weights are read and nothing is measured: a
 runtime that `train` will measure shows as such (with the cache sized for fp32 until then).
 """
@@ -14,14 +14,14 @@ from typing import Any
 
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from finetune.config import Config
-from finetune.data import split_sizes
-from finetune.distributed import SINGLE, Ranks
-from finetune.features import CachePlanner
-from finetune.models import check_model_config, skeleton
-from finetune.runtime import Subject, resolve_runtime
-from finetune.schedule import Group, Schedule
+from finetune.config.schema import Config
+from finetune.data.sources import split_sizes
+from finetune.model.build import check_model_config, skeleton
+from finetune.model.schedule import Group, Schedule
+from finetune.runtime.distributed import SINGLE, Ranks
+from finetune.runtime.resolve import Subject, resolve_runtime
 from finetune.training.batches import steps_per_epoch
+from finetune.training.features import CachePlanner
 
 
 @dataclass

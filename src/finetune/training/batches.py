@@ -13,12 +13,12 @@ from functools import partial
 
 import torch
 
-from finetune.augment import Augment
-from finetune.batching import BatchTransform, epoch_plan, split_batches
-from finetune.config import Config
-from finetune.distributed import Ranks, shard, shard_size
-from finetune.features import CutModel, FeatureCache
-from finetune.imageset import ImageSet
+from finetune.config.schema import Config
+from finetune.data.augment import Augment
+from finetune.data.batching import BatchTransform, epoch_plan, split_batches
+from finetune.data.imageset import ImageSet
+from finetune.runtime.distributed import Ranks, shard, shard_size
+from finetune.training.features import CutModel, FeatureCache
 
 
 def steps_per_epoch(n: int, batch_size: int, world: int = 1, accumulate: int = 1) -> int:

@@ -7,10 +7,10 @@ from typing import Any
 
 import numpy as np
 
-from finetune.checkpoint import BestTracker
-from finetune.config import Config
-from finetune.early_stopping import EarlyStopping
-from finetune.results import EpochRecord, ResultsLog
+from finetune.config.schema import Config
+from finetune.runs.checkpoint import BestTracker
+from finetune.runs.results import EpochRecord, ResultsLog
+from finetune.training.early_stopping import EarlyStopping
 from finetune.training.evaluator import EvalResult
 
 

@@ -13,10 +13,13 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 from tqdm import tqdm
 
-from finetune.batching import BatchTransform
-from finetune.config import Config
-from finetune.distributed import Ranks
-from finetune.features import (
+from finetune.config.schema import Config
+from finetune.data.batching import BatchTransform
+from finetune.data.imageset import ImageSet
+from finetune.model.build import BuiltModel
+from finetune.runtime.distributed import Ranks
+from finetune.runtime.resolve import Runtime
+from finetune.training.features import (
     CacheDecision,
     CachePlanner,
     CutModel,
@@ -27,9 +30,6 @@ from finetune.features import (
     extract,
     needed_variants,
 )
-from finetune.imageset import ImageSet
-from finetune.models import BuiltModel
-from finetune.runtime import Runtime
 
 
 class CacheProvider:

@@ -12,12 +12,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from finetune.batching import BatchTransform
-from finetune.ema import WeightAverage, averaged
+from finetune.data.batching import BatchTransform
+from finetune.data.imageset import ImageSet
 from finetune.errors import FinetuneError
-from finetune.features import CutModel
-from finetune.imageset import ImageSet
-from finetune.runtime import Runtime
+from finetune.runtime.resolve import Runtime
+from finetune.training.ema import WeightAverage, averaged
+from finetune.training.features import CutModel
 from finetune.training.replicas import Replicas
 
 

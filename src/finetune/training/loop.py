@@ -15,24 +15,24 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from finetune.augment import Augment
-from finetune.batching import BatchTransform
-from finetune.config import Config
-from finetune.data import DataSplits, class_counts
-from finetune.distributed import SINGLE, Ranks
-from finetune.ema import WeightAverage, evaluated_weights
+from finetune.config.schema import Config
+from finetune.data.augment import Augment
+from finetune.data.batching import BatchTransform
+from finetune.data.sources import DataSplits, class_counts
 from finetune.errors import Interrupted
-from finetune.features import CachePlanner, CutModel, FeatureStore
-from finetune.freezing import apply_stage, build_optimizer, group_lrs, set_train_mode, trainable_count
-from finetune.losses import WeightedCrossEntropy, class_weights
-from finetune.models import BuiltModel
-from finetune.runtime import Runtime
-from finetune.runwriter import RunWriter
-from finetune.schedule import Schedule
+from finetune.model.build import BuiltModel
+from finetune.model.freezing import apply_stage, build_optimizer, group_lrs, set_train_mode, trainable_count
+from finetune.model.schedule import Schedule
+from finetune.runs.writer import RunWriter
+from finetune.runtime.distributed import SINGLE, Ranks
+from finetune.runtime.resolve import Runtime
 from finetune.training.batches import BatchSource, steps_per_epoch
 from finetune.training.book import EpochBook, EpochOutcome, epoch_line
 from finetune.training.cache import CacheProvider
+from finetune.training.ema import WeightAverage, evaluated_weights
 from finetune.training.evaluator import Evaluator, require_finite
+from finetune.training.features import CachePlanner, CutModel, FeatureStore
+from finetune.training.losses import WeightedCrossEntropy, class_weights
 from finetune.training.replicas import Replicas
 from finetune.training.stages import StageSwitch
 from finetune.training.state import Progress, portable_state, restore_training, resume_state

@@ -15,8 +15,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from finetune import distributed
-from finetune.distributed import Ranks
+from finetune.runtime import distributed
+from finetune.runtime.distributed import Ranks
 
 VOTE_EVERY = 10
 

@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from finetune.checkpoint import is_improvement
-from finetune.ema import WeightAverage, evaluated_weights
-from finetune.schedule import Group, Schedule
+from finetune.model.schedule import Group, Schedule
+from finetune.runs.checkpoint import is_improvement
+from finetune.training.ema import WeightAverage, evaluated_weights
 
 
 @dataclass

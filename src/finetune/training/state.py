@@ -13,11 +13,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from finetune.config import Config
-from finetune.distributed import Ranks
-from finetune.ema import WeightAverage
-from finetune.freezing import load_optimizer_state
-from finetune.models import BuiltModel
+from finetune.config.schema import Config
+from finetune.model.build import BuiltModel
+from finetune.model.freezing import load_optimizer_state
+from finetune.runtime.distributed import Ranks
+from finetune.training.ema import WeightAverage
 
 
 @dataclass

@@ -16,14 +16,14 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from finetune.augment import Augment
-from finetune.ema import WeightAverage
+from finetune.data.augment import Augment
 from finetune.errors import FinetuneError
-from finetune.freezing import group_lrs, set_lrs
-from finetune.runtime import Runtime
-from finetune.runwriter import RunWriter
-from finetune.schedule import Schedule
+from finetune.model.freezing import group_lrs, set_lrs
+from finetune.model.schedule import Schedule
+from finetune.runs.writer import RunWriter
+from finetune.runtime.resolve import Runtime
 from finetune.training.batches import EpochBatches
+from finetune.training.ema import WeightAverage
 from finetune.training.replicas import Replicas
 from finetune.training.state import Progress
 from finetune.training.stop import StopSignal

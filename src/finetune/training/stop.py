@@ -10,7 +10,7 @@ from collections.abc import Iterable, Iterator
 from types import FrameType
 from typing import TypeVar
 
-from finetune.distributed import Ranks
+from finetune.runtime.distributed import Ranks
 
 T = TypeVar("T")
 SIGNALS = (signal.SIGINT, signal.SIGTERM)

@@ -1,0 +1,129 @@
+"""One training run from a checked config to its finished run dir, and what the runs of a
+sweep share.
+
+`finetune train` and `finetune sweep` both call `Session.train`: cheap checks first, then
+data, weights, the run dir, last.pt on resume, and the Trainer's loop. A session keeps the
+decoded data of each data config and a feature store per folder (head-input caches held in
+memory), so a sweep pays for each once; model/build.py keeps read weights per weights file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from finetune.config.schema import Config
+from finetune.data.sources import DataSplits, load_data
+from finetune.errors import FinetuneError
+from finetune.model.build import build_model, check_model_config, skeleton
+from finetune.model.schedule import check_stages
+from finetune.runs.checkpoint import load_checkpoint
+from finetune.runs.writer import RunWriter
+from finetune.runtime.distributed import SINGLE, Ranks
+from finetune.runtime.hardware import resolve_device
+from finetune.runtime.resolve import Subject, check_precision, resolve_runtime
+from finetune.training.features import FeatureStore
+from finetune.training.loop import Judge, Trainer
+
+
+class Session:
+    def __init__(self, ranks: Ranks = SINGLE) -> None:
+        self.ranks = ranks
+        self.data: dict[str, DataSplits] = {}
+        self.stores: dict[Path, FeatureStore] = {}
+
+    def train(self, cfg: Config, run_dir: Path, resume: bool, judge: Judge | None = None) -> dict[str, Any] | None:
+        """Train (or continue) one run; its summary, or None when it had nothing left to do.
+        `judge`: tune's pruner, asked after each epoch of the last stage (Trainer)."""
+        state = _resume_state(run_dir) if resume else None
+        trainer = self.prepare(cfg, run_dir, state.get("runtime") if state else None, judge)
+        if state is not None:
+            trainer.restore(state)
+            print(f"resuming {run_dir} after epoch {trainer.progress.epoch}, step {trainer.progress.step}")
+            _say_if_schedule_stretched(state["config"]["train"]["epochs"], cfg)
+        if trainer.writer:
+            trainer.writer.start(cfg, trainer.resume_step())
+        stopped = trainer.book.stopped_early()
+        if stopped is not None:
+            print(f"{run_dir} is complete: stopped early at epoch {stopped['epoch']} ({stopped['reason']})")
+            return None
+        pruned = trainer.book.pruned
+        if pruned is not None:
+            print(f"{run_dir} is complete: pruned at epoch {pruned['epoch']} ({pruned['reason']})")
+            return None
+        if trainer.progress.epoch >= cfg.train.epochs:
+            print(f"{run_dir} already finished {cfg.train.epochs} epochs; raise --set train.epochs=N to train longer")
+            return None
+        try:
+            return trainer.fit()
+        finally:
+            if trainer.writer:
+                trainer.writer.close()
+
+    def prepare(
+        self,
+        cfg: Config,
+        run_dir: Path,
+        recorded: dict[str, Any] | None = None,
+        judge: Judge | None = None,
+        write: bool = True,
+    ) -> Trainer:
+        """Validate what is cheap to check, then load data and weights: a Trainer whose writer
+        (rank 0's, unless `write` is off: lr-find writes no run) writes the run dir.
+
+        `recorded`: the runtime choice a resumed run's last.pt holds, kept so resume stays exact.
+        """
+        check_model_config(cfg.model)
+        check_precision(cfg.precision, resolve_device(cfg.device))
+        if cfg.train.unfreeze is not None:  # stage names against the arch, before any data loads
+            bare = skeleton(cfg.model, num_classes=2)
+            check_stages(cfg.train, bare.model, bare.head_name)
+        torch.manual_seed(cfg.seed)
+        data = self._data(cfg)
+        built = build_model(cfg.model, data.num_classes)
+        subject = Subject(built.model, built.head_name, len(data.train), len(data.val))
+        runtime = resolve_runtime(cfg, subject, self.ranks, recorded)
+        print(
+            f"{cfg.name}: {cfg.model.arch} on {len(data.train)} train / {len(data.val)} val images, "
+            f"{data.num_classes} classes, {runtime.describe()}" + (f", run dir {run_dir}" if write else "")
+        )
+        if self.ranks.many:
+            print(
+                f"{self.ranks.world} processes, data.batch_size {cfg.data.batch_size} per process "
+                f"({cfg.data.batch_size * self.ranks.world * cfg.train.accumulate_steps} images per optimizer step)"
+            )
+        folder = Path(cfg.out_dir) / ".feature_cache"
+        store = self.stores.setdefault(folder, FeatureStore(folder))
+        writer = RunWriter(run_dir) if self.ranks.main and write else None
+        trainer = Trainer(cfg, data, built, runtime, run_dir, store, writer, self.ranks, judge)
+        return trainer
+
+    def _data(self, cfg: Config) -> DataSplits:
+        key = repr(cfg.data)
+        if key not in self.data:
+            self.data[key] = load_data(cfg.data)
+        return self.data[key]
+
+
+def _resume_state(run_dir: Path) -> dict | None:
+    """last.pt of the run, or None when it was stopped before its first checkpoint."""
+    last = run_dir / "last.pt"
+    if not last.exists():
+        print(f"{run_dir} has no last.pt yet: starting it from the beginning with its saved config")
+        return None
+    state = load_checkpoint(last)
+    if "progress" not in state:
+        raise FinetuneError(f"--resume: {last} holds no training state; it cannot be resumed")
+    return state
+
+
+def _say_if_schedule_stretched(saved_epochs: int, cfg: Config) -> None:
+    """Raising train.epochs re-plans a decaying schedule over the new length (README: Schedules)."""
+    name = cfg.train.scheduler.name
+    if cfg.train.epochs > saved_epochs and name in ("cosine", "linear", "onecycle"):
+        print(
+            f"train.epochs raised from {saved_epochs} to {cfg.train.epochs}: the {name} schedule now spans "
+            f"{cfg.train.epochs} epochs, so the LR continues from this step along the longer curve"
+        )
