@@ -168,8 +168,22 @@ CASES = {
     "yaml not a mapping": (lambda e: ["train", e.text_config("- a\n- b\n")], r"top level must be a mapping"),
     "config missing": (lambda e: ["train", str(e.tmp / "nope.yaml")], r"config file .*nope\.yaml not found"),
     "no config": (lambda e: ["train"], r"give a CONFIG file, or --resume RUN_DIR"),
-    "unknown key": (lambda e: ["train", e.config(), "--set", "trian.epochs=2"], r"unknown key trian.*train\?"),
-    "unknown nested key": (lambda e: ["train", e.config(), "--set", "train.epoch=2"], r"did you mean train\.epochs"),
+    "unknown key": (
+        lambda e: ["train", e.config(), "--set", "trian.epochs=2"],
+        r"--set trian\.epochs: no such key; did you mean train\.epochs\?",
+    ),
+    "unknown nested key": (
+        lambda e: ["train", e.config(), "--set", "train.lr_hed=1e-3"],
+        r"--set train\.lr_hed: no such key; did you mean train\.lr_head\?",
+    ),
+    "resume unknown set key": (
+        lambda e: ["train", "--resume", str(e.run_copy()), "--set", "train.epoch=3"],
+        r"--set train\.epoch: no such key; did you mean train\.epochs\?",
+    ),
+    "eval unknown set key": (
+        lambda e: ["eval", str(e.existing / "best.pt"), "--set", "data.rot=x"],
+        r"--set data\.rot: no such key; did you mean data\.root\?",
+    ),
     "wrong type": (lambda e: ["train", e.config(), "--set", "train.epochs=two"], r"train\.epochs = 'two'.*integer"),
     "wrong bool": (lambda e: ["train", e.config(), "--set", "data.hflip=maybe"], r"data\.hflip .* true or false"),
     "bad choice": (lambda e: ["train", e.config(), "--set", "train.optimizer=lion"], r"one of adam, adamw, sgd"),

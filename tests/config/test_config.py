@@ -52,6 +52,21 @@ def test_unknown_override_key_is_caught_too():
         load_config(None, ["data.batchsize=4"])
 
 
+@pytest.mark.parametrize(
+    ("item", "closest"), [("train.lr_hed=1e-3", "train.lr_head"), ("trian.epochs=2", "train.epochs")]
+)
+def test_an_unknown_set_key_blames_the_override_not_the_file(tmp_path, item, closest):
+    key = item.split("=")[0]
+    with pytest.raises(FinetuneError) as caught:
+        load_config(write(tmp_path, "train:\n  epochs: 2\n"), [item])
+    assert str(caught.value) == f"--set {key}: no such key; did you mean {closest}?"
+
+
+def test_an_unknown_set_key_with_nothing_close_lists_its_sections_keys():
+    with pytest.raises(FinetuneError, match=r"^--set train\.zzzzzzzz: no such key; valid keys: train\.epochs, "):
+        load_config(None, ["train.zzzzzzzz=1"])
+
+
 def test_wrong_type_names_key_and_expected_type():
     with pytest.raises(FinetuneError, match=r"train\.epochs = 'three' is invalid; expected an integer"):
         load_config(None, ["train.epochs=three"])
@@ -60,6 +75,13 @@ def test_wrong_type_names_key_and_expected_type():
 def test_choice_lists_the_valid_values():
     with pytest.raises(FinetuneError, match=r"train\.optimizer .* one of adam, adamw, sgd"):
         load_config(None, ["train.optimizer=lion"])
+
+
+def test_checkpoint_judge_defaults_to_the_last_stage_and_lists_its_rules():
+    assert load_config(None).checkpoint.judge == "last_stage"
+    with pytest.raises(FinetuneError) as caught:
+        load_config(None, ["checkpoint.judge=max"])
+    assert str(caught.value) == "config: checkpoint.judge = 'max' is invalid; expected one of last_stage, best, final"
 
 
 def test_yaml_syntax_error_gives_the_line(tmp_path):

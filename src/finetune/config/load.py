@@ -26,8 +26,7 @@ FLOAT_PATTERN = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Read a YAML file (or only defaults when `path` is None), apply `--set` overrides."""
     raw = read_yaml(Path(path)) if path is not None else {}
-    for item in overrides:
-        apply_override(raw, item)
+    apply_overrides(raw, overrides)
     return from_dict(raw, source=str(path) if path else "config")
 
 
@@ -59,6 +58,45 @@ def _parse(text: str, where: str) -> Any:
         return yaml.safe_load(text)
     except RecursionError:
         raise FinetuneError(f"{where}: YAML nested too deeply to read; a config needs a few levels") from None
+
+
+def apply_overrides(raw: dict[str, Any], items: list[str]) -> None:
+    """Apply `--set` items given by the user; a key the schema lacks is blamed on its --set,
+    not on the config file it would otherwise be found in."""
+    for item in items:
+        _check_set_key(item.partition("=")[0])
+        apply_override(raw, item)
+
+
+def _check_set_key(key: str) -> None:
+    """Walk a dotted key down the schema's sections; past a leaf (a list, a mapping) the type check takes over."""
+    section: Any = Config
+    parts = key.split(".") if key else []  # no key at all: apply_override says KEY=VALUE
+    for depth, part in enumerate(parts):
+        fields = typing.get_type_hints(section)
+        if part not in fields:
+            prefix = "".join(f"{p}." for p in parts[:depth])
+            close = difflib.get_close_matches(key[:200], schema_keys(Config), n=1, cutoff=0.6)
+            fix = f"did you mean {close[0]}?" if close else f"valid keys: {', '.join(prefix + n for n in fields)}"
+            raise FinetuneError(f"--set {_key_text(key)}: no such key; {fix}")
+        section = _section(fields[part])
+        if section is None:
+            return
+
+
+def _section(tp: Any) -> type | None:
+    """The dataclass a key's value is built from (`Section` or `Section | None`), else None."""
+    return tp if dataclasses.is_dataclass(tp) else _optional_dataclass(tp)
+
+
+def schema_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every dotted key of a config section: its sections and, inside them, their keys."""
+    keys = []
+    for name, tp in typing.get_type_hints(cls).items():
+        keys.append(prefix + name)
+        if _section(tp) is not None:
+            keys += schema_keys(_section(tp), f"{prefix}{name}.")
+    return keys
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:

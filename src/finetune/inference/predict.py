@@ -20,7 +20,7 @@ import torch
 from sklearn import metrics
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from finetune.config.load import apply_override, from_dict, saved_config
+from finetune.config.load import apply_overrides, from_dict, saved_config
 from finetune.config.schema import Config
 from finetune.data.batching import BatchTransform
 from finetune.data.decode import decode_file
@@ -99,8 +99,7 @@ def checkpoint_config(ckpt: dict[str, Any], overrides: list[str]) -> Config:
         if not item.startswith(("data.", "device=", "precision=")):
             raise FinetuneError(f"--set {item}: only data.*, device and precision can be changed")
     raw = saved_config(ckpt["config"])
-    for item in overrides:
-        apply_override(raw, item)
+    apply_overrides(raw, overrides)
     return from_dict(raw, source="the checkpoint's config")
 
 

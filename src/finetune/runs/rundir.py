@@ -8,7 +8,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from finetune.config.load import apply_override, from_dict, read_yaml, saved_config
+from finetune.config.load import apply_overrides, from_dict, read_yaml, saved_config
 from finetune.config.schema import Config, flatten, to_yaml
 from finetune.errors import FinetuneError
 from finetune.files import atomic_write_text
@@ -88,8 +88,7 @@ def resume_config(run_dir: str, overrides: list[str], config_path: str | None) -
         raise FinetuneError(f"--resume {path}: no config.yaml there, so it holds no run to resume")
     saved = saved_run_config(path)
     new_raw = read_yaml(Path(config_path)) if config_path else saved.to_dict()
-    for item in overrides:
-        apply_override(new_raw, item)
+    apply_overrides(new_raw, overrides)
     new = from_dict(new_raw, source=config_path or "--set")
     check_continuation(saved, new, f"--resume {path}", "start a new run for the rest")
     return new

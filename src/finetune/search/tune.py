@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from finetune.config.load import apply_override, from_dict, read_yaml
+from finetune.config.load import apply_overrides, from_dict, read_yaml
 from finetune.config.schema import Config
 from finetune.errors import FinetuneError
 from finetune.files import atomic_write_text
@@ -85,8 +85,7 @@ def prepare(config: str, overrides: list[str], space: str, trials: int, opts: di
     """Check the config, the space (every bound and choice) and the options; nothing trains yet.
     `opts`: out, storage, study, seed, pruner as given on the command line."""
     base = read_yaml(Path(config))
-    for item in overrides:
-        apply_override(base, item)
+    apply_overrides(base, overrides)
     cfg = from_dict(base, source=config)
     params = load_space(Path(space))
     check_space(params, base, Path(space), config)
