@@ -150,7 +150,14 @@ class TrainConfig:
 
 @dataclass
 class CheckpointConfig:
+    """`monitor` picks best.pt's epoch (val_loss: lowest wins). `judge` says what a run is judged
+    by in tune and compare: `last_stage`, the best monitored epoch among those in which every
+    stage trains (the last stage the run reached), since head-only epochs are the same whatever
+    the schedule and a plateau run's best epoch may be one of them; `best`, its best epoch; or
+    `final`, its last. Equal judged values are ordered by the final epoch's value."""
+
     monitor: Literal["val_acc", "val_loss", "val_balanced_acc"] = "val_acc"
+    judge: Literal["last_stage", "best", "final"] = "last_stage"
 
 
 @dataclass
