@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -50,6 +51,55 @@ class ResultsLog:
 
     def csv(self) -> str:
         return pd.DataFrame(self.rows).to_csv(index=False, float_format="%.6g")
+
+
+JUDGE_RULES = {  # checkpoint.judge -> which epochs a run is judged over, as a report says it
+    "last_stage": "over the epochs where every stage trains",
+    "best": "at its best epoch",
+    "final": "at its final epoch",
+}
+
+
+def judged_by(monitor: str, rule: str) -> str:
+    """The rule in words, for the reports that rank runs by it."""
+    return f"{monitor} {JUDGE_RULES[rule]} (checkpoint.judge: {rule})"
+
+
+@dataclass(frozen=True)
+class Judged:
+    """What a run is judged by (checkpoint.judge): the monitored value, the epoch and stage it
+    came from, and the final epoch's value, which orders runs whose judged values are equal."""
+
+    rule: str
+    value: float
+    epoch: int
+    stage: str
+    final: float
+
+
+def judge(rows: list[dict[str, Any]], monitor: str, maximize: bool, rule: str) -> Judged | None:
+    """The run's judged value by `rule` over its epoch rows; None before any epoch with a number.
+    `last_stage` takes the rows of the last row's stage: stages only add groups, so those are
+    the epochs in which every stage the run reached trains. Equal values: the first epoch, as best.pt."""
+    scored = [r for r in _window(rows, rule) if not math.isnan(r[monitor])]
+    if not scored:
+        return None
+    pick = (max if maximize else min)(scored, key=lambda r: r[monitor])
+    return Judged(rule, float(pick[monitor]), int(pick["epoch"]), str(pick["stage"]), float(rows[-1][monitor]))
+
+
+def _window(rows: list[dict[str, Any]], rule: str) -> list[dict[str, Any]]:
+    if rule == "final":
+        return rows[-1:]
+    if rule == "last_stage":
+        return [r for r in rows if r["stage"] == rows[-1]["stage"]]
+    return rows
+
+
+def judged_order(value: float, final: float, maximize: bool) -> tuple[float, float]:
+    """A sort key, best run first: the judged value, equal ones by the final epoch's value."""
+    sign = -1.0 if maximize else 1.0
+    return sign * value, sign * final
 
 
 def confusion_figure(matrix: np.ndarray, class_names: list[str]) -> Figure:
