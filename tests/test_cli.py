@@ -53,7 +53,7 @@ def test_train_end_to_end_in_a_real_process(config_file, tmp_path):
     model.load_state_dict(best["model"])
 
 
-def test_best_checkpoint_is_the_epoch_with_the_best_monitored_value(config_file, tmp_path):
+def test_best_checkpoint_is_the_epoch_with_the_best_monitored_value(config_file, tmp_path, capsys):
     for monitor in ("val_loss", "val_acc"):
         run_dir = tmp_path / monitor
         args = ["train", str(config_file()), "--run-dir", str(run_dir), "--set", "train.epochs=4"]
@@ -68,6 +68,21 @@ def test_best_checkpoint_is_the_epoch_with_the_best_monitored_value(config_file,
         assert math.isclose(best["metrics"][monitor], column[best_row], rel_tol=1e-5)
         last = torch.load(run_dir / "last.pt", weights_only=True)
         assert last["epoch"] == 4
+        backbone = results[results["stage"] == "backbone"]  # the head trains alone in epoch 1
+        row = backbone.loc[backbone[monitor].idxmin() if monitor == "val_loss" else backbone[monitor].idxmax()]
+        judged = json.loads((run_dir / "summary.json").read_text())["judged"]
+        final = results[monitor].iloc[-1]
+        assert judged == {
+            "rule": "last_stage",
+            "value": pytest.approx(row[monitor], rel=1e-5),
+            "epoch": row["epoch"],
+            "stage": "backbone",
+            "final": pytest.approx(final, rel=1e-5),
+        }
+        value = f"{judged['value']:.4f}"
+        assert f"judged {monitor} {value} at epoch {row['epoch']} (backbone; checkpoint.judge: last_stage)" in (
+            capsys.readouterr().out
+        )
 
 
 def test_an_existing_run_is_never_overwritten(config_file, tmp_path, capsys):

@@ -163,9 +163,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         distributed.close()
     if summary is None:
         return 0
+    from finetune.runs.results import Judged
+
     best = "none" if summary["best_value"] is None else f"{summary['best_value']:.4f}"
+    judged = "" if summary["judged"] is None else Judged(**summary["judged"]).describe(summary["monitor"]) + ", "
     print(
-        f"done: best {summary['monitor']} {best} at epoch {summary['best_epoch']}, "
+        f"done: best {summary['monitor']} {best} at epoch {summary['best_epoch']}, {judged}"
         f"final val_acc {summary['final_val_acc']:.4f}, {summary['total_seconds']:.1f}s; files in {run_dir}"
     )
     return 0

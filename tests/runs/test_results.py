@@ -52,3 +52,5 @@ def test_equal_judged_values_are_ordered_by_the_final_value(maximize, better):
 def test_the_rule_in_words_names_the_monitor_and_the_key():
     text = "val_acc over the epochs where every stage trains (checkpoint.judge: last_stage)"
     assert judged_by("val_acc", "last_stage") == text
+    described = "judged val_acc 0.3100 at epoch 4 (layer4; checkpoint.judge: last_stage)"
+    assert judge(PLATEAU, "val_acc", True, "last_stage").describe("val_acc") == described

@@ -76,6 +76,9 @@ class Judged:
     stage: str
     final: float
 
+    def describe(self, monitor: str) -> str:
+        return f"judged {monitor} {self.value:.4f} at epoch {self.epoch} ({self.stage}; checkpoint.judge: {self.rule})"
+
 
 def judge(rows: list[dict[str, Any]], monitor: str, maximize: bool, rule: str) -> Judged | None:
     """The run's judged value by `rule` over its epoch rows; None before any epoch with a number.

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
 from finetune.config.schema import Config
-from finetune.runs.checkpoint import BestTracker
-from finetune.runs.results import EpochRecord, ResultsLog
+from finetune.runs.checkpoint import MAXIMIZE, BestTracker
+from finetune.runs.results import EpochRecord, ResultsLog, judge
 from finetune.training.early_stopping import EarlyStopping
 from finetune.training.evaluator import EvalResult
 
@@ -97,6 +97,7 @@ class EpochBook:
             "monitor": self.monitor,
             "best_epoch": self.best.best_epoch,
             "best_value": self.best.best_value,
+            "judged": self.judged(),
             "best_val_acc": max((r["val_acc"] for r in rows), default=None),
             "final_val_acc": rows[-1]["val_acc"] if rows else None,
             "final_val_balanced_acc": rows[-1]["val_balanced_acc"] if rows else None,
@@ -108,6 +109,11 @@ class EpochBook:
             },
             "total_seconds": float(sum(seconds)),
         }
+
+    def judged(self) -> dict[str, Any] | None:
+        """What tune and compare judge the run by (checkpoint.judge); None before an epoch ends."""
+        judged = judge(self.log.rows, self.monitor, MAXIMIZE[self.monitor], self.cfg.checkpoint.judge)
+        return None if judged is None else asdict(judged)
 
 
 def epoch_line(r: EpochRecord, epochs: int, is_best: bool) -> str:
