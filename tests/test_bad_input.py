@@ -159,6 +159,13 @@ def make_resume_fewer_epochs(env: Env) -> list[str]:
     return ["train", "--resume", str(run), "--set", "train.epochs=2"]
 
 
+def make_run_without_best(env: Env) -> Path:
+    """A run stopped before its first epoch ended: last.pt, no best.pt."""
+    run = env.run_copy()
+    (run / "best.pt").unlink()
+    return run
+
+
 CASES = {
     "yaml syntax": (lambda e: ["train", e.text_config("name: a\ndata: root: x\n")], r"raw\.yaml line 2: invalid YAML"),
     "yaml python tag": (
@@ -318,6 +325,18 @@ CASES = {
     "lr-find lrs reversed": (
         lambda e: ["lr-find", e.config(), "--start-lr", "1", "--end-lr", "0.1"],
         r"need 0 < start < end",
+    ),
+    "eval run dir without best.pt": (
+        lambda e: ["eval", str(make_run_without_best(e))],
+        r"run_copy has no best\.pt; it holds last\.pt: give .*run_copy/last\.pt",
+    ),
+    "predict run dir without best.pt": (
+        lambda e: ["predict", str(make_run_without_best(e)), str(e.data / "val")],
+        r"run_copy has no best\.pt; it holds last\.pt: give .*run_copy/last\.pt",
+    ),
+    "export dir holding no checkpoint": (
+        lambda e: ["export", str(e.data)],
+        r"data has no best\.pt and holds no checkpoint; give a checkpoint file or a run dir",
     ),
     "negative memory budget": (
         lambda e: ["train", e.config(), "--set", "data.memory_budget_mb=-1"],

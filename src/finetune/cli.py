@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.set_defaults(func=cmd_compare)
 
     evaluate = sub.add_parser("eval", help="score a checkpoint: metrics, per-class report, confusion matrix")
-    evaluate.add_argument("checkpoint")
+    evaluate.add_argument("checkpoint", help="best.pt / last.pt, or a run dir (its best.pt)")
     evaluate.add_argument("--set", dest="overrides", action="extend", default=[], nargs="+", metavar="data.KEY=VALUE")
     evaluate.add_argument("--out", help="output dir (default: eval-<checkpoint name> beside the checkpoint)")
     evaluate.add_argument("--json", action="store_true", help="print the report as JSON instead of tables")
@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(func=cmd_eval)
 
     exp = sub.add_parser("export", help="a checkpoint as ONNX or TorchScript, checked against PyTorch")
-    exp.add_argument("checkpoint")
+    exp.add_argument("checkpoint", help="best.pt / last.pt, or a run dir (its best.pt)")
     exp.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
     exp.add_argument("--out", help="file to write (default: beside the checkpoint)")
     exp.add_argument("--batch", default="dynamic", help="dynamic (default) or a fixed batch size")
@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.set_defaults(func=cmd_export)
 
     pred = sub.add_parser("predict", help="top-k classes for image files")
-    pred.add_argument("checkpoint", help="best.pt / last.pt, or a file from finetune export")
+    pred.add_argument("checkpoint", help="best.pt / last.pt, a run dir (its best.pt), or a file from finetune export")
     pred.add_argument("images", nargs="+", help="image files or folders")
     pred.add_argument("--top-k", type=int, default=3)
     pred.add_argument("--json", action="store_true", help="print JSON instead of a table")

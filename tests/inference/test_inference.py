@@ -178,3 +178,22 @@ def test_eval_with_tta_records_accuracy_with_and_without_it(run, tmp_path, capsy
         assert main(args) == 0
         predicted = [r["top"][0]["class"] for r in json.loads(capsys.readouterr().out)]
         assert np.mean([p == t for p, t in zip(predicted, truth, strict=True)]) == pytest.approx(metrics["accuracy"])
+
+
+def test_a_run_dir_stands_for_its_best_pt_in_eval_predict_and_export(run, tmp_path, capsys):
+    run_dir, data = run
+    printed = []
+    for model in (run_dir / "best.pt", run_dir):
+        assert main(["eval", str(model), "--out", str(tmp_path / model.name)]) == 0
+        capsys.readouterr()
+        assert main(["predict", str(model), str(data / "val"), "--json"]) == 0
+        printed.append(capsys.readouterr().out)
+    assert printed[0] == printed[1]
+    metrics = [(tmp_path / name / "metrics.json").read_text() for name in ("best.pt", run_dir.name)]
+    assert metrics[0] == metrics[1]
+    out = tmp_path / "model.torchscript.pt"
+    assert main(["export", str(run_dir), "--format", "torchscript", "--out", str(out)]) == 0
+    assert (
+        json.loads(out.with_name(out.name + ".json").read_text())["epoch"]
+        == load_checkpoint(run_dir / "best.pt")["epoch"]
+    )

@@ -19,7 +19,7 @@ from finetune.errors import FinetuneError
 from finetune.files import atomic_write_text
 from finetune.inference.exported import ExportedModel, contract_path
 from finetune.inference.predict import checkpoint_config, predictor_from
-from finetune.runs.checkpoint import load_checkpoint
+from finetune.runs.checkpoint import checkpoint_file, load_checkpoint
 
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
 TOLERANCE = 1e-3  # largest absolute logit difference accepted (fp32 on CPU)
@@ -35,7 +35,7 @@ def export(
     that passes is renamed into place, its contract after it, so a failed export leaves any
     earlier model and contract as they were, and no model without its contract.
     """
-    ckpt_path = Path(path)
+    ckpt_path = checkpoint_file(path)
     ckpt = load_checkpoint(ckpt_path)
     fixed = _batch_size(batch)
     predictor = predictor_from(ckpt, "cpu", "fp32")

@@ -30,7 +30,7 @@ from finetune.files import atomic_write_text
 from finetune.inference.exported import ExportedModel, read_contract
 from finetune.inference.tta import tta_views
 from finetune.model.build import rebuild
-from finetune.runs.checkpoint import load_checkpoint
+from finetune.runs.checkpoint import checkpoint_file, load_checkpoint
 from finetune.runs.results import confusion_figure
 from finetune.runtime.resolve import Runtime, inference_runtime
 
@@ -79,7 +79,7 @@ class Predictor:
 def load_predictor(
     path: str | Path, device: str = "auto", precision: str = "auto", tta: str | None = None
 ) -> Predictor:
-    return predictor_from(load_checkpoint(Path(path)), device, precision, tta)
+    return predictor_from(load_checkpoint(checkpoint_file(path)), device, precision, tta)
 
 
 def predictor_from(ckpt: dict[str, Any], device: str, precision: str, tta: str | None = None) -> Predictor:
@@ -130,7 +130,7 @@ def evaluate_checkpoint(
 ) -> dict[str, Any]:
     """Score a checkpoint on its run's validation data (or the data given by `--set data.*`);
     with TTA the report scores the augmented predictions and keeps the plain ones' summary."""
-    ckpt_path = Path(path)
+    ckpt_path = checkpoint_file(path)
     val = val_probabilities(load_checkpoint(ckpt_path), overrides, tta)
     truth = val.labels.numpy()
     report = scores(truth, val.tta_probabilities.argmax(1).numpy(), val.class_names)
@@ -208,7 +208,7 @@ def predict(
     if top_k < 1:
         raise FinetuneError(f"predict --top-k {top_k}: must be at least 1")
     files = image_files(inputs)
-    path = Path(path)
+    path = checkpoint_file(path)
     exported = path.suffix == ".onnx" or path.name.endswith(".torchscript.pt")
     predictor = exported_predictor(path, tta) if exported else load_predictor(path, tta=tta)
     k = min(top_k, len(predictor.class_names))

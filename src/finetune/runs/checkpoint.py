@@ -21,6 +21,21 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+def checkpoint_file(path: str | Path) -> Path:
+    """The file a checkpoint argument names: a run dir stands for its best.pt, the model the
+    run is judged by; a dir without one says what it holds instead."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    if (path / "best.pt").is_file():
+        return path / "best.pt"
+    held = sorted(p.name for p in path.iterdir() if p.suffix in (".pt", ".onnx"))
+    if "last.pt" in held:
+        raise FinetuneError(f"{path} has no best.pt; it holds {', '.join(held)}: give {path / 'last.pt'}")
+    what = f"holds only {', '.join(held)}" if held else "holds no checkpoint"
+    raise FinetuneError(f"{path} has no best.pt and {what}; give a checkpoint file or a run dir that train wrote")
+
+
 def load_checkpoint(path: Path, required: str = "model") -> dict[str, Any]:
     """Load with weights_only=True: a checkpoint can never run code on load."""
     path = Path(path)
