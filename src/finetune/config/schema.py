@@ -1,6 +1,8 @@
 """The config schema: sections as dataclasses with their defaults, and how a config is written.
 
 Reading a file and `--set` overrides live in load.py, value checks in check.py.
+Each key's comment (on its line, or the comment lines right above it) is its meaning in the
+generated docs/reference/config.md: `scripts/gen_reference.py` rewrites that page.
 """
 
 from __future__ import annotations
@@ -14,29 +16,30 @@ import yaml
 
 @dataclass
 class CropConfig:
-    scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
-    ratio: list[float] = field(default_factory=lambda: [0.75, 1.3333])
+    scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # area share of the image a crop keeps, [low, high]
+    ratio: list[float] = field(default_factory=lambda: [0.75, 1.3333])  # aspect ratio range of a crop, [low, high]
 
 
 @dataclass
 class JitterConfig:
-    brightness: float = 0.0
-    contrast: float = 0.0
-    saturation: float = 0.0
-    hue: float = 0.0
+    brightness: float = 0.0  # as torchvision's ColorJitter: 0 = off
+    contrast: float = 0.0  # 0 = off
+    saturation: float = 0.0  # 0 = off
+    hue: float = 0.0  # 0 = off
 
 
 @dataclass
 class AugmentConfig:
     """Training-time augmentation of whole batches, per-sample (augment.py); eval never augments."""
 
-    random_resized_crop: CropConfig | None = None
+    random_resized_crop: CropConfig | None = None  # e.g. {scale: [0.35, 1], ratio: [0.75, 1.333]}; null = off
+    # e.g. {brightness: 0.2, contrast: 0.2, saturation: 0.2, hue: 0.05}; null = off
     color_jitter: JitterConfig | None = None
-    trivial_augment: bool = False
-    rand_augment: bool = False
+    trivial_augment: bool = False  # TrivialAugment, one op drawn per image
+    rand_augment: bool = False  # RandAugment: 2 distinct ops per image at magnitude 10
     random_erasing: float = 0.0  # probability per image
     mixup: float = 0.0  # Beta alpha; 0 = off
-    cutmix: float = 0.0
+    cutmix: float = 0.0  # Beta alpha; 0 = off
 
     @property
     def active(self) -> bool:
@@ -45,32 +48,36 @@ class AugmentConfig:
 
 @dataclass
 class DataConfig:
+    # where images come from: torchvision's CIFAR-10, an image folder, sklearn's digits, a CSV
     dataset: Literal["cifar10", "imagefolder", "digits", "csv"] = "cifar10"
+    # cifar10: download/cache dir; imagefolder: dir with train/ and val/ (or test/); csv: paths' base
     root: str = "data"
     csv: str | None = None  # dataset csv: a CSV of image paths (relative to root) and labels
-    file_col: str = "file"
-    label_col: str = "label"
+    file_col: str = "file"  # csv: column of image paths, relative to root (absolute paths work too)
+    label_col: str = "label"  # csv: column of labels, names or integers (read as text)
     split_col: str | None = None  # values train / val; null = a stratified split by val_fraction
-    val_fraction: float = 0.2
+    val_fraction: float = 0.2  # csv without split_col: share of each class that validates, drawn by split_seed
     folds: int | None = None  # k-fold: validate on fold `fold` of the training images
-    fold: int = 0
-    download: bool = True
-    train_size: int | None = 3000
-    val_size: int | None = 800
-    subset: Literal["stratified", "random", "first"] = "stratified"
+    fold: int = 0  # with folds: the fold that validates, 0 .. folds-1
+    download: bool = True  # cifar10: download into root when it is not there
+    train_size: int | None = 3000  # training images drawn per `subset`, seeded by split_seed; null = all
+    val_size: int | None = 800  # validation images, drawn as train_size; null = all
+    subset: Literal["stratified", "random", "first"] = "stratified"  # how train_size / val_size images are drawn
+    # restrict TRAINING to these classes (names or indices); validation keeps all
     train_classes: list[str | int] | None = None
-    image_size: int = 224
-    batch_size: int = 32
-    num_workers: int = 0
-    hflip: bool = True
-    memory_budget_mb: int = 4096
+    image_size: int = 224  # images are resized to this square size
+    batch_size: int = 32  # images per batch (per process under torchrun)
+    num_workers: int = 0  # 0 = one per core: decoding threads in memory, DataLoader workers when streaming
+    hflip: bool = True  # random horizontal flip in training
+    memory_budget_mb: int = 4096  # image data decoded larger than this is streamed from disk instead of held
     split_seed: int = 42  # draws subsets and the digits split; the run's `seed` draws the training
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 @dataclass
 class ModelConfig:
-    arch: str = "resnet18"
+    arch: str = "resnet18"  # any torchvision classification model name, or timm/<name>
+    # DEFAULT | a torchvision weights name | none (random init) | path/to/state_dict.pth
     weights: str | None = "DEFAULT"
 
 
@@ -83,15 +90,17 @@ class StageConfig:
     before's best epoch."""
 
     epoch: int | None = None  # with `after: epoch`; null = 0
+    # dotted names from model.named_modules() (layer4, features.17), or backbone: the rest
     modules: list[str] = field(default_factory=list)
-    lr: float | None = None
-    name: str | None = None
+    lr: float | None = None  # the stage's LR; null = the stage before's times train.layer_lr_decay
+    name: str | None = None  # its parameter group's name; null = its modules joined by '+'
+    # epoch: start after `epoch`; plateau: once the stage before has settled
     after: Literal["epoch", "plateau"] = "epoch"
-    patience: int = 1
-    min_delta: float = 0.0
-    min_epochs: int = 1
-    max_epochs: int | None = None
-    restore_best: bool = False
+    patience: int = 1  # plateau: epochs without improvement of checkpoint.monitor
+    min_delta: float = 0.0  # plateau: an improvement must exceed this
+    min_epochs: int = 1  # plateau: the stage before runs at least this many epochs
+    max_epochs: int | None = None  # plateau: ... and at most this many; null = no cap
+    restore_best: bool = False  # first put back the weights of the stage before's best epoch
 
     @property
     def on_plateau(self) -> bool:
@@ -100,51 +109,56 @@ class StageConfig:
 
 @dataclass
 class SchedulerConfig:
+    # the LR curve, stepped per optimizer step; every group follows it from its own base LR
     name: Literal["constant", "cosine", "linear", "step", "onecycle"] = "constant"
-    warmup_epochs: float = 0.0
-    min_lr_ratio: float = 0.0
-    step_epochs: float = 1.0
-    gamma: float = 0.1
+    warmup_epochs: float = 0.0  # the warmup at the run's start; fractions allowed; onecycle with 0: 30% of the run
+    min_lr_ratio: float = 0.0  # cosine / linear / onecycle end at base LR x this
+    step_epochs: float = 1.0  # step: multiply by gamma every step_epochs
+    gamma: float = 0.1  # step: the factor
 
 
 @dataclass
 class EarlyStoppingConfig:
-    patience: int | None = None  # null = off
-    min_delta: float = 0.0
+    patience: int | None = None  # epochs without improvement of checkpoint.monitor, in the last stage; null = off
+    min_delta: float = 0.0  # an improvement must exceed this
 
 
 @dataclass
 class EmaConfig:
     """An exponential moving average of the weights, which validation and best.pt use (ema.py)."""
 
-    decay: float = 0.999
+    decay: float = 0.999  # the average's decay per optimizer step
     warmup: bool = True  # decay min(decay, (1 + n) / (10 + n)) at update n, so early weights fade fast
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 3
-    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
-    lr_head: float = 1.0e-3
-    lr_backbone: float = 1.0e-4
-    weight_decay: float = 0.0
+    epochs: int = 3  # the whole run's length (a cap with plateau stages)
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"  # fused kernels on CPU and CUDA
+    lr_head: float = 1.0e-3  # the new head's LR
+    lr_backbone: float = 1.0e-4  # the backbone's LR once it unfreezes (the first stage's with train.unfreeze)
+    weight_decay: float = 0.0  # skips norm layers and biases unless decay_norm_and_bias
     decay_norm_and_bias: bool = False  # weight_decay on norm layers and biases too (off, as timm and HF)
-    freeze_backbone: bool = True
-    unfreeze_epoch: int | None = 1
-    freeze_bn: bool = True
+    freeze_backbone: bool = True  # shorthand for one `backbone` stage (leave out with `unfreeze`)
+    unfreeze_epoch: int | None = 1  # the backbone trains from epoch unfreeze_epoch + 1; null = never
+    freeze_bn: bool = True  # BatchNorm (and dropout) of a frozen module stay in eval mode until its stage
+    # auto = inverse class frequency of the training split; or [w0, ...] or {class: w}
     class_weights: Literal["none", "auto"] | list[float] | dict[str | int, float] = "auto"
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.0  # cross-entropy label smoothing
     grad_clip_norm: float | None = None  # clip the trainable parameters' global grad norm; null = off
     accumulate_steps: int = 1  # batches whose gradients make one optimizer step
-    ema: EmaConfig | None = None  # null = off
+    ema: EmaConfig | None = None  # e.g. {decay: 0.999}: validation and best.pt use the weight average; null = off
+    # auto: frozen epochs train on cached activations of the frozen bottom
     feature_cache: Literal["auto", "off"] = "auto"
+    # auto: measured with precision: auto; else pinned
     memory_format: Literal["auto", "channels_last", "contiguous"] = "auto"
     compile: Literal["auto", "on", "off"] = "auto"  # torch.compile the train step; auto: where measured to pay back
     scale_lr: Literal["none", "linear"] = "none"  # under torchrun: linear multiplies every LR by the world size
+    # stages, instead of freeze_backbone / unfreeze_epoch; null = the shorthand
     unfreeze: list[StageConfig] | None = None
-    layer_lr_decay: float = 1.0
+    layer_lr_decay: float = 1.0  # a stage without `lr` gets the stage before's LR times this
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    unfreeze_warmup_epochs: float = 0.0
+    unfreeze_warmup_epochs: float = 0.0  # a group that joins at an unfreeze warms up over this many epochs
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
 
 
@@ -167,10 +181,11 @@ class LogConfig:
 
 @dataclass
 class Config:
-    name: str = "run"
-    seed: int = 42
-    out_dir: str = "runs"
-    device: str = "auto"
+    name: str = "run"  # the run's name: its folder is <out_dir>/<name> (-2, -3 ... if taken)
+    seed: int = 42  # draws the head's init, shuffling, flips, dropout, augmentation
+    out_dir: str = "runs"  # where run dirs (and the feature cache) go
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    # auto: measured on this machine, model and size; else pinned
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
