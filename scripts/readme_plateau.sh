@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Regenerate docs/plateau_example/: unfreeze_on_plateau against early_unfreeze and
+# Regenerate docs/tutorial/plateau_example/: unfreeze_on_plateau against early_unfreeze and
 # gradual_unfreeze on the same real CIFAR-10 images (mobilenet_v2 with its ImageNet weights,
 # 64 px, 1000 train / 400 val), each stage's modules given in MobileNetV2's names
-# (features.14-18 stand for resnet's layer4). The README quotes the printed lines.
+# (features.14-18 stand for resnet's layer4). docs/tutorial/plateau.md quotes the printed lines.
 # Usage: scripts/readme_plateau.sh [CIFAR10_IMAGEFOLDER_ROOT]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,6 +22,6 @@ train early_unfreeze
 train gradual_unfreeze "train.unfreeze=[{epoch: 1, name: top, modules: $top}, {epoch: 2, name: middle, modules: $mid}, \
 {epoch: 3, modules: [backbone]}]"
 .venv/bin/finetune compare "$runs" --out "$runs/comparison"
-rm -rf docs/plateau_example && mkdir -p docs/plateau_example
-cp "$runs/comparison/comparison.md" "$runs/comparison/curves.png" "$runs/plateau.log" docs/plateau_example/
-cp "$runs/unfreeze_on_plateau/results.csv" docs/plateau_example/unfreeze_on_plateau_results.csv
+rm -rf docs/tutorial/plateau_example && mkdir -p docs/tutorial/plateau_example
+cp "$runs/comparison/comparison.md" "$runs/comparison/curves.png" "$runs/plateau.log" docs/tutorial/plateau_example/
+cp "$runs/unfreeze_on_plateau/results.csv" docs/tutorial/plateau_example/unfreeze_on_plateau_results.csv
