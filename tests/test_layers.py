@@ -18,7 +18,7 @@ FLOORS = [  # bottom first; a name is a top-level module or folder of finetune
     {"runs"},
     {"training"},
     {"inference", "search"},
-    {"cli", "plan", "lr_find", "__main__"},
+    {"cli", "plan", "lr_find", "modules", "__main__"},
 ]
 
 

@@ -49,6 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help="print JSON instead of a table")
     plan.set_defaults(func=cmd_plan)
 
+    mods = sub.add_parser("modules", help="the model's module tree: parameters, groups, the names a stage takes")
+    mods.add_argument("config")
+    mods.add_argument("--set", dest="overrides", action="extend", default=[], nargs="+", metavar="KEY=VALUE")
+    mods.add_argument("--depth", type=int, help="levels to show (default: 2, and the blocks of block lists below)")
+    mods.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    mods.set_defaults(func=cmd_modules)
+
     config = sub.add_parser("config", help="print the fully resolved config (every default) as YAML")
     config.add_argument("config")
     config.add_argument("--set", dest="overrides", action="extend", default=[], nargs="+", metavar="KEY=VALUE")
@@ -190,6 +197,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(pd.DataFrame(plan.groups).to_markdown(index=False))
     print()
     print(pd.DataFrame(plan_table(plan)).to_markdown(index=False))
+    return 0
+
+
+def cmd_modules(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    from finetune.modules import list_modules, render, to_json
+
+    listing = list_modules(cfg, args.depth)
+    print(json.dumps(to_json(listing), indent=2) if args.json else render(listing))
     return 0
 
 

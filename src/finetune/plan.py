@@ -56,7 +56,7 @@ def make_plan(cfg: Config, ranks: Ranks = SINGLE) -> Plan:
     model = built.model.to(memory_format=runtime.layout)
     steps = steps_per_epoch(n_train, cfg.data.batch_size, ranks.world, cfg.train.accumulate_steps)
     schedule = Schedule(cfg.train, model, built.head_name, steps, runtime.lr_scale)
-    groups = [_group_row(schedule, g, cfg) for g in schedule.groups]
+    groups = [group_row(schedule, g, cfg) for g in schedule.groups]
     while (waiting := schedule.pending()) is not None:  # the epoch rows: each plateau stage at its earliest
         schedule.start(waiting.name, schedule.window(waiting)[0])
     caches = CachePlanner(cfg, schedule, model, n_train, n_val, runtime)
@@ -85,7 +85,7 @@ def make_plan(cfg: Config, ranks: Ranks = SINGLE) -> Plan:
     return Plan(steps, n_train, groups, rows, runtime.note(), cfg.train.accumulate_steps)
 
 
-def _group_row(schedule: Schedule, group: Group, cfg: Config) -> dict[str, Any]:
+def group_row(schedule: Schedule, group: Group, cfg: Config) -> dict[str, Any]:
     """A plateau stage shows its window: the epochs it can start at (the rows assume the first)."""
     start: int | str = group.epoch + 1 if group.epoch is not None else ""
     if group.plateau is not None:

@@ -239,24 +239,28 @@ def _inside(name: str, module: str) -> bool:
     return name == module or name.startswith(module + ".")
 
 
+def stage_modules(model: nn.Module, head_name: str) -> list[str]:
+    """The names a train.unfreeze stage takes besides `backbone`: modules with parameters that do
+    not hold the head. `finetune modules` lists these, so it and every stage check agree."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if name and not _inside(head_name, name) and next(module.parameters(), None) is not None
+    ]
+
+
 def _check_modules(stages: list, model: nn.Module, head_name: str) -> None:
-    """Unknown names (with close suggestions), the head inside a stage, overlapping stages."""
-    known = [name for name, _ in model.named_modules() if name]
+    """Names a stage does not take (with close suggestions), the head inside a stage, overlapping stages."""
+    known = {name for name, _ in model.named_modules() if name}
+    valid = stage_modules(model, head_name)
     seen: list[tuple[str, str]] = []
     for stage, modules, *_ in stages:
         for module in modules:
             if module == BACKBONE:
                 if any(m == BACKBONE for _, m in seen):
                     raise FinetuneError("train.unfreeze: `backbone` (the rest) may appear in one stage only")
-            elif module not in known:
-                close = difflib.get_close_matches(module, known, n=3, cutoff=0.6)
-                hint = f"did you mean {', '.join(close)}?" if close else f"top-level modules: {_top_level(known)}"
-                raise FinetuneError(f"train.unfreeze: stage {stage!r} names no module {module!r} of the model; {hint}")
-            elif _inside(head_name, module):
-                raise FinetuneError(
-                    f"train.unfreeze: stage {stage!r} module {module!r} holds the head {head_name!r}, which "
-                    "always trains; name backbone modules only"
-                )
+            elif module not in valid:
+                raise FinetuneError(f"train.unfreeze: stage {stage!r} {_refusal(module, known, valid, head_name)}")
             clash = next(
                 (s for s, m in seen if BACKBONE not in (m, module) and (_inside(m, module) or _inside(module, m))), None
             )
@@ -266,6 +270,18 @@ def _check_modules(stages: list, model: nn.Module, head_name: str) -> None:
                     "give each module to one stage"
                 )
             seen.append((stage, module))
+
+
+def _refusal(module: str, known: set[str], valid: list[str], head_name: str) -> str:
+    """Why a stage cannot take `module`, and where to find the names it can."""
+    listing = "`finetune modules <config>` lists the names a stage takes"
+    if module in known and _inside(head_name, module):
+        return f"module {module!r} holds the head {head_name!r}, which always trains; name backbone modules only"
+    if module in known:
+        return f"module {module!r} has no parameters to train; {listing}"
+    close = difflib.get_close_matches(module, valid, n=3, cutoff=0.6)
+    hint = f"did you mean {', '.join(close)}? {listing}" if close else f"top-level: {_top_level(valid)}; {listing}"
+    return f"names no module {module!r} of the model; {hint}"
 
 
 def _top_level(known: list[str]) -> str:
