@@ -83,6 +83,28 @@ def test_export_round_trips_within_tolerance_and_predict_reads_it(trained, capsy
     np.testing.assert_allclose(probabilities[0], probabilities[1], atol=5e-3)  # best.pt runs in bf16 here
 
 
+def test_an_onnx_model_of_a_fixed_batch_predicts_any_number_of_images(trained, tmp_path, capsys):
+    """Images go in batches of the exported size, the last one padded and the padding's rows dropped."""
+    for extra in ("onnx", "onnxscript", "onnxruntime"):
+        pytest.importorskip(extra)
+    exported = tmp_path / "four.onnx"
+    assert main(["export", str(trained), "--batch", "4", "--out", str(exported)]) == 0
+    val = trained.parent.parent / "data" / "val"
+    dogs = sorted((val / "dog").iterdir())
+    for images in ([dogs[0]], dogs, [*dogs, *sorted((val / "cat").iterdir())[:2]]):
+        probabilities = []
+        for model in (trained, exported):
+            capsys.readouterr()
+            assert main(["predict", str(model), *map(str, images), "--json", "--top-k", "3"]) == 0
+            found = json.loads(capsys.readouterr().out)
+            assert [r["file"] for r in found] == list(map(str, images))
+            probabilities.append([{t["class"]: t["probability"] for t in r["top"]} for r in found])
+        for torch_row, onnx_row in zip(*probabilities, strict=True):
+            assert set(torch_row) == set(onnx_row)
+            for name, p in torch_row.items():
+                assert onnx_row[name] == pytest.approx(p, abs=5e-3)  # best.pt runs in bf16 here
+
+
 def test_export_refuses_a_bad_batch(trained, capsys):
     assert main(["export", str(trained), "--batch", "zero"]) == 2
     assert "export --batch 'zero': use dynamic or a positive integer" in capsys.readouterr().err

@@ -40,17 +40,29 @@ class ExportedModel:
             import onnxruntime
 
             self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-            self.input_name = self.session.get_inputs()[0].name
+            images = self.session.get_inputs()[0]
+            self.input_name = images.name
+            self.batch = images.shape[0] if isinstance(images.shape[0], int) else None  # `--batch N`: only N fit
         else:
             with _quiet_jit():
                 self.module = torch.jit.load(str(path), map_location="cpu")
 
     def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
         x = inputs.float().contiguous()
-        if self.onnx:
-            return torch.from_numpy(self.session.run(None, {self.input_name: x.numpy()})[0])
-        with torch.no_grad(), _quiet_jit():
-            return self.module(x)
+        if not self.onnx:
+            with torch.no_grad(), _quiet_jit():
+                return self.module(x)
+        if self.batch is None:
+            return self._run(x)
+        return torch.cat([self._run(_padded(chunk, self.batch))[: len(chunk)] for chunk in x.split(self.batch)])
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, {self.input_name: x.contiguous().numpy()})[0])
+
+
+def _padded(chunk: torch.Tensor, size: int) -> torch.Tensor:
+    """`chunk` with zero images after it up to `size` rows; in eval mode no row sees another."""
+    return torch.cat([chunk, chunk.new_zeros(size - len(chunk), *chunk.shape[1:])])
 
 
 @contextmanager
