@@ -14,7 +14,7 @@ from finetune.config.schema import StageConfig
 from finetune.errors import FinetuneError
 from finetune.model.build import skeleton
 from finetune.model.schedule import check_stages
-from finetune.modules import FROZEN, ModuleListing, list_modules
+from finetune.modules import FROZEN, ModuleListing, list_modules, render
 
 STAGED = [{"epoch": 1, "modules": ["layer4"], "name": "top"}, {"epoch": 2, "modules": ["layer3", "layer2.1"]}]
 
@@ -47,10 +47,13 @@ def test_resnet18_lists_its_blocks_with_sizes_groups_and_what_a_stage_takes(conf
 
 
 def test_mobilenet_v2_shows_every_features_block_a_stage_can_name(config_file):
-    found = listing(str(config_file()), "model.arch=mobilenet_v2")
+    top = [f"features.{i}" for i in range(14, 19)]
+    found = listing(str(config_file()), "model.arch=mobilenet_v2", f"train.unfreeze=[{{epoch: 1, modules: {top}}}]")
     rows = {r.name: r for r in found.rows}
     assert [n for n in rows if n.startswith("features.")] == [f"features.{i}" for i in range(19)]
     assert rows["features.14"].stage_takes and rows["features.14"].level == 2
+    assert rows["features.14"].groups == ["+".join(top)] and rows["features.13"].groups == [FROZEN]
+    assert max(map(len, render(found).splitlines())) <= 100, "a stage of many modules still fits"
     assert not rows["classifier"].stage_takes and rows["classifier.1"].groups == ["head"]
     assert "features.14.conv" in found.stage_names
     deeper = listing(str(config_file()), "model.arch=mobilenet_v2", depth=3)

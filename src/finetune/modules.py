@@ -110,7 +110,8 @@ def _groups(module: nn.Module, name: str, owner: dict[str, str], order: list[str
 
 
 def render(listing: ModuleListing) -> str:
-    """The header, plan's group table, then one line per module, within WIDTH columns."""
+    """The header, plan's group table, then one line per module, within WIDTH columns (long
+    stage names and module lists are cut in the table: the tree and --json have them whole)."""
     import pandas as pd
 
     head = f"{listing.arch}: {_short(listing.params)} parameters; head {listing.head} ({_short(listing.head_params)}"
@@ -118,7 +119,8 @@ def render(listing: ModuleListing) -> str:
     if listing.problem:
         lines += [textwrap.fill(f"this config's stages are refused: {listing.problem}", WIDTH), ""]
     else:
-        lines += [pd.DataFrame(listing.groups).to_markdown(index=False), ""]
+        cells = [{**g, "group": _fit(g["group"], 20), "modules": _fit(g["modules"], 30)} for g in listing.groups]
+        lines += [pd.DataFrame(cells).to_markdown(index=False), ""]
     lines += _tree(listing.rows)
     lines.append("unfreeze yes: a train.unfreeze stage takes the name (and deeper ones: --depth; backbone: the rest)")
     return "\n".join(lines)
