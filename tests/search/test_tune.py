@@ -3,6 +3,7 @@ worker processes (killed with SIGKILL), torchrun with gloo."""
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
@@ -22,6 +23,8 @@ from processes import Finetune, Torchrun, assert_same_as_reference, csv_rows
 
 from finetune.cli import main
 from finetune.config.load import load_config
+from finetune.errors import FinetuneError
+from finetune.search.tune import StudyInfo, best_trial, connect, open_study
 
 optuna = pytest.importorskip("optuna", reason="needs the tune extra: pip install -e '.[tune]'")
 
@@ -87,6 +90,53 @@ def test_a_study_writes_trial_run_dirs_best_yaml_and_plots_and_continues(study, 
     assert [t.params for t in load(again).trials] == [t.params for t in load(out).trials[:2]]
 
 
+def test_trials_are_judged_by_the_epochs_in_which_every_stage_trains_not_the_head_epoch_they_share(
+    study, tmp_path, capsys
+):
+    """The space changes only the backbone's LR, so the head-only epoch 1 is the same in every
+    trial, and here their best (the LRs are too high): judged by it, every trial would tie."""
+    config, space = study("train.lr_backbone: {low: 1.0e-2, high: 1.0e-1, log: true}\n")
+    out = tmp_path / "study"
+    args = ["tune", str(config), "--space", str(space), "--trials", "2", "--out", str(out)]
+    assert main([*args, "--set", "checkpoint.monitor=val_loss"]) == 0
+    assert "judged by: val_loss over the epochs where every stage trains (checkpoint.judge: last_stage)" in (
+        capsys.readouterr().out
+    )
+    trials = load(out).trials
+    for trial in trials:
+        results = pd.read_csv(out / f"trial-{trial.number:04d}" / "results.csv")
+        head, backbone = (results.loc[results["stage"] == s, "val_loss"] for s in ("head", "backbone"))
+        assert head.min() < backbone.min(), "the trap: the shared head epoch is every trial's best"
+        assert trial.value == pytest.approx(backbone.min(), rel=1e-5)
+        assert trial.user_attrs["final"] == pytest.approx(results["val_loss"].iloc[-1], rel=1e-5)
+    assert len({t.value for t in trials}) == 2, "no tie on the head epoch"
+    best = min(trials, key=lambda t: t.value)
+    assert load_config(out / "best.yaml").train.lr_backbone == best.params["train.lr_backbone"]
+
+
+@pytest.mark.parametrize(
+    ("direction", "judged"),
+    [("maximize", [(0.6, 0.3), (0.6, 0.5), (0.4, 0.9)]), ("minimize", [(0.4, 0.5), (0.4, 0.3), (0.6, 0.1)])],
+)
+def test_the_best_trial_is_the_best_judged_and_of_equal_ones_the_best_final(direction, judged):
+    study = optuna.create_study(direction=direction)
+    for value, final in judged:
+        study.add_trial(optuna.trial.create_trial(value=value, user_attrs={"final": final}))
+    assert best_trial(study).number == 1
+
+
+def test_a_study_keeps_the_rule_its_trials_were_judged_by(tmp_path):
+    info = StudyInfo("s", None, "tiny", "val_acc", 2, 0, "median", judge="last_stage")
+    open_study(tmp_path, info).add_trial(optuna.trial.create_trial(value=0.5))
+    with pytest.raises(FinetuneError, match="^tune: study s judged its trials by checkpoint.judge last_stage, this"):
+        open_study(tmp_path, dataclasses.replace(info, judge="final"))
+    assert open_study(tmp_path, info).user_attrs["judge"] == "last_stage"
+    old = tmp_path / "old"  # a study from before the rule: its trials were told their best epoch
+    connect(old, None, "s", "maximize").add_trial(optuna.trial.create_trial(value=0.5))
+    with pytest.raises(FinetuneError, match="checkpoint.judge best, this config by last_stage; set checkpoint.judge"):
+        open_study(old, info)
+
+
 @pytest.mark.parametrize(
     ("space", "message"),
     [
@@ -99,6 +149,7 @@ def test_a_study_writes_trial_run_dirs_best_yaml_and_plots_and_continues(study, 
         ("train.lr_backbone: {low: 1.0e-5, hi: 1.0e-3}", "train.lr_backbone has keys low, hi; expected"),
         ("train.scheduler.name: {choices: [cosine, cosinus]}", "train.scheduler.name = 'cosinus' is refused"),
         ("train.unfreeze_epoch: {low: 0, high: 4}", "train.unfreeze_epoch = 4 is refused"),
+        ("checkpoint.judge: {choices: [best, final]}", "searches checkpoint.judge, which says how trials compare"),
     ],
 )
 def test_a_bad_space_is_one_line_and_exit_2_before_anything_trains(study, tmp_path, capsys, space, message):

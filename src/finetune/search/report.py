@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 
 from finetune.files import atomic_write_text
 from finetune.runs.lock import claim
-from finetune.search.tune import StudyInfo, open_study, trial_name, write_best
+from finetune.runs.results import judged_by
+from finetune.search.tune import StudyInfo, best_trial, open_study, trial_name, write_best
 
 if TYPE_CHECKING:
     import optuna
@@ -42,12 +43,21 @@ def write_report(study_dir: Path, info: StudyInfo, study: optuna.Study | None = 
             str(study_dir / trial_name(t.number)) for t in study.trials if (study_dir / trial_name(t.number)).is_dir()
         ]
         table = compare(runs, study_dir / "comparison").table
-        best = write_best(study, study_dir, info)
-        if best is not None:
-            print(f"best: {trial_name(study.best_trial.number)}, {info.monitor} {study.best_value:.4f}; {best}")
+        print(f"judged by: {judged_by(info.monitor, info.judge)}")
+        _best(study, study_dir, info)
         _importances(study, study_dir)
         _plots(study, study_dir)
     return table
+
+
+def _best(study: optuna.Study, study_dir: Path, info: StudyInfo) -> None:
+    """best.yaml from the trial judged best, and a line that says which and why."""
+    best = best_trial(study)
+    path = best and write_best(best, study_dir, info)
+    if path is not None:
+        final = best.user_attrs.get("final")
+        then = "" if final is None else f" (final {final:.4f})"
+        print(f"best: {trial_name(best.number)}, judged {info.monitor} {best.value:.4f}{then}; {path}")
 
 
 def _importances(study: optuna.Study, study_dir: Path) -> None:

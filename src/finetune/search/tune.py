@@ -48,6 +48,7 @@ class StudyInfo:
     trials: int
     seed: int
     pruner: str
+    judge: str = "best"  # checkpoint.judge; a tune.json without it: its trials were told their best epoch
 
     def direction(self) -> str:
         return "minimize" if self.monitor == "val_loss" else "maximize"
@@ -89,6 +90,10 @@ def prepare(config: str, overrides: list[str], space: str, trials: int, opts: di
     cfg = from_dict(base, source=config)
     params = load_space(Path(space))
     check_space(params, base, Path(space), config)
+    if any(p.key == "checkpoint.judge" for p in params):
+        raise FinetuneError(
+            f"tune: {space} searches checkpoint.judge, which says how trials compare; set it in {config}"
+        )
     if trials < 1:
         raise FinetuneError(f"tune: --trials {trials}: give the study's total number of trials, at least 1")
     storage = opts.get("storage")
@@ -103,6 +108,7 @@ def prepare(config: str, overrides: list[str], space: str, trials: int, opts: di
         trials=trials,
         seed=seed,
         pruner=opts.get("pruner") or "median",
+        judge=cfg.checkpoint.judge,
     )
     study_dir = Path(opts["out"]) if opts.get("out") else Path(cfg.out_dir) / f"tune-{cfg.name}"
     return Tune(base, cfg, config, params, study_dir, info)
@@ -123,8 +129,21 @@ def open_study(study_dir: Path, info: StudyInfo) -> optuna.Study:
             f"tune: study {info.study} {study.direction.name.lower()}s, but checkpoint.monitor {info.monitor} "
             f"{info.direction()}s; give another --study"
         )
+    _check_judge(study, info)
     atomic_write_text(study_dir / STUDY_FILE, json.dumps(asdict(info), indent=2))
     return study
+
+
+def _check_judge(study: optuna.Study, info: StudyInfo) -> None:
+    """Every trial of a study is judged by one rule, kept in the storage: values by two rules do
+    not compare. A study from before the rule has trials but no rule: they were told their best."""
+    judge = study.user_attrs.get("judge", "best" if study.get_trials(deepcopy=False) else info.judge)
+    if judge != info.judge:
+        raise FinetuneError(
+            f"tune: study {info.study} judged its trials by checkpoint.judge {judge}, this config by {info.judge}; "
+            f"set checkpoint.judge={judge} or give another --study"
+        )
+    study.set_user_attr("judge", judge)
 
 
 def connect(
@@ -202,12 +221,23 @@ def check_trial_dir(tune: Tune, lock: RunLock, number: int, values: dict[str, An
     return Job(number, values, resume)
 
 
-def write_best(study: optuna.Study, study_dir: Path, info: StudyInfo) -> Path | None:
+def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    """The completed trial judged best; of equal ones, the one with the best final value (its
+    `final` user attr), so trials that tie on an epoch they share are still told apart."""
+    from optuna.study import StudyDirection
+    from optuna.trial import TrialState
+
+    from finetune.runs.results import judged_order
+
+    maximize = study.direction == StudyDirection.MAXIMIZE
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return min(
+        complete, key=lambda t: judged_order(t.value, t.user_attrs.get("final", t.value), maximize), default=None
+    )
+
+
+def write_best(best: optuna.trial.FrozenTrial, study_dir: Path, info: StudyInfo) -> Path | None:
     """best.yaml: the best trial's full config under the config's own name, ready for `finetune train`."""
-    try:
-        best = study.best_trial
-    except ValueError:
-        return None
     saved = study_dir / trial_name(best.number) / "config.yaml"
     if not saved.is_file():
         print(f"best: {trial_name(best.number)} ran on another machine; its run dir there holds its config")

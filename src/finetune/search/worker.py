@@ -21,6 +21,7 @@ from optuna.trial import TrialState
 
 from finetune.errors import FinetuneError, Interrupted
 from finetune.runs.lock import RunLock, claim
+from finetune.runs.results import Judged
 from finetune.runtime.distributed import Ranks, from_main
 from finetune.search.space import label
 from finetune.search.tune import Job, Tune, check_trial_dir, open_study, trial_name
@@ -104,16 +105,19 @@ class Worker:
         return decide
 
     def tell(self, trial: optuna.Trial, summary: dict[str, Any]) -> None:
-        """The trial's result: the best monitored value of its epochs (as best.pt), or pruned."""
+        """The trial's result: its judged value (checkpoint.judge; its final value, which orders
+        equal ones, as a user attr), or pruned."""
         name = trial_name(trial.number)
         if summary.get("pruned"):
             self.study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
             print(f"{name}: pruned after epoch {summary['pruned']['epoch']}")
-        elif summary.get("best_value") is None:
+        elif summary.get("judged") is None:
             self.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
         else:
-            self.study.tell(trial, summary["best_value"], skip_if_finished=True)
-            print(f"{name}: best {summary['monitor']} {summary['best_value']:.4f} at epoch {summary['best_epoch']}")
+            judged = Judged(**summary["judged"])
+            trial.set_user_attr("final", judged.final)
+            self.study.tell(trial, judged.value, skip_if_finished=True)
+            print(f"{name}: {judged.describe(summary['monitor'])}")
 
 
 def run_worker(tune: Tune, ranks: Ranks) -> optuna.Study | None:
