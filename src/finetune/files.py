@@ -1,4 +1,4 @@
-"""Atomic writes for every run file.
+"""Atomic writes for every run file, and no litter from a write that fails.
 
 A file is written to a temp file in the same folder, fsynced and renamed over the old one,
 so a kill or a full disk leaves either the old file or the new one, never half of one.
@@ -7,7 +7,10 @@ so a kill or a full disk leaves either the old file or the new one, never half o
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 _UMASK = os.umask(0)
@@ -35,6 +38,24 @@ def remove_temp_files(folder: Path) -> None:
     Call only while owning `folder`: a live writer's temp file looks the same."""
     for leftover in Path(folder).glob(".*.tmp"):
         leftover.unlink(missing_ok=True)
+
+
+@contextmanager
+def removed_on_failure(root: Path, names: tuple[str, ...]) -> Iterator[None]:
+    """If the block fails, remove what it created: the folders made to reach `root`, or the
+    entries `names` of `root` that were not there before. What was there is never touched."""
+    root = Path(root)
+    made = next((p for p in (*reversed(root.parents), root) if not p.exists()), None)
+    fresh = [root / name for name in names if not (root / name).exists()]
+    try:
+        yield
+    except BaseException:
+        for path in [made] if made is not None else fresh:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        raise
 
 
 def atomic_write_text(path: Path, text: str) -> None:

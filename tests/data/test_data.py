@@ -1,10 +1,12 @@
+import http.server
 import multiprocessing
+import threading
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CLASSES, make_imagefolder, write_image
+from conftest import CLASSES, make_imagefolder, write_config, write_image
 
 from finetune.config.schema import DataConfig
 from finetune.data.batching import BatchTransform, epoch_plan
@@ -79,7 +81,7 @@ def test_digits_needs_no_network_and_splits_by_split_seed():
 
 def test_cifar10_offline_says_how_to_use_a_local_copy(tmp_path):
     cfg = DataConfig(dataset="cifar10", root=str(tmp_path / "nothing"), download=False)
-    with pytest.raises(FinetuneError, match=r"CIFAR-10 is not in data.root=.* data\.dataset=imagefolder"):
+    with pytest.raises(FinetuneError, match=r"CIFAR-10 is not in data.root=.* data\.dataset: imagefolder"):
         load_data(cfg)
 
 
@@ -136,11 +138,63 @@ def test_over_budget_images_stream_from_files_decoded_like_in_memory(tmp_path):
     assert streamed.train.fingerprint() != memory.train.fingerprint()
 
 
-def test_cifar10_download_failure_is_one_clear_line(tmp_path):
-    """The real torchvision download path, which fails here for want of a network."""
-    cfg = DataConfig(dataset="cifar10", root=str(tmp_path / "cifar"), download=True)
-    with pytest.raises(FinetuneError, match=r"could not be downloaded \(.+\); point data\.root at a copy"):
-        load_data(cfg)
+class CutShort(http.server.BaseHTTPRequestHandler):
+    """Promises 100 kB and closes the connection after 1 kB, as a dropped download does."""
+
+    def do_HEAD(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", "100000")
+        self.end_headers()
+
+    def do_GET(self) -> None:
+        self.do_HEAD()
+        self.wfile.write(b"x" * 1000)
+        self.close_connection = True
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def cut_short_url():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), CutShort)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}/cifar-10-python.tar.gz"
+    server.shutdown()
+    server.server_close()
+
+
+def tree(folder) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+@pytest.mark.parametrize("failure", ["refused", "cut short"])
+def test_a_failed_cifar10_download_says_so_in_one_line_and_leaves_no_litter(
+    failure, tmp_path, monkeypatch, capsys, request
+):
+    """torchvision's own download, pointed at this machine so that no test reaches the network:
+    a refused connection into a data.root that does not exist yet, and a download dropped
+    half-way into a folder that holds the user's files. Either leaves the disk as it was."""
+    from torchvision.datasets import CIFAR10
+
+    from finetune.cli import main
+
+    if failure == "refused":  # port 9 (discard) is closed: the connection is refused at once
+        url, root = "http://127.0.0.1:9/cifar-10-python.tar.gz", tmp_path / "area" / "new" / "data"
+    else:
+        url, root = request.getfixturevalue("cut_short_url"), tmp_path / "area" / "data"
+        write_image(root / "mine" / "keep.png", 0, np.random.default_rng(0))
+    (tmp_path / "area").mkdir(exist_ok=True)
+    monkeypatch.setattr(CIFAR10, "url", url)
+    before = tree(tmp_path / "area")
+    config = write_config(tmp_path / "c.yaml", root, tmp_path / "runs", data={"dataset": "cifar10"})
+    assert main(["train", str(config)]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]  # torchvision draws a progress bar
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert errors[0].startswith(f"error: CIFAR-10 download from {url} failed ("), errors[0]
+    assert "data.dataset: imagefolder" in errors[0]
+    assert tree(tmp_path / "area") == before
 
 
 def test_num_workers_0_means_one_per_core_in_memory_and_streamed(tmp_path):

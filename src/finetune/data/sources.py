@@ -4,9 +4,10 @@ DataConfig into DataSplits."""
 
 from __future__ import annotations
 
-import urllib.error
+import http.client
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -17,6 +18,10 @@ from finetune.data.csv_source import read_csv_source
 from finetune.data.imageset import ImageFiles, ImageSet, decode_images, scan_folder
 from finetune.data.splits import Pool, fold_pools
 from finetune.errors import FinetuneError
+from finetune.files import removed_on_failure
+
+if TYPE_CHECKING:
+    from torchvision.datasets import CIFAR10
 
 DIGITS_CLASSES = [str(i) for i in range(10)]
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -107,21 +112,43 @@ def _from_hwc(pool: Pool) -> ImageSet:
 
 
 def _load_cifar10(cfg: DataConfig) -> DataSplits:
-    from torchvision.datasets import CIFAR10
-
-    try:
-        train = CIFAR10(cfg.root, train=True, download=cfg.download)
-        val = CIFAR10(cfg.root, train=False, download=cfg.download)
-    except (urllib.error.URLError, OSError, RuntimeError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
-        raise FinetuneError(
-            f"CIFAR-10 is not in data.root={cfg.root} and could not be downloaded ({reason}); "
-            "point data.root at a copy of cifar-10-batches-py, or use data.dataset=imagefolder "
-            "with data.root=<dir holding train/ and test/>"
-        ) from None
+    train, val = _cifar10_sets(cfg) if cfg.download else _local_cifar10_sets(cfg)
     pools = Pool(train.data, np.array(train.targets)), Pool(val.data, np.array(val.targets))
     train_pool, val_pool = select(*pools, cfg, train.classes)
     return DataSplits(_from_hwc(train_pool), _from_hwc(val_pool), train.classes)
+
+
+def _cifar10_sets(cfg: DataConfig) -> tuple[CIFAR10, CIFAR10]:
+    """torchvision's CIFAR-10, downloaded into data.root when not there; a failed download
+    removes what it wrote (a partial archive, a half-extracted folder, the folders made)."""
+    from torchvision.datasets import CIFAR10
+
+    try:
+        with removed_on_failure(Path(cfg.root), (CIFAR10.filename, CIFAR10.base_folder)):
+            return CIFAR10(cfg.root, train=True, download=True), CIFAR10(cfg.root, train=False, download=True)
+    except (OSError, RuntimeError, http.client.HTTPException) as exc:
+        raise FinetuneError(
+            f"CIFAR-10 download from {CIFAR10.url} failed ({_first_line(exc)}); nothing was left in "
+            f"data.root={cfg.root}. Offline, put a copy of cifar-10-batches-py there and set data.download: false, "
+            "or use data.dataset: imagefolder with data.root at a local copy holding train/ and val/"
+        ) from None
+
+
+def _local_cifar10_sets(cfg: DataConfig) -> tuple[CIFAR10, CIFAR10]:
+    from torchvision.datasets import CIFAR10
+
+    try:
+        return CIFAR10(cfg.root, train=True), CIFAR10(cfg.root, train=False)
+    except (OSError, RuntimeError):
+        raise FinetuneError(
+            f"CIFAR-10 is not in data.root={cfg.root} and data.download is false; "
+            "point data.root at a copy of cifar-10-batches-py, or use data.dataset: imagefolder "
+            "with data.root at a local copy holding train/ and val/"
+        ) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
 
 
 def _load_digits(cfg: DataConfig) -> DataSplits:
