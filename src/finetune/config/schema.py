@@ -171,6 +171,7 @@ class CheckpointConfig:
     `final`, its last. Equal judged values are ordered by the final epoch's value."""
 
     monitor: Literal["val_acc", "val_loss", "val_balanced_acc"] = "val_acc"
+    # what tune and compare judge a run by: last_stage (its best epoch where every stage trains), best, final
     judge: Literal["last_stage", "best", "final"] = "last_stage"
 
 
