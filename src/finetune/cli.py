@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.set_defaults(func=cmd_tune)
 
     compare = sub.add_parser("compare", help="compare runs: table, curves.png, per_class.png")
-    compare.add_argument("runs", nargs="+", help="run dirs, globs, or folders of runs")
+    compare.add_argument("runs", nargs="+", help="run dirs, globs, or folders with runs at any depth (sweeps, studies)")
     compare.add_argument("--out", default="comparison", help="where to write tables and plots")
     compare.add_argument("--sort", default="best_val_acc", help="column to sort by")
     compare.add_argument("--json", action="store_true", help="print JSON (runs, and seeds/folds) instead of a table")
@@ -331,23 +331,21 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from finetune.runs.compare import compare, markdown
+    """stdout holds the table (or the JSON) alone; notes and the files written go to stderr."""
+    from finetune.runs.compare import compare, terminal_table
 
     if len(args.runs) == 1 and (Path(args.runs[0]) / "tune.json").is_file():
         return _compare_study(Path(args.runs[0]))
     out = Path(args.out)
     result = compare(args.runs, out, args.sort)
-    if args.json:
-        print(json.dumps(result.to_json(), indent=2))
-        return 0
-    print(markdown(result.table))
-    print(f"wrote {out}/comparison.csv, comparison.md, per_class.csv, curves.png, per_class.png, tradeoff.png")
+    print(json.dumps(result.to_json(), indent=2) if args.json else terminal_table(result.table))
+    print(f"compare: tables and plots in {out}/", file=sys.stderr)
     return 0
 
 
 def _compare_study(study_dir: Path) -> int:
     """A study dir: its report, as the worker that finished the last trial wrote it."""
-    from finetune.runs.compare import markdown
+    from finetune.runs.compare import terminal_table
     from finetune.search.tune import load_info, require_optuna
 
     require_optuna()
@@ -356,7 +354,7 @@ def _compare_study(study_dir: Path) -> int:
     table = write_report(study_dir, load_info(study_dir))
     if table is None:
         raise FinetuneError(f"compare: a tune worker is writing {study_dir / 'comparison'} now; try again in a moment")
-    print(markdown(table))
+    print(terminal_table(table))
     return 0
 
 

@@ -1,90 +1,40 @@
 """`finetune compare`: which run balanced speed and accuracy best, as tables and plots.
 
 The config keys that differ between the runs are found from each run's config.yaml, so
-the table shows `train.unfreeze_epoch` or `train.lr_backbone` without being told.
+the table shows `train.unfreeze_epoch` or `train.lr_backbone` without being told. Runs are
+found by discover.py, their curves and per-class bars drawn by compare_plots.py, the tables
+printed by compare_text.py.
 """
 
 from __future__ import annotations
 
-import glob
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
-import yaml
-from matplotlib.figure import Figure
 
-from finetune.config.schema import flatten
 from finetune.errors import FinetuneError
 from finetune.files import atomic_write_text
+from finetune.runs.compare_plots import LABEL, plot_curves, plot_per_class
+from finetune.runs.compare_text import WIDTH, canonical, cut_middle, fit, full_markdown, summarize
+from finetune.runs.compare_text import markdown as markdown  # what cli's sweep and tune print
+from finetune.runs.discover import Run, find_runs, note
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 IGNORED_KEYS = {"name", "out_dir"}
-OLD_PHASES = {"frozen": "head", "unfrozen": "backbone"}
 REPEAT_KEYS = ("seed", "data.fold")  # repeats of one setting: seeds.csv gives their mean and std
-
-
-@dataclass
-class Run:
-    name: str
-    config: dict[str, Any]  # flattened: {"train.lr_head": 0.001, ...}
-    results: pd.DataFrame
-    summary: dict[str, Any]
-
-    @property
-    def finished(self) -> bool:
-        return len(self.results) >= self.config["train.epochs"]
-
-    @property
-    def monitor(self) -> str:
-        return self.config.get("checkpoint.monitor", "val_acc")
-
-    @property
-    def class_columns(self) -> list[str]:
-        return [c for c in self.results.columns if c.startswith("val_acc_")]
-
-
-def note(text: str) -> None:
-    """A remark on the runs, on stderr: stdout holds only the table (or `--json`)."""
-    print(f"compare: {text}", file=sys.stderr)
-
-
-def find_runs(patterns: list[str]) -> list[Run]:
-    """Run dirs from paths or globs; a folder of runs stands for every run inside it."""
-    dirs: list[Path] = []
-    for pattern in patterns:
-        matches = [Path(p) for p in sorted(glob.glob(pattern))] or [Path(pattern)]
-        for path in matches:
-            if (path / "config.yaml").is_file():
-                dirs.append(path)
-            elif path.is_dir():
-                dirs += sorted(p.parent for p in path.glob("*/config.yaml"))
-    runs = [load_run(d) for d in dict.fromkeys(dirs)]
-    runs = [r for r in runs if r is not None]
-    if not runs:
-        raise FinetuneError(f"compare: no runs with results in {' '.join(patterns)}; give run dirs or their parent")
-    return runs
-
-
-def load_run(path: Path) -> Run | None:
-    results_file = path / "results.csv"
-    if not results_file.is_file():
-        note(f"skipping {path}: no epoch finished yet")
-        return None
-    config = flatten(yaml.safe_load((path / "config.yaml").read_text()))
-    summary_file = path / "summary.json"
-    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
-    results = pd.read_csv(results_file)
-    if "phase" in results:  # runs written before stages: frozen/unfrozen were head/backbone
-        results = results.rename(columns={"phase": "stage"}).replace({"stage": OLD_PHASES})
-    return Run(path.name, config, results, summary)
+SCORE = "best_val_acc"  # the column runs are judged by: the trade-off plot, its Pareto front, the tie note
+ASCENDING = ("run", "total_s", "noise")  # --sort columns where less is better, with s_per_epoch_* and the keys
 
 
 def differing_keys(runs: list[Run]) -> list[str]:
     keys = sorted({k for r in runs for k in r.config} - IGNORED_KEYS)
-    return [k for k in keys if len({repr(r.config.get(k)) for r in runs}) > 1]
+    return [k for k in keys if len({canonical(r.config.get(k)) for r in runs}) > 1]
 
 
 def _stage_seconds(results: pd.DataFrame) -> dict[str, float]:
@@ -94,8 +44,10 @@ def _stage_seconds(results: pd.DataFrame) -> dict[str, float]:
 
 
 def _best_row(run: Run) -> pd.Series:
-    """The epoch the run's own `checkpoint.monitor` chose for best.pt."""
+    """The epoch the run's own `checkpoint.monitor` chose for best.pt (the last, where it is never a number)."""
     column = run.results[run.monitor]
+    if column.isna().all():
+        return run.results.iloc[-1]
     return run.results.loc[column.idxmin() if run.monitor == "val_loss" else column.idxmax()]
 
 
@@ -108,32 +60,32 @@ def _epochs_cell(run: Run) -> str:
     return done + ("" if run.finished else " (stopped)")
 
 
-def comparison_table(runs: list[Run], sort: str = "best_val_acc") -> pd.DataFrame:
+def comparison_table(runs: list[Run], sort: str = SCORE) -> pd.DataFrame:
     keys = differing_keys(runs)
-    rows = []
-    for run in runs:
-        r = run.results
-        best = _best_row(run)
-        row = {"run": run.name, **{k: _cell(run.config.get(k)) for k in keys}}
-        row.update(
-            {
-                "final_val_acc": r["val_acc"].iloc[-1],
-                "best_val_acc": best["val_acc"],
-                "final_val_balanced_acc": r["val_balanced_acc"].iloc[-1],
-                "monitor": run.monitor,
-                "best_epoch": int(best["epoch"]),
-                **_stage_seconds(r),
-                "total_s": float(r["epoch_seconds"].sum()),
-                "epochs": _epochs_cell(run),
-                "device": f"{run.summary.get('device', '?')} {run.summary.get('precision', '?')}",
-            }
-        )
-        rows.append(row)
-    table = pd.DataFrame(rows)
+    table = pd.DataFrame([_row(run, keys) for run in runs])
+    table.insert(table.columns.get_loc(SCORE) + 1, "noise", noise(table[SCORE], pd.to_numeric(table["n_val"])))
     if sort not in table.columns:
         raise FinetuneError(f"compare --sort {sort}: not a column; use one of {', '.join(table.columns)}")
-    ascending = sort in ("run", "total_s") or sort.startswith("s_per_epoch_") or sort in keys
+    ascending = sort in ASCENDING or sort.startswith("s_per_epoch_") or sort in keys
     return table.sort_values(sort, ascending=ascending, kind="stable").reset_index(drop=True)
+
+
+def _row(run: Run, keys: list[str]) -> dict[str, Any]:
+    r, best = run.results, _best_row(run)
+    return {
+        "run": run.name,
+        **{k: _cell(run.config.get(k)) for k in keys},
+        "final_val_acc": r["val_acc"].iloc[-1],
+        "best_val_acc": best["val_acc"],
+        "n_val": run.n_val,
+        "final_val_balanced_acc": r["val_balanced_acc"].iloc[-1] if "val_balanced_acc" in r else None,
+        "monitor": run.monitor,
+        "best_epoch": int(best["epoch"]),
+        **_stage_seconds(r),
+        "total_s": float(r["epoch_seconds"].sum()),
+        "epochs": _epochs_cell(run),
+        "device": f"{run.summary.get('device', '?')} {run.summary.get('precision', '?')}",
+    }
 
 
 def _cell(value: Any) -> Any:
@@ -141,31 +93,72 @@ def _cell(value: Any) -> Any:
     return json.dumps(value) if isinstance(value, (list, dict)) or value is None else value
 
 
-def seed_table(table: pd.DataFrame, keys: list[str]) -> pd.DataFrame | None:
+def noise(accuracy: pd.Series | float, n_val: pd.Series | float) -> pd.Series | float:
+    """The binomial standard error of an accuracy measured on `n_val` images: how far another
+    draw of as many validation images would move it, one time in three."""
+    return np.sqrt(accuracy * (1 - accuracy) / n_val)
+
+
+def tie_note(table: pd.DataFrame) -> str | None:
+    """Why the top two runs by SCORE should be called tied, when their gap is within the noise
+    at their pooled accuracy; None when it is not, or the validation size is unknown."""
+    top = table.dropna(subset=[SCORE]).nlargest(2, SCORE)
+    if len(top) < 2 or top["n_val"].isna().any():
+        return None
+    (first, second), (a, b) = top["run"], top[SCORE]
+    n = int(top["n_val"].min())
+    gap, within = a - b, noise((a + b) / 2, n)
+    if gap > within:
+        return None
+    images = round(gap * n)
+    return (
+        f"{first} and {second} differ by {gap:.3f} ({images} image{'' if images == 1 else 's'} of {n}), "
+        f"within the validation noise (±{within:.3f}): treat them as tied"
+    )
+
+
+def settings(runs: list[Run]) -> dict[str, str] | None:
+    """Each run's setting: its differing keys but seed and fold (`all` where only those differ);
+    None when no seed or fold varies."""
+    keys = differing_keys(runs)
+    if not any(k in REPEAT_KEYS for k in keys):
+        return None
+    values = {k.rsplit(".", 1)[-1]: summarize([r.config.get(k) for r in runs]) for k in keys if k not in REPEAT_KEYS}
+    return {run.name: ",".join(f"{k}={v[i]}" for k, v in values.items()) or "all" for i, run in enumerate(runs)}
+
+
+def seed_table(table: pd.DataFrame, runs: list[Run]) -> pd.DataFrame | None:
     """Mean and std over seeds and cross-validation folds for runs that differ only in those;
     None if no setting repeats. `over` says which of them vary."""
-    repeats = [k for k in REPEAT_KEYS if k in keys]
-    if not repeats:
+    labels = settings(runs)
+    if labels is None:
         return None
-    settings = [k for k in keys if k not in REPEAT_KEYS]
-    label = (
-        table[settings]
-        .astype(str)
-        .apply(lambda row: ",".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in row.items()) or "all", axis=1)
-    )
-    grouped = table.assign(setting=label if settings else "all").groupby("setting", sort=False)
+    grouped = table.assign(setting=table["run"].map(labels)).groupby("setting", sort=False)
     if grouped.size().max() < 2:
         return None
-    metrics = ["best_val_acc", "final_val_acc", "total_s"]
+    metrics = dict.fromkeys([SCORE, "best_val_acc", "final_val_acc", "total_s"])
     stats = {f"{m}{suffix}": (m, how) for m in metrics for suffix, how in (("", "mean"), ("_std", "std"))}
     summary = grouped.agg(runs=("run", "count"), **stats).reset_index()
-    summary.insert(2, "over", "+".join(k.rsplit(".", 1)[-1] for k in repeats))
+    repeats = [k.rsplit(".", 1)[-1] for k in REPEAT_KEYS if k in differing_keys(runs)]
+    summary.insert(2, "over", "+".join(repeats))
     return summary
 
 
-def pareto_front(points: pd.DataFrame) -> list[int]:
-    """Positions of the points no other point beats on both accuracy and time."""
-    acc, seconds = points["best_val_acc"].to_numpy(), points["total_s"].to_numpy()
+def curve_lines(runs: list[Run]) -> dict[str, list[Run]]:
+    """The runs of each line on curves.png: one run, or every run of a setting repeated over
+    seeds or folds (named `<setting> (<n> runs)`)."""
+    labels = settings(runs) or {run.name: run.name for run in runs}
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(labels[run.name], []).append(run)
+    return {
+        (f"{label} ({len(group)} runs)" if len(group) > 1 else group[0].name): group for label, group in groups.items()
+    }
+
+
+def pareto_front(points: pd.DataFrame, score: str = SCORE) -> list[int]:
+    """Positions of the points no other point beats on both `score` and time."""
+    acc, seconds = points[score].to_numpy(), points["total_s"].to_numpy()
     return [
         i
         for i in range(len(points))
@@ -173,22 +166,28 @@ def pareto_front(points: pd.DataFrame) -> list[int]:
     ]
 
 
-def plot_tradeoff(points: pd.DataFrame, label: str) -> Figure:
-    """Best val accuracy against training time, one point per run (or per setting, with error
-    bars over seeds or folds); the best trade-offs, which no other point beats on both axes, circled
+def plot_tradeoff(points: pd.DataFrame, label: str, score: str = SCORE) -> Figure:
+    """`score` against training time, one point per run (or per setting, with error bars over
+    seeds or folds); the best trade-offs, which no other point beats on both axes, circled
     and labelled in bold."""
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(8, 5.5), layout="tight")
     ax = fig.subplots()
-    x, y = points["total_s"], points["best_val_acc"]
-    ax.errorbar(x, y, xerr=points.get("total_s_std"), yerr=points.get("best_val_acc_std"), fmt="o", alpha=0.6)
-    front = pareto_front(points)
+    x, y = points["total_s"], points[score]
+    ax.errorbar(x, y, xerr=points.get("total_s_std"), yerr=points.get(f"{score}_std"), fmt="o", alpha=0.6)
+    front = pareto_front(points, score)
     ax.scatter(x.iloc[front], y.iloc[front], s=120, facecolors="none", edgecolors="crimson", label="best trade-offs")
     for i in range(len(points)):
         style = {"fontweight": "bold"} if i in front else {"color": "gray", "fontsize": "small"}
         ax.annotate(
-            str(points[label].iloc[i]), (x.iloc[i], y.iloc[i]), textcoords="offset points", xytext=(6, 6), **style
+            cut_middle(str(points[label].iloc[i]), LABEL),
+            (x.iloc[i], y.iloc[i]),
+            textcoords="offset points",
+            xytext=(6, 6),
+            **style,
         )
-    ax.set(title="Accuracy against training time", xlabel="training seconds", ylabel="best val accuracy")
+    ax.set(title="Accuracy against training time", xlabel="training seconds", ylabel=score.replace("_", " "))
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     return fig
@@ -208,40 +207,12 @@ def per_class_table(runs: list[Run]) -> pd.DataFrame:
     return table
 
 
-def plot_curves(runs: list[Run]) -> Figure:
-    """Val accuracy and loss per epoch, one line per run, each new stage (unfreeze) marked."""
-    fig = Figure(figsize=(12, 4.5), layout="tight")
-    acc_ax, loss_ax = fig.subplots(1, 2)
-    for run in runs:
-        r = run.results
-        (line,) = acc_ax.plot(r["epoch"], r["val_acc"], marker="o", label=run.name)
-        loss_ax.plot(r["epoch"], r["val_loss"], marker="o", color=line.get_color(), label=run.name)
-        for epoch in r.loc[r["stage"].ne(r["stage"].shift()), "epoch"].iloc[1:]:
-            for ax in (acc_ax, loss_ax):
-                ax.axvline(epoch - 0.5, color=line.get_color(), linestyle=":", alpha=0.7)
-    for ax, title in ((acc_ax, "Validation accuracy"), (loss_ax, "Validation loss")):
-        ax.set(title=title, xlabel="epoch", ylabel=title.split()[-1])
-        ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.grid(alpha=0.3)
-    acc_ax.legend(title="run (dotted: a stage starts)", fontsize="small")
-    return fig
-
-
-def plot_per_class(table: pd.DataFrame) -> Figure:
-    """Grouped bars: final accuracy per class, one bar per run."""
-    fig = Figure(figsize=(max(8, 0.9 * len(table) * max(1, len(table.columns) / 2)), 4.5), layout="tight")
-    ax = fig.subplots()
-    table.plot.bar(ax=ax, width=0.8, rot=30)
-    ax.set(title="Final validation accuracy per class", xlabel="class", ylabel="accuracy", ylim=(0, 1.05))
-    ax.legend(title="run", fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    ax.grid(axis="y", alpha=0.3)
-    return fig
-
-
-def markdown(table: pd.DataFrame) -> str:
-    """The table as markdown, empty cells (a stage a run never had) shown as `-`."""
-    cells = table.astype(object).where(table.notna(), None)
-    return cells.to_markdown(index=False, floatfmt=".4g", missingval="-")
+def terminal_table(table: pd.DataFrame) -> str:
+    """The table within 160 columns; the columns that did not fit are named on stderr."""
+    fitted = fit(table)
+    if fitted.left_out:
+        note(f"left out of the table to fit {WIDTH} columns (comparison.csv has them): {', '.join(fitted.left_out)}")
+    return fitted.text
 
 
 @dataclass
@@ -258,27 +229,40 @@ def _records(table: pd.DataFrame) -> list[dict[str, Any]]:
     return json.loads(table.to_json(orient="records"))
 
 
-def compare(patterns: list[str], out: Path, sort: str = "best_val_acc") -> Comparison:
+def compare(patterns: list[str], out: Path, sort: str = SCORE) -> Comparison:
     """Write comparison.csv/.md, per_class.csv, curves.png, per_class.png, tradeoff.png and, where
     seeds or folds repeat a setting, seeds.csv/.md (mean and std over them)."""
     runs = find_runs(patterns)
     for run in runs:
         if not run.finished:
             note(f"{run.name} finished {len(run.results)}/{run.config['train.epochs']} epochs; using those")
-    if len({tuple(r.class_columns) for r in runs}) > 1:
-        note("the runs have different classes; per-class results cover only the classes they share")
     table = comparison_table(runs, sort)
-    seeds = seed_table(table, differing_keys(runs))
-    per_class = per_class_table(runs)
+    seeds = seed_table(table, runs)
+    if (tie := tie_note(table)) is not None:
+        note(tie)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "comparison.csv", table.to_csv(index=False))
-    atomic_write_text(out / "comparison.md", markdown(table) + "\n")
-    atomic_write_text(out / "per_class.csv", per_class.to_csv())
+    atomic_write_text(out / "comparison.md", full_markdown(table) + "\n")
     if seeds is not None:
         atomic_write_text(out / "seeds.csv", seeds.to_csv(index=False))
-        atomic_write_text(out / "seeds.md", markdown(seeds) + "\n")
+        atomic_write_text(out / "seeds.md", full_markdown(seeds) + "\n")
     tradeoff = plot_tradeoff(table, "run") if seeds is None else plot_tradeoff(seeds, "setting")
-    figures = {"curves.png": plot_curves(runs), "per_class.png": plot_per_class(per_class), "tradeoff.png": tradeoff}
-    for name, fig in figures.items():
+    figures = {"curves.png": plot_curves(curve_lines(runs)), "tradeoff.png": tradeoff}
+    for name, fig in {**figures, **_per_class(runs, out)}.items():
         fig.savefig(out / name, dpi=110)
     return Comparison(table, seeds)
+
+
+def _per_class(runs: list[Run], out: Path) -> dict[str, Any]:
+    """per_class.csv written and its figure, over the classes the runs share; none (and no
+    files left from an earlier compare) when they share none."""
+    if len({tuple(r.class_columns) for r in runs}) > 1:
+        note("the runs have different classes; per-class results cover only the classes they share")
+    table = per_class_table(runs)
+    if table.empty:
+        note("the runs share no classes: no per_class.csv or per_class.png")
+        for name in ("per_class.csv", "per_class.png"):
+            (out / name).unlink(missing_ok=True)
+        return {}
+    atomic_write_text(out / "per_class.csv", table.to_csv())
+    return {"per_class.png": plot_per_class(table)}
