@@ -49,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help="print JSON instead of a table")
     plan.set_defaults(func=cmd_plan)
 
+    calib = sub.add_parser("calibrate", help="measure the runtime choices for a config again and keep the answer")
+    calib.add_argument("config")
+    calib.add_argument("--set", dest="overrides", action="extend", default=[], nargs="+", metavar="KEY=VALUE")
+    calib.set_defaults(func=cmd_calibrate)
+
     mods = sub.add_parser("modules", help="the model's module tree: parameters, groups, the names a stage takes")
     mods.add_argument("config")
     mods.add_argument("--set", dest="overrides", action="extend", default=[], nargs="+", metavar="KEY=VALUE")
@@ -197,6 +202,20 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(pd.DataFrame(plan.groups).to_markdown(index=False))
     print()
     print(pd.DataFrame(plan_table(plan)).to_markdown(index=False))
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """Re-measure `auto`'s candidates on this machine; later runs of the config read the answer."""
+    from finetune.plan import subject_of
+    from finetune.runtime.resolve import calibrate_again, resolve_runtime
+
+    cfg = load_config(args.config, args.overrides)
+    subject = subject_of(cfg)
+    print(calibrate_again(cfg, subject).note())
+    used = resolve_runtime(cfg, subject, measure=False)
+    if used.decided_by == "default":
+        print(f"but {used.note().removeprefix('runtime: ')}")
     return 0
 
 

@@ -47,15 +47,22 @@ class Plan:
     accumulate_steps: int  # batches per optimizer step; steps_per_epoch counts optimizer steps
 
 
-def make_plan(cfg: Config, ranks: Ranks = SINGLE) -> Plan:
-    """The run as each of `ranks.world` processes will train it."""
+def subject_of(cfg: Config) -> Subject:
+    """The run's model, weightless (nothing is read or downloaded), and its split sizes."""
     check_model_config(cfg.model)
     names, n_train, n_val = split_sizes(cfg.data)
     built = skeleton(cfg.model, len(names))
-    runtime = resolve_runtime(cfg, Subject(built.model, built.head_name, n_train, n_val), ranks, measure=False)
-    model = built.model.to(memory_format=runtime.layout)
+    return Subject(built.model, built.head_name, n_train, n_val)
+
+
+def make_plan(cfg: Config, ranks: Ranks = SINGLE) -> Plan:
+    """The run as each of `ranks.world` processes will train it."""
+    subject = subject_of(cfg)
+    n_train, n_val = subject.n_train, subject.n_val
+    runtime = resolve_runtime(cfg, subject, ranks, measure=False)
+    model = subject.model.to(memory_format=runtime.layout)
     steps = steps_per_epoch(n_train, cfg.data.batch_size, ranks.world, cfg.train.accumulate_steps)
-    schedule = Schedule(cfg.train, model, built.head_name, steps, runtime.lr_scale)
+    schedule = Schedule(cfg.train, model, subject.head_name, steps, runtime.lr_scale)
     groups = [group_row(schedule, g, cfg) for g in schedule.groups]
     while (waiting := schedule.pending()) is not None:  # the epoch rows: each plateau stage at its earliest
         schedule.start(waiting.name, schedule.window(waiting)[0])

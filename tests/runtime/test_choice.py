@@ -22,14 +22,14 @@ def test_the_fastest_train_step_wins_even_where_bf16_is_native():
 
 def test_a_depthwise_model_on_a_gpu_runs_fp32_contiguous():
     """The H200's MobileNetV2 train rates and first-step costs (shared/perf/gpu-2026-11-28.md);
-    the inference rates are made up, bf16 ahead."""
+    the inference rates are made up, bf16 ahead by 6%: within the noise, so fp32 as trained."""
     measured = [
         Measured("bf16", "channels_last", train=1098, infer=3000, setup=7.8),
         Measured("bf16", "contiguous", train=1440, infer=3500, setup=0.87),
         Measured("fp32", "channels_last", train=1480, infer=3200, setup=5.3),
         Measured("fp32", "contiguous", train=1674, infer=3300, setup=0.64),
     ]
-    assert choose(measured, RUN) == Choice("fp32", "bf16", "contiguous")
+    assert choose(measured, RUN) == Choice("fp32", "fp32", "contiguous")
 
 
 def test_inference_may_take_another_precision_than_training():
@@ -37,7 +37,8 @@ def test_inference_may_take_another_precision_than_training():
         Measured("fp32", "channels_last", train=100, infer=300),
         Measured("bf16", "channels_last", train=80, infer=600),
     ]
-    assert choose(measured, RUN) == Choice("fp32", "bf16", "channels_last")
+    evaluated = Workload(train_images=9000, infer_images=27_000)  # most time in evaluation and extraction
+    assert choose(measured, evaluated) == Choice("fp32", "bf16", "channels_last")
 
 
 def test_set_up_cost_counts_for_a_short_run_and_not_for_a_long_one():
@@ -52,10 +53,10 @@ def test_set_up_cost_counts_for_a_short_run_and_not_for_a_long_one():
 
 
 def test_the_format_is_one_for_both_paths_and_chosen_by_their_sum():
-    """channels_last trains a little faster but evaluates much slower: with much evaluation
+    """channels_last trains faster but evaluates much slower: with much evaluation
     in the run, contiguous finishes first."""
     measured = [
-        Measured("fp32", "channels_last", train=110, infer=100),
+        Measured("fp32", "channels_last", train=130, infer=100),
         Measured("fp32", "contiguous", train=100, infer=400),
     ]
     assert choose(measured, Workload(10_000, 10_000)).memory_format == "contiguous"
@@ -107,3 +108,16 @@ def test_torch_compile_is_timed_only_for_a_run_long_enough_to_risk_a_compile():
     enough = int(100 * COMPILE_GUESS_S / COMPILE_SHARE)  # images that take 10x a compile to train
     assert worth_compiling(eager, Workload(enough, 0, full_images=enough))
     assert not worth_compiling(eager, Workload(enough, 0, full_images=enough // 2))
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_a_difference_within_the_noise_goes_to_the_stable_order_however_it_was_measured(reverse):
+    """bf16 channels_last measured 8% faster over the run is a tie: another measurement could
+    rank them the other way, so fp32 contiguous wins it, whatever order the rates came in."""
+    measured = [
+        Measured("fp32", "contiguous", train=100, infer=300),
+        Measured("bf16", "channels_last", train=108, infer=324),
+    ]
+    assert choose(measured[::-1] if reverse else measured, RUN) == Choice("fp32", "fp32", "contiguous")
+    clear = [measured[0], Measured("bf16", "channels_last", train=150, infer=450)]
+    assert choose(clear, RUN) == Choice("bf16", "bf16", "channels_last"), "1.5x is no tie"

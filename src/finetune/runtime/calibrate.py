@@ -1,9 +1,10 @@
-"""Time the runtime candidates on the run's real model, within a few seconds (issue 16).
+"""Time the runtime candidates on the run's real model, so that load cannot flip the answer.
 
 A copy of the model is put in the stage that trains most (every group joined: they only join),
-so the rates are those of the run's heaviest steps, at its image size and batch; the copy
-and a forked RNG keep the run itself untouched. A batch whose timing would not fit the budget
-(a large model on a CPU) is measured at the largest smaller batch that does.
+so the rates are those of the run's heaviest steps, at its image size and its batch; the copy
+and a forked RNG keep the run itself untouched. Candidates are timed in interleaved rounds and
+each keeps its fastest step: another process on the machine slows every candidate of a round
+alike and only ever adds time, so the ranking an idle machine gives survives a busy one.
 """
 
 from __future__ import annotations
@@ -22,13 +23,11 @@ from finetune.model.freezing import set_train_mode
 from finetune.model.schedule import Schedule
 from finetune.runtime.candidates import Candidate, Measured, Workload, autocast
 
-BUDGET_S = 5.0  # the first run of a (machine, model, size) pays at most about this
-MIN_BATCH = 2  # BatchNorm in train mode needs two samples
-STEP_COST = 3.0  # one candidate's first round, in train steps: two of them and two forwards
-FIRST_ROUND = 0.6  # of the budget, to time every candidate once; the rest re-times the close ones
-CLOSE = 0.75  # candidates this close to the best train rate are timed again: one timing can be unlucky
-ROUNDS = 4  # re-timings at most: enough to beat noise, and a fast GPU stops early
-RUN_SHARE = 0.03  # of a run's estimated length, the most it spends measuring
+BUDGET_S = 20.0  # rounds past the first two stop here: paid once per machine, model, size, batch and trainable part
+MIN_ROUNDS = 2  # timed rounds every candidate gets whatever the budget: one timing can be unlucky
+MAX_ROUNDS = 5  # enough for the fastest step of each to settle
+LOSER = 1.5  # a candidate this much slower than the best on both paths after `MIN_ROUNDS` is not re-timed
+FAR_LOSER = 3.0  # nor one this much slower after the first round (bf16 depthwise convolutions on a CPU, say)
 COMPILE_GUESS_S = 30.0  # what compiling a ResNet18 train step took on 2 CPU cores: what trying torch.compile risks
 COMPILE_SHARE = 0.1  # it is tried on a run whose whole-forward training takes at least 10x that
 
@@ -38,14 +37,13 @@ class Calibration:
     measured: list[Measured]
     batch: int  # the batch the rates were measured at
     seconds: float  # what measuring cost
-    skipped: list[str] = field(default_factory=list)  # candidates left unmeasured: the budget ran out
-    short_run: bool = False  # too short a run to pay for measuring: the first candidate only, not cached
+    rounds: int = MIN_ROUNDS  # timed rounds of the candidates still in the running
 
     @classmethod
     def from_dict(cls, saved: dict[str, Any]) -> Calibration:
         """As `dataclasses.asdict` wrote it (cache file, last.pt)."""
         measured = [Measured(**m) for m in saved["measured"]]
-        return cls(measured, saved["batch"], saved["seconds"], saved.get("skipped", []), saved.get("short_run", False))
+        return cls(measured, saved["batch"], saved["seconds"], saved.get("rounds", MIN_ROUNDS))
 
 
 @dataclass
@@ -113,14 +111,13 @@ class Bench:
 
 
 def calibrate(
-    cfg: Config, model: nn.Module, head_name: str, device: torch.device, options: list[Candidate], train_images: int
+    cfg: Config, model: nn.Module, head_name: str, device: torch.device, options: list[Candidate]
 ) -> Calibration:
-    """Rates of every candidate on a copy of `model` in its last stage, on `device`, for a run
-    that trains on `train_images` images in all."""
+    """Rates of every candidate on a copy of `model` in its last stage, on `device`, at the run's batch."""
     copied = stage_copy(cfg, model, head_name, device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         bench = Bench(copied, device, cfg.data.image_size)
-        result = measure(bench, options, cfg.data.batch_size, BUDGET_S, train_images)
+        result = measure(bench, options, cfg.data.batch_size, BUDGET_S)
     del copied
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -130,7 +127,7 @@ def calibrate(
 def worth_compiling(eager: Measured, work: Workload) -> bool:
     """Whether to time torch.compile at all: it costs a compile (tens of seconds), so only a run
     long enough that the time would be small beside it is worth the try; the answer is cached."""
-    return work.full_images / eager.train * COMPILE_SHARE >= COMPILE_GUESS_S
+    return work.full_seconds(eager) * COMPILE_SHARE >= COMPILE_GUESS_S
 
 
 def measure_compiled(
@@ -164,72 +161,29 @@ def stage_copy(cfg: Config, model: nn.Module, head_name: str, device: torch.devi
     return copied
 
 
-def measure(bench: Bench, options: list[Candidate], batch: int, budget: float, train_images: int) -> Calibration:
-    """Each candidate once (a warm-up, then timed), then the close ones again while time is left.
-
-    A run too short to pay for timing them all (`RUN_SHARE` of its estimated length) times the
-    first candidate only: the seed loop's numerics, fp32 contiguous.
-    """
+def measure(bench: Bench, options: list[Candidate], batch: int, budget: float) -> Calibration:
+    """A warm-up step of each candidate (its set-up at this shape), then timed rounds of all of
+    them in turn, the order rotating so none always runs first: at least `MIN_ROUNDS`, more while
+    `budget` lasts, clear losers dropped after the first rounds."""
     started = time.perf_counter()
-    probe = fit_batch(bench, options[0], batch, len(options), budget, train_images)
-    size = probe.size
-
-    def left() -> float:
-        return probe.budget - (time.perf_counter() - started)
-
-    times: dict[Candidate, _Times] = {}
-    for c in options[:1] if probe.short else options:
-        if times and left() < 0:
-            break  # over budget: the rest stay unmeasured rather than the run waiting
-        if c == options[0] and probe.times is not None:
-            times[c] = probe.times  # its first step at this size was the probe's
-        else:
-            times[c] = _Times(warm=bench.train_step(c, size))
-            times[c].train.append(bench.train_step(c, size))
-        bench.infer_step(c, size)
-        times[c].infer.append(bench.infer_step(c, size))
-    for _ in range(ROUNDS):
-        best = max(size / min(t.train) for t in times.values())
-        close = [c for c, t in times.items() if size / min(t.train) >= CLOSE * best]
-        if len(close) < 2 or sum(min(times[c].train) + min(times[c].infer) for c in close) > left():
+    times = {c: _Times(warm=bench.train_step(c, batch)) for c in options}
+    for c in options:
+        bench.infer_step(c, batch)
+    running, rounds = list(options), 0
+    while rounds < MAX_ROUNDS:
+        shift = rounds % len(running)
+        for c in running[shift:] + running[:shift]:
+            times[c].train.append(bench.train_step(c, batch))
+            times[c].infer.append(bench.infer_step(c, batch))
+        rounds += 1
+        running = _contenders(times, running, LOSER if rounds >= MIN_ROUNDS else FAR_LOSER)
+        if len(running) < 2 or (rounds >= MIN_ROUNDS and time.perf_counter() - started > budget):
             break
-        for c in close:
-            times[c].train.append(bench.train_step(c, size))
-            times[c].infer.append(bench.infer_step(c, size))
-    measured = [t.measured(c, size) for c, t in times.items()]
-    skipped = [c.label for c in options if c not in times]
-    return Calibration(measured, size, time.perf_counter() - started, skipped, probe.short)
+    measured = [t.measured(c, batch) for c, t in times.items()]
+    return Calibration(measured, batch, time.perf_counter() - started, rounds)
 
 
-@dataclass
-class _Probe:
-    size: int  # the batch to measure at
-    times: _Times | None  # the probed candidate's, if it was probed at `size`
-    budget: float  # seconds this run may spend measuring
-    short: bool  # the run is too short to pay for a first round
-
-
-def fit_batch(bench: Bench, c: Candidate, batch: int, n: int, budget: float, train_images: int) -> _Probe:
-    """The run's batch, or the largest smaller one whose first round of `n` candidates fits
-    the budget: `budget`, or less for a short run, judged from the smallest batch's step.
-
-    Grown from two by probing (a warm-up and a timed step at each size), since a step's cost
-    per image falls with the batch on a GPU and a probe at the run's batch could take seconds
-    on a CPU.
-    """
-    started, smallest = time.perf_counter(), min(MIN_BATCH, batch)
-    size, probed = smallest, {}
-    while True:
-        probed[size] = _Times(warm=bench.train_step(c, size))
-        probed[size].train.append(bench.train_step(c, size))
-        per_image = max(probed[size].train[0] / size, 1e-9)
-        if size == smallest:
-            share = RUN_SHARE * per_image * train_images
-            if share * FIRST_ROUND < n * STEP_COST * per_image * smallest:
-                return _Probe(smallest, probed[smallest], share, short=True)
-            budget = min(budget, share)
-        remaining = budget * FIRST_ROUND - (time.perf_counter() - started)
-        fits = max(smallest, min(batch, int(remaining / (n * STEP_COST * per_image))))
-        if fits < 2 * size:
-            return _Probe(fits, probed.get(fits), budget, short=False)
-        size = fits
+def _contenders(times: dict[Candidate, _Times], running: list[Candidate], factor: float) -> list[Candidate]:
+    """The candidates not `factor` times slower than the best on both the train and the inference step."""
+    train, infer = min(min(times[c].train) for c in running), min(min(times[c].infer) for c in running)
+    return [c for c in running if min(times[c].train) < factor * train or min(times[c].infer) < factor * infer]

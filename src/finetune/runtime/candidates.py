@@ -15,7 +15,9 @@ import torch
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 LAYOUTS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
+PRECISIONS = ["fp32", "bf16", "fp16"]  # the stable order of ties: the exact one first
 FORMATS = ["contiguous", "channels_last"]  # contiguous first: cuDNN's channels_last set-up is the slow one
+NOISE = 0.1  # whole-run times this close are a tie, settled by the stable order: measurements on a busy machine vary
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,10 @@ class Workload:
         """(train, inference) seconds the whole run would take with this candidate."""
         return self.shapes * m.setup + self.train_images / m.train, self.infer_images / m.infer
 
+    def full_seconds(self, m: Measured) -> float:
+        """Seconds of the whole-forward training, the part torch.compile would speed up."""
+        return self.full_images / m.train
+
 
 @dataclass(frozen=True)
 class Choice:
@@ -88,35 +94,36 @@ def candidates(precision: str, memory_format: str, native: list[str]) -> list[Ca
 
 
 def choose(measured: list[Measured], work: Workload) -> Choice:
-    """The format whose best train and best inference precision finish the run soonest.
+    """The choice that finishes the run soonest, unless it is within `NOISE` of an earlier one in
+    the stable order: then that one, so a tie is never settled by one measurement's noise.
 
-    A model has one memory format for the run, so both paths are timed in the same one; the
-    precision may differ between them (autocast is per call).
+    The stable order: contiguous before channels_last, fp32 before bf16 before fp16, inference in
+    the training precision first. A model has one memory format for
+    the run, so both paths are timed in the same one; the precision may differ between them
+    (autocast is per call).
     """
-    best: tuple[float, Choice] | None = None
-    eager = [m for m in measured if not m.compiled]
-    for fmt in FORMATS:
-        here = [m for m in eager if m.memory_format == fmt]
-        if not here:
-            continue
-        train = min(here, key=lambda m: work.seconds(m)[0])
-        infer = min(here, key=lambda m: work.seconds(m)[1])
-        total = work.seconds(train)[0] + work.seconds(infer)[1]
-        if best is None or total < best[0]:
-            best = (total, Choice(train.precision, infer.precision, fmt))
-    if best is None:
+    eager = sorted((m for m in measured if not m.compiled), key=lambda m: PRECISIONS.index(m.precision))
+    if not eager:
         raise ValueError("choose: nothing was measured")
-    chosen = best[1]
-    train = next(m for m in eager if (m.precision, m.memory_format) == (chosen.precision, chosen.memory_format))
+    options = [
+        (work.seconds(train)[0] + work.seconds(infer)[1], train, Choice(train.precision, infer.precision, fmt))
+        for fmt in FORMATS
+        for train in eager
+        if train.memory_format == fmt
+        for infer in sorted(eager, key=lambda m: m.precision != train.precision)
+        if infer.memory_format == fmt
+    ]
+    fastest = min(total for total, _, _ in options)
+    _, train, chosen = next(option for option in options if option[0] <= fastest * (1 + NOISE))
     compiled = next((m for m in measured if m.compiled and m.candidate == train.candidate), None)
-    pays = compiled is not None and not compiled.failed and compile_gain(train, compiled, work) > 0
-    return replace(chosen, compile=pays)
+    pays = compiled is not None and not compiled.failed
+    return replace(chosen, compile=pays and compile_gain(train, compiled, work) > NOISE * work.full_seconds(train))
 
 
 def compile_gain(eager: Measured, compiled: Measured, work: Workload) -> float:
     """Seconds torch.compile saves over the run: the faster steps of the whole-forward epochs,
     less a compile per input shape and per change of what trains."""
-    saved = work.full_images / eager.train - work.full_images / compiled.train
+    saved = work.full_seconds(eager) - work.full_seconds(compiled)
     return saved - work.shapes * work.stages * compiled.setup
 
 

@@ -37,6 +37,7 @@ from finetune.runtime.distributed import SINGLE, Ranks, from_main
 from finetune.runtime.hardware import device_name, has_depthwise, native_precisions, resolve_device
 
 PENDING = Choice("fp32", "fp32", "channels_last")  # what plan sizes by until train has measured
+SHORT_RUN_STEPS = 40  # train steps a candidate below which a run is short (see is_short)
 
 
 @dataclass
@@ -46,7 +47,7 @@ class Runtime:
     memory_format: str = "channels_last"  # channels_last | contiguous
     infer_precision: str = ""  # evaluation and feature-cache extraction; "" = as `precision`
     lr_scale: float = 1.0  # the number of processes with train.scale_lr linear, else 1
-    decided_by: str = "config"  # config | measured | cached | recorded | pending (plan, not measured yet)
+    decided_by: str = "config"  # config | default (a short run) | measured | cached | recorded | pending (plan)
     calibration: Calibration | None = None
     compile: bool = False  # torch.compile the train step (train.compile, or measured to pay back)
 
@@ -102,12 +103,15 @@ class Runtime:
                 f"runtime: {self.device}, precision/memory format measured when train starts (at most about "
                 f"5 s, once per machine, model and size; a short run skips it); sized here as {self.describe()}{scale}"
             )
-        c = self.calibration
-        if c is not None and c.short_run:
-            return f"runtime: {self.describe()}, not measured: a run this short would not win back the time{scale}"
-        how = {"config": "set in the config", "recorded": "kept from last.pt", "cached": "measured earlier"}
-        line = f"runtime: {self.describe()}, {how.get(self.decided_by, 'measured')}{scale}"
-        return line if c is None else f"{line} {_rates(c)}"
+        how = {
+            "config": "set in the config",
+            "recorded": "kept from last.pt",
+            "cached": "measured earlier on this machine (`finetune calibrate CONFIG` measures again)",
+            "measured": "measured now, kept for the next runs",
+            "default": "the stable default, not measured: a run this short would not win back measuring",
+        }[self.decided_by]
+        line = f"runtime: {self.describe()}, {how}{scale}"
+        return line if self.calibration is None else f"{line} {_rates(self.calibration)}"
 
 
 def _rates(c: Calibration) -> str:
@@ -116,10 +120,7 @@ def _rates(c: Calibration) -> str:
     compiled = [m for m in c.measured if m.compiled]
     if compiled:
         infer += "; torch.compile failed here" if compiled[0].failed else f"; compiling took {compiled[0].setup:.0f} s"
-    line = f"(in {c.seconds:.1f} s at batch {c.batch}); img/s train: {train}; inference: {infer}"
-    if c.skipped:
-        line += f"; over budget, not measured: {', '.join(c.skipped)} (not cached: the next run measures again)"
-    return line
+    return f"(in {c.seconds:.1f} s, {c.rounds} rounds at batch {c.batch}); img/s train: {train}; inference: {infer}"
 
 
 @dataclass
@@ -155,7 +156,7 @@ def resolve_runtime(
     runtime = Runtime(
         device, choice.precision, choice.memory_format, choice.infer_precision, lr_scale, how, rates, choice.compile
     )
-    if measure and how in ("measured", "cached", "recorded"):
+    if measure and how != "config":
         print(runtime.note())
     return runtime
 
@@ -180,8 +181,10 @@ def _decide(
         return kept, "recorded", Calibration.from_dict(saved) if saved else None
     if subject is None:
         return _pending(cfg), "pending", None
-    key = calibration_key(cfg, subject, device, [c.label for c in options])
     work = workload(cfg, subject, ranks)
+    if is_short(work, options, cfg.data.batch_size):
+        return Choice(options[0].precision, options[0].precision, options[0].memory_format), "default", None
+    key = calibration_key(cfg, subject, device, [c.label for c in options])
     if measure:
         calibration, how = from_main(
             _find_or_measure(cfg, subject, device, options, key, work) if ranks.main else None, ranks
@@ -191,6 +194,12 @@ def _decide(
     if calibration is None:
         return _pending(cfg), "pending", None
     return choose(calibration.measured, work), how, calibration
+
+
+def is_short(work: Workload, options: list[Candidate], batch: int) -> bool:
+    """Too short to win back measuring (about four steps a candidate): it trains with the stable
+    default. Counted in images, not timed, so the same config is short on any machine and load."""
+    return len(options) > 1 and work.train_images < SHORT_RUN_STEPS * len(options) * batch
 
 
 def check_precision(precision: str, device: torch.device) -> None:
@@ -236,20 +245,26 @@ def inference_runtime(device: str, precision: str, model: nn.Module) -> Runtime:
 
 
 def _find_or_measure(
-    cfg: Config, subject: Subject, device: torch.device, options: list[Candidate], key: dict[str, Any], work: Workload
+    cfg: Config,
+    subject: Subject,
+    device: torch.device,
+    options: list[Candidate],
+    key: dict[str, Any],
+    work: Workload,
+    again: bool = False,
 ) -> tuple[Calibration, str]:
-    calibration, how = calibration_cache.load(key), "cached"
+    """The cached rates for `key`, else (or `again`) measured now and cached: the choice is made
+    once per key and kept, so every later run of it trains with the same numerics."""
+    calibration, how = (None if again else calibration_cache.load(key)), "cached"
     if calibration is None:
-        calibration = calibrate(cfg, subject.model, subject.head_name, device, options, work.train_images)
-        how = "measured"
-    partial = calibration.short_run or calibration.skipped  # a probe's rates, or a busy machine's: measured again
+        calibration, how = calibrate(cfg, subject.model, subject.head_name, device, options), "measured"
     eager = _train_rate(calibration, work)
     timed = any(m.compiled and m.candidate == eager.candidate for m in calibration.measured)
-    if cfg.train.compile == "auto" and not (timed or partial) and worth_compiling(eager, work):
+    if cfg.train.compile == "auto" and not timed and worth_compiling(eager, work):
         compiled = measure_compiled(cfg, subject.model, subject.head_name, device, eager, calibration.batch)
         calibration.measured.append(compiled)
         how = "measured"
-    if how == "measured" and not partial:
+    if how == "measured":
         calibration_cache.save(key, calibration)
     return calibration, how
 
@@ -277,3 +292,30 @@ def _kept(cfg: Config, recorded: dict[str, Any]) -> Choice:
     infer = recorded.get("infer_precision", precision) if cfg.precision == "auto" else cfg.precision
     fmt = recorded["memory_format"] if cfg.train.memory_format == "auto" else cfg.train.memory_format
     return Choice(precision, infer, fmt, recorded.get("compile", False))
+
+
+def calibrate_again(cfg: Config, subject: Subject) -> Runtime:
+    """`finetune calibrate`: measure the config's candidates now and keep the rates in place of
+    any earlier ones, so every later run of this key trains with the new choice."""
+    device = resolve_device(cfg.device)
+    check_precision(cfg.precision, device)
+    options = candidates(cfg.precision, cfg.train.memory_format, native_precisions(device))
+    if only_choice(options) is not None:
+        raise FinetuneError(
+            f"precision = {cfg.precision} and train.memory_format = {cfg.train.memory_format} are both pinned: "
+            "nothing to measure; set either to auto"
+        )
+    work = workload(cfg, subject, SINGLE)
+    key = calibration_key(cfg, subject, device, [c.label for c in options])
+    calibration, _ = _find_or_measure(cfg, subject, device, options, key, work, again=True)
+    chosen = choose(calibration.measured, work)
+    return Runtime(
+        device,
+        chosen.precision,
+        chosen.memory_format,
+        chosen.infer_precision,
+        1.0,
+        "measured",
+        calibration,
+        chosen.compile,
+    )
