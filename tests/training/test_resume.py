@@ -72,6 +72,22 @@ def test_sigterm_and_ctrl_c_save_mid_epoch_and_resume_exactly(setup, tmp_path, s
     assert_same_as_reference(run, reference)
 
 
+def test_a_second_ctrl_c_while_stopping_still_saves_the_steps_done(setup, tmp_path):
+    """The impatient user: a second Ctrl-C once the first was taken (the line says so) lets the
+    save of the epoch's steps finish; the run resumes to the reference."""
+    config, reference = setup
+    run = tmp_path / "run"
+    proc = Finetune("train", config, "--run-dir", run)
+    assert proc.wait_for(lambda: proc.bar_at("epoch 2", steps=2)), "epoch 2 never showed"
+    proc.send_signal(signal.SIGINT)
+    assert stop_when(proc, lambda: "stopping" in proc.screen, signal.SIGINT) == 130, proc.screen
+    assert "still stopping, saving every step done so far" in proc.screen
+    state = torch.load(run / "last.pt", weights_only=True)
+    assert state["progress"]["epoch"] == 1 and state["progress"]["step"] >= 2, "the steps of epoch 2 are kept"
+    resume(run)
+    assert_same_as_reference(run, reference)
+
+
 @pytest.fixture(scope="module")
 def staged(tmp_path_factory):
     """Three stages with a cosine schedule, warmup at the start and after every unfreeze."""
