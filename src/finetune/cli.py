@@ -101,7 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     compare = sub.add_parser("compare", help="compare runs: table, curves.png, per_class.png")
     compare.add_argument("runs", nargs="+", help="run dirs, globs, or folders with runs at any depth (sweeps, studies)")
     compare.add_argument("--out", default="comparison", help="where to write tables and plots")
-    compare.add_argument("--sort", default="best_val_acc", help="column to sort by")
+    compare.add_argument(
+        "--sort",
+        default="judged_val_acc",
+        help="column to sort by (judged_val_acc: val_acc at the epoch checkpoint.judge picks)",
+    )
     compare.add_argument("--json", action="store_true", help="print JSON (runs, and seeds/folds) instead of a table")
     compare.set_defaults(func=cmd_compare)
 

@@ -11,7 +11,7 @@ from conftest import make_imagefolder, write_config
 from PIL import Image
 
 from finetune.cli import main
-from finetune.runs.compare import curve_lines, find_runs, per_class_table, tie_note
+from finetune.runs.compare import curve_lines, find_runs, pareto_front, per_class_table, tie_note
 from finetune.runs.compare_plots import plot_curves, plot_per_class
 
 STAGED = "sweep-staged/unfreeze#2,scheduler#2,lr_backbone=0.0003"  # as sweep names a run in a grid
@@ -81,7 +81,7 @@ def test_compare_writes_tables_and_plots(runs, tmp_path, capsys):
     # the keys that differ are found from config.yaml; name/out_dir and equal keys are not columns
     assert {"seed", "train.unfreeze", "train.lr_backbone", "train.epochs"} <= set(table.columns)
     assert "name" not in table.columns and "data.batch_size" not in table.columns
-    assert table["best_val_acc"].is_monotonic_decreasing
+    assert table["judged_val_acc"].is_monotonic_decreasing
     staged = table.set_index("run").loc[STAGED]
     results = pd.read_csv(runs / STAGED / "results.csv")
     assert staged["final_val_acc"] == pytest.approx(results["val_acc"].iloc[-1])
@@ -205,17 +205,17 @@ def test_the_top_two_within_the_validation_noise_are_called_tied(runs, tmp_path,
     err = capsys.readouterr().err
     table = pd.read_csv(out / "comparison.csv")
     assert (table["n_val"] == 12).all(), "summary.json's val_size: 4 images of each of 3 classes"
-    p = table["best_val_acc"]
+    p = table["judged_val_acc"]
     assert table["noise"].to_numpy() == pytest.approx(np.sqrt(p * (1 - p) / 12))
     first, second = table.iloc[0], table.iloc[1]
-    pooled = (first["best_val_acc"] + second["best_val_acc"]) / 2
-    tied = first["best_val_acc"] - second["best_val_acc"] <= math.sqrt(pooled * (1 - pooled) / 12)
+    pooled = (first["judged_val_acc"] + second["judged_val_acc"]) / 2
+    tied = first["judged_val_acc"] - second["judged_val_acc"] <= math.sqrt(pooled * (1 - pooled) / 12)
     assert ("treat them as tied" in err) == tied
 
 
 def test_the_tie_note_counts_images_and_names_the_noise():
     table = pd.DataFrame(
-        {"run": ["a", "b", "c"], "best_val_acc": [0.62, 0.615, 0.5], "n_val": [200, 200, 200], "noise": 0.0}
+        {"run": ["a", "b", "c"], "judged_val_acc": [0.62, 0.615, 0.5], "n_val": [200, 200, 200], "noise": 0.0}
     )
     assert tie_note(table) == (
         "a and b differ by 0.005 (1 image of 200), within the validation noise (±0.034): treat them as tied"
@@ -223,6 +223,28 @@ def test_the_tie_note_counts_images_and_names_the_noise():
     assert tie_note(table.assign(n_val=20_000)) is None
     assert tie_note(table.assign(n_val=float("nan"))) is None, "no noise claimed without a validation size"
     assert tie_note(table.iloc[:1]) is None
+
+
+def test_runs_are_ranked_by_the_epochs_of_their_last_stage_and_say_where_their_best_came_from(runs, tmp_path):
+    """Copies of the staged run (layer4 joins for epoch 1, layer3 for epoch 2): a plateau run whose
+    best epoch came before its last stage, a steady one, and a plateau run that monitors val_loss.
+    Judged by checkpoint.judge (last_stage), the steady run is the best and the only best trade-off."""
+    folder = tmp_path / "runs"
+    edits = {"plateau": ([0.9, 0.5], None), "steady": ([0.6, 0.7], None), "by-loss": ([0.9, 0.5], [0.2, 0.8])}
+    for name, (accs, losses) in edits.items():
+        monitor = {"monitor": "val_loss" if losses else "val_acc"}
+        run = copy_run(runs / STAGED, folder / name, config=lambda c, m=monitor: c["checkpoint"].update(m))
+        results = pd.read_csv(run / "results.csv").assign(val_acc=accs)
+        results.assign(val_loss=losses or results["val_loss"]).to_csv(run / "results.csv", index=False)
+    assert main(["compare", str(folder), "--out", str(tmp_path / "cmp")]) == 0
+    table = pd.read_csv(tmp_path / "cmp" / "comparison.csv")
+    columns = ["best_val_acc", "best_stage", "judged", "judged_val_acc"]
+    by_run = table.set_index("run")
+    assert by_run.loc["plateau", columns].tolist() == [0.9, "layer4", 0.5, 0.5]
+    assert by_run.loc["steady", columns].tolist() == [0.7, "layer3", 0.7, 0.7]
+    assert by_run.loc["by-loss", columns].tolist() == [0.9, "layer4", 0.8, 0.5], "judged: the loss; scored: its acc"
+    assert table["run"].iloc[0] == "steady", "ranked by the judged epochs' accuracy"
+    assert pareto_front(table) == [0]
 
 
 def test_compare_without_runs_is_one_line(tmp_path, capsys):

@@ -121,7 +121,7 @@ def test_a_sweep_rerun_continues_a_run_only_as_train_resume_would(tmp_path, caps
 
 
 def test_tradeoff_marks_the_runs_no_other_beats_on_both_axes():
-    points = pd.DataFrame({"run": list("abcd"), "total_s": [10, 20, 15, 30], "best_val_acc": [0.5, 0.7, 0.4, 0.7]})
+    points = pd.DataFrame({"run": list("abcd"), "total_s": [10, 20, 15, 30], "judged_val_acc": [0.5, 0.7, 0.4, 0.7]})
     assert pareto_front(points) == [0, 1]
     ax = plot_tradeoff(points, "run").axes[0]
     labels = {t.get_text(): t.get_fontweight() for t in ax.texts}

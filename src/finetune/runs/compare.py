@@ -16,19 +16,23 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from finetune.config.schema import CheckpointConfig
 from finetune.errors import FinetuneError
 from finetune.files import atomic_write_text
 from finetune.runs.compare_plots import LABEL, plot_curves, plot_per_class
 from finetune.runs.compare_text import WIDTH, canonical, cut_middle, fit, full_markdown, summarize
 from finetune.runs.compare_text import markdown as markdown  # what cli's sweep and tune print
 from finetune.runs.discover import Run, find_runs, note
+from finetune.runs.results import judge
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 IGNORED_KEYS = {"name", "out_dir"}
 REPEAT_KEYS = ("seed", "data.fold")  # repeats of one setting: seeds.csv gives their mean and std
-SCORE = "best_val_acc"  # the column runs are judged by: the trade-off plot, its Pareto front, the tie note
+# the column runs are ranked by: the trade-off plot, its Pareto front, the tie note. The val_acc of
+# the epoch checkpoint.judge judges, not of the best: a plateau run's best may be a head-only epoch
+SCORE = "judged_val_acc"
 ASCENDING = ("run", "total_s", "noise")  # --sort columns where less is better, with s_per_epoch_* and the keys
 
 
@@ -49,6 +53,16 @@ def _best_row(run: Run) -> pd.Series:
     if column.isna().all():
         return run.results.iloc[-1]
     return run.results.loc[column.idxmin() if run.monitor == "val_loss" else column.idxmax()]
+
+
+def _judged(run: Run) -> tuple[float | None, pd.Series]:
+    """The run's value by its checkpoint.judge (runs from before the key: the default) and that
+    epoch's row (the last, where the monitor is never a number)."""
+    rule = run.config.get("checkpoint.judge", CheckpointConfig.judge)
+    judged = judge(run.results.to_dict("records"), run.monitor, run.monitor != "val_loss", rule)
+    if judged is None:
+        return None, run.results.iloc[-1]
+    return judged.value, run.results.loc[run.results["epoch"] == judged.epoch].iloc[0]
 
 
 def _epochs_cell(run: Run) -> str:
@@ -72,15 +86,19 @@ def comparison_table(runs: list[Run], sort: str = SCORE) -> pd.DataFrame:
 
 def _row(run: Run, keys: list[str]) -> dict[str, Any]:
     r, best = run.results, _best_row(run)
+    judged, judged_row = _judged(run)
     return {
         "run": run.name,
         **{k: _cell(run.config.get(k)) for k in keys},
         "final_val_acc": r["val_acc"].iloc[-1],
         "best_val_acc": best["val_acc"],
+        SCORE: judged_row["val_acc"],
         "n_val": run.n_val,
         "final_val_balanced_acc": r["val_balanced_acc"].iloc[-1] if "val_balanced_acc" in r else None,
         "monitor": run.monitor,
+        "judged": judged,
         "best_epoch": int(best["epoch"]),
+        "best_stage": best["stage"],
         **_stage_seconds(r),
         "total_s": float(r["epoch_seconds"].sum()),
         "epochs": _epochs_cell(run),

@@ -12,8 +12,18 @@ from typing import Any
 import pandas as pd
 
 WIDTH = 160
-# the columns (by prefix) the terminal leaves out first, in this order; the others always show
-SPARE = ("monitor", "device", "s_per_epoch_", "final_val_balanced_acc", "best_epoch", "n_val", "final_val_acc")
+# the columns (a name, or a prefix ending in _) the terminal leaves out first, in this order; the others always show
+SPARE = (
+    "monitor",
+    "judged",
+    "device",
+    "s_per_epoch_",
+    "final_val_balanced_acc",
+    "best_epoch",
+    "best_stage",
+    "n_val",
+    "final_val_acc",
+)
 LABELS = ("run", "setting")  # the columns that name a row
 LONGEST, SHORTEST = 28, 10  # characters of a name or config value on the terminal
 
@@ -115,7 +125,7 @@ def _tries(cells: pd.DataFrame) -> Iterator[tuple[list[str], int]]:
     spare: list[str] = []
     yield [], LONGEST
     for prefix in SPARE:
-        spare += [c for c in cells.columns if c.startswith(prefix)]
+        spare += [c for c in cells.columns if c == prefix or (prefix.endswith("_") and c.startswith(prefix))]
         yield list(spare), LONGEST
     for cap in range(LONGEST - 1, SHORTEST - 1, -1):
         yield spare, cap
