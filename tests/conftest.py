@@ -35,13 +35,41 @@ def make_imagefolder(root: Path, classes=CLASSES, train_per_class=8, val_per_cla
     return root
 
 
+def mixed_size_folder(tmp_path):
+    root = make_imagefolder(tmp_path / "mixed")
+    rng = np.random.default_rng(3)
+    for split in ("train", "val"):
+        for label, name in enumerate(CLASSES):
+            write_image(root / split / name / "large.png", label, rng, size=40)
+    return root
+
+
+def folder_as_csv(root: Path, path: Path, labels: dict[str, str] | None = None) -> Path:
+    """The image folder's files as CSV rows (paths relative to `root`), in the order the folder
+    is read, with a split column; `labels` renames classes."""
+    import pandas as pd
+
+    from finetune.data.imageset import scan_folder
+
+    rows = []
+    for split in ("train", "val"):
+        names, files, index = scan_folder(root / split)
+        for file, label in zip(files, index, strict=True):
+            name = names[label]
+            rows.append({"path": str(file.relative_to(root)), "y": (labels or {}).get(name, name), "part": split})
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
 @pytest.fixture
 def imagefolder(tmp_path: Path) -> Path:
     return make_imagefolder(tmp_path / "data")
 
 
 def tiny_config(data_root: Path, out_dir: Path, **sections) -> dict:
-    """A config for a real resnet18 (random init) at 32 px on a generated image folder."""
+    """A config for a real resnet18 (random init) at 32 px on a generated image folder: the head
+    alone for an epoch, then the backbone too; a train section with stages replaces that."""
+    staged = "unfreeze" in sections.get("train", {})
     cfg = {
         "name": "tiny",
         "seed": 0,
@@ -50,7 +78,7 @@ def tiny_config(data_root: Path, out_dir: Path, **sections) -> dict:
         "precision": "fp32",
         "data": {"dataset": "imagefolder", "root": str(data_root), "image_size": 32, "batch_size": 8},
         "model": {"arch": "resnet18", "weights": "none"},
-        "train": {"epochs": 3},  # unfreeze_epoch: 1 by default
+        "train": {"epochs": 3} if staged else {"epochs": 3, "unfreeze_epoch": 1},
     }
     for section, values in sections.items():
         if isinstance(values, dict):

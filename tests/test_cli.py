@@ -106,7 +106,7 @@ def test_same_config_and_seed_give_the_same_numbers(config_file, tmp_path):
 
 def test_streamed_dataset_trains_like_the_in_memory_one(tmp_path):
     """Over data.memory_budget_mb the images stream from disk through DataLoader workers."""
-    from test_data import mixed_size_folder
+    from conftest import mixed_size_folder
 
     root = mixed_size_folder(tmp_path)
     config = write_config(tmp_path / "c.yaml", root, tmp_path / "runs", train={"epochs": 2})
@@ -151,7 +151,7 @@ def test_train_takes_the_printed_config_unchanged_and_writes_it_back_byte_for_by
 
 
 def test_a_csv_of_the_image_folder_trains_the_same_run(imagefolder, tmp_path):
-    from test_sources import folder_as_csv
+    from conftest import folder_as_csv
 
     csv = folder_as_csv(imagefolder, tmp_path / "labels.csv")
     config = write_config(tmp_path / "c.yaml", imagefolder, tmp_path / "runs", train={"epochs": 2})
@@ -164,7 +164,7 @@ def test_a_csv_of_the_image_folder_trains_the_same_run(imagefolder, tmp_path):
 
 
 def test_a_csv_label_column_that_does_not_exist_stops_plan_in_one_line(imagefolder, tmp_path, capsys):
-    from test_sources import folder_as_csv
+    from conftest import folder_as_csv
 
     csv = folder_as_csv(imagefolder, tmp_path / "labels.csv")
     config = write_config(tmp_path / "c.yaml", imagefolder, tmp_path / "runs")

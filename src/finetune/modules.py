@@ -22,7 +22,7 @@ from finetune.data.sources import split_sizes
 from finetune.errors import FinetuneError
 from finetune.model.build import check_model_config, skeleton
 from finetune.model.schedule import Schedule, stage_modules
-from finetune.plan import group_row
+from finetune.plan import group_row, short_count
 
 DEFAULT_DEPTH = 2  # ResNet's layer4.0, MobileNetV2's features.14; repeated blocks open further
 FROZEN = "frozen all run"
@@ -114,8 +114,8 @@ def render(listing: ModuleListing) -> str:
     stage names and module lists are cut in the table: the tree and --json have them whole)."""
     import pandas as pd
 
-    head = f"{listing.arch}: {_short(listing.params)} parameters; head {listing.head} ({_short(listing.head_params)}"
-    lines = [f"{head}, {listing.classes} classes)"]
+    size, head_size = short_count(listing.params), short_count(listing.head_params)
+    lines = [f"{listing.arch}: {size} parameters; head {listing.head} ({head_size}, {listing.classes} classes)"]
     if listing.problem:
         lines += [textwrap.fill(f"this config's stages are refused: {listing.problem}", WIDTH), ""]
     else:
@@ -135,16 +135,10 @@ def _tree(rows: list[ModuleRow]) -> list[str]:
     for name, r in zip(names, rows, strict=True):
         takes = "yes" if r.stage_takes else "no"
         group = _fit(", ".join(r.groups) or "-", group_w)
-        lines.append(f"{name:<{name_w}}  {_fit(r.kind, kind_w):<{kind_w}}  {_short(r.params):>7}  {takes:<8}  {group}")
+        lines.append(
+            f"{name:<{name_w}}  {_fit(r.kind, kind_w):<{kind_w}}  {short_count(r.params):>7}  {takes:<8}  {group}"
+        )
     return lines
-
-
-def _short(count: int) -> str:
-    """11689512 -> 11.7M: the size at a glance, as fastai and timm print it."""
-    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if round(count / size, 1) >= 1:
-            return f"{count / size:.1f}{unit}"
-    return str(count)
 
 
 def _fit(text: str, width: int) -> str:

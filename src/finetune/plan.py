@@ -102,20 +102,29 @@ def group_row(schedule: Schedule, group: Group, cfg: Config) -> dict[str, Any]:
 
 
 def plan_table(plan: Plan) -> list[dict[str, Any]]:
-    """One printable row per epoch: LRs as `start > end` per group."""
+    """One printable row per epoch, narrow enough for a terminal: what trains is the stage (the
+    group table above lists each group's modules), LRs as `start>end` per group."""
     rows = []
     for e in plan.epochs:
-        row = {"epoch": e.epoch, "stage": e.stage, "trains": ", ".join(e.trainable), "params": e.trainable_params}
+        row = {"epoch": e.epoch, "stage": e.stage, "params": short_count(e.trainable_params)}
         row.update({f"lr {g}": _lr_cell(e.lr_start[g], e.lr_end[g]) for g in e.lr_start})
         row.update({"BN train": e.bn_train, "feature cache": e.cache})  # the runtime is one line above
         rows.append(row)
     return rows
 
 
+def short_count(count: int) -> str:
+    """11689512 -> 11.7M: the size at a glance, as fastai and timm print it."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if round(count / size, 1) >= 1:
+            return f"{count / size:.1f}{unit}"
+    return str(count)
+
+
 def _lr_cell(start: float, end: float) -> str:
     if start == end:
-        return "0" if start == 0 else f"{start:.2e}"
-    return f"{start:.2e} > {end:.2e}"
+        return "0" if start == 0 else f"{start:.1e}"
+    return f"{start:.1e}>{end:.1e}"
 
 
 def to_json(plan: Plan) -> dict[str, Any]:

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import CLASSES, make_imagefolder
+from conftest import CLASSES, folder_as_csv, make_imagefolder
 
 from finetune.config.load import load_config
 from finetune.config.schema import DataConfig
@@ -14,19 +14,6 @@ from finetune.data.imageset import scan_folder
 from finetune.data.sources import load_data, split_sizes
 from finetune.data.splits import fold_split, stratified_split
 from finetune.errors import FinetuneError
-
-
-def folder_as_csv(root: Path, path: Path, labels: dict[str, str] | None = None) -> Path:
-    """The image folder's files as CSV rows (paths relative to `root`), in the order the folder
-    is read, with a split column; `labels` renames classes."""
-    rows = []
-    for split in ("train", "val"):
-        names, files, index = scan_folder(root / split)
-        for file, label in zip(files, index, strict=True):
-            name = names[label]
-            rows.append({"path": str(file.relative_to(root)), "y": (labels or {}).get(name, name), "part": split})
-    pd.DataFrame(rows).to_csv(path, index=False)
-    return path
 
 
 def csv_config(root: Path, csv: Path, **values) -> DataConfig:

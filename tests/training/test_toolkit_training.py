@@ -220,7 +220,7 @@ def test_sigterm_inside_an_accumulated_step_with_ema_and_clipping_resumes_bit_id
 def test_accumulation_with_ema_under_torchrun_keeps_the_ranks_identical(tmp_path):
     """Two gloo processes; a step's first batches skip DDP's all-reduce (no_sync), its last one
     reduces the sums. The loop checks the weights are identical on both ranks after each epoch."""
-    from test_distributed import Torchrun
+    from processes import Torchrun
 
     data = make_imagefolder(tmp_path / "data", train_per_class=20, val_per_class=6)
     train = {"epochs": 2, "unfreeze_epoch": 1, "ema": {"decay": 0.9}, "grad_clip_norm": 1.0, "accumulate_steps": 2}

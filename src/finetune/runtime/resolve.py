@@ -100,8 +100,8 @@ class Runtime:
         scale = f"; LRs x{self.lr_scale:g} (train.scale_lr linear)" if self.lr_scale != 1 else ""
         if self.decided_by == "pending":
             return (
-                f"runtime: {self.device}, precision/memory format measured when train starts (at most about "
-                f"5 s, once per machine, model and size; a short run skips it); sized here as {self.describe()}{scale}"
+                f"runtime: {self.device}, precision/memory format measured when train starts (once per machine, "
+                f"model, size and batch; a short run takes the stable default); sized here as {self.describe()}{scale}"
             )
         how = {
             "config": "set in the config",
