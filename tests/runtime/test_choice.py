@@ -102,12 +102,15 @@ def test_torch_compile_is_chosen_only_where_its_faster_steps_win_back_every_comp
 
 
 def test_torch_compile_is_timed_only_for_a_run_long_enough_to_risk_a_compile():
-    from finetune.runtime.calibrate import COMPILE_GUESS_S, COMPILE_SHARE, worth_compiling
+    """Counted in images: no rate (which load slows) enters the decision."""
+    import torch
 
-    eager = Measured("fp32", "channels_last", train=100, infer=300)
-    enough = int(100 * COMPILE_GUESS_S / COMPILE_SHARE)  # images that take 10x a compile to train
-    assert worth_compiling(eager, Workload(enough, 0, full_images=enough))
-    assert not worth_compiling(eager, Workload(enough, 0, full_images=enough // 2))
+    from finetune.runtime.calibrate import COMPILE_IMAGES, worth_compiling
+
+    cpu, enough = torch.device("cpu"), COMPILE_IMAGES["cpu"]
+    assert worth_compiling(Workload(enough, 0, full_images=enough), cpu)
+    assert not worth_compiling(Workload(enough, 0, full_images=enough // 2), cpu)
+    assert not worth_compiling(Workload(enough, 0, full_images=enough), torch.device("cuda"))
 
 
 @pytest.mark.parametrize("reverse", [False, True])

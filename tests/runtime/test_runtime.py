@@ -262,7 +262,7 @@ def test_a_cached_compile_timing_decides_compile_and_a_record_or_pin_wins(cache,
 
 def test_a_run_too_short_to_measure_never_times_a_compile(cache, config, monkeypatch):
     """A short run is not measured at all: no compile timing either."""
-    monkeypatch.setattr(calibrate_module, "COMPILE_GUESS_S", 0.0)  # any measured run would try compiling
+    monkeypatch.setitem(calibrate_module.COMPILE_IMAGES, "cpu", 0)  # any measured run would try compiling
     cfg = config(*AUTO)
     runtime = resolve_runtime(cfg, subject_for(cfg))
     assert runtime.decided_by == "default" and runtime.calibration is None and not runtime.compile

@@ -28,8 +28,7 @@ MIN_ROUNDS = 2  # timed rounds every candidate gets whatever the budget: one tim
 MAX_ROUNDS = 5  # enough for the fastest step of each to settle
 LOSER = 1.5  # a candidate this much slower than the best on both paths after `MIN_ROUNDS` is not re-timed
 FAR_LOSER = 3.0  # nor one this much slower after the first round (bf16 depthwise convolutions on a CPU, say)
-COMPILE_GUESS_S = 30.0  # what compiling a ResNet18 train step took on 2 CPU cores: what trying torch.compile risks
-COMPILE_SHARE = 0.1  # it is tried on a run whose whole-forward training takes at least 10x that
+COMPILE_IMAGES = {"cpu": 50_000, "cuda": 500_000}  # whole-forward train images a run needs for a compile timing
 
 
 @dataclass
@@ -124,10 +123,12 @@ def calibrate(
     return result
 
 
-def worth_compiling(eager: Measured, work: Workload) -> bool:
-    """Whether to time torch.compile at all: it costs a compile (tens of seconds), so only a run
-    long enough that the time would be small beside it is worth the try; the answer is cached."""
-    return work.full_seconds(eager) * COMPILE_SHARE >= COMPILE_GUESS_S
+def worth_compiling(work: Workload, device: torch.device) -> bool:
+    """Whether to time torch.compile at all: it costs a compile (20 s to minutes on a CPU), so only
+    a run long enough to make that small is worth the try. Counted in images, not from a timed
+    rate, so a busy machine (slower steps, a run that looks longer) does not start a compile
+    that an idle one would not: the same config trains the same numerics under any load."""
+    return work.full_images >= COMPILE_IMAGES.get(device.type, COMPILE_IMAGES["cuda"])
 
 
 def measure_compiled(

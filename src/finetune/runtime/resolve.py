@@ -260,7 +260,7 @@ def _find_or_measure(
         calibration, how = calibrate(cfg, subject.model, subject.head_name, device, options), "measured"
     eager = _train_rate(calibration, work)
     timed = any(m.compiled and m.candidate == eager.candidate for m in calibration.measured)
-    if cfg.train.compile == "auto" and not timed and worth_compiling(eager, work):
+    if cfg.train.compile == "auto" and not timed and worth_compiling(work, device):
         compiled = measure_compiled(cfg, subject.model, subject.head_name, device, eager, calibration.batch)
         calibration.measured.append(compiled)
         how = "measured"
