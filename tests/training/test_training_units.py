@@ -106,6 +106,46 @@ def test_ranks_agree_on_the_step_to_stop_at(tmp_path):
     assert dict(results) == {0: VOTE_EVERY - 1, 1: VOTE_EVERY - 1}, "the first vote after rank 1's signal"
 
 
+def _identical_worker(rank: int, world: int, init: Path, results: dict) -> None:
+    """Three checks in turn: all alike; rank 1's BatchNorm mean off in two elements that cancel
+    in a float sum; rank 1's average off by one ulp in one element. Then rank 1's BatchNorm
+    statistics (float and int64) drift as a last forward leaves them, and rank 0's are shared."""
+    _join(rank, world, init)
+    replicas = Replicas(Ranks(rank, world), torch.device("cpu"))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+    outcomes = []
+    for case in ("alike", "1.running_mean", "ema.0.weight"):
+        tensors = {**model.state_dict(), **{f"ema.{k}": v for k, v in model.state_dict().items()}}
+        tensors = {k: v.clone() for k, v in tensors.items()}
+        if rank == 1 and case == "1.running_mean":
+            tensors[case][:2] += torch.tensor([2**-10, -(2**-10)])
+            assert tensors[case].sum() == 0, "the float sum cannot tell"
+        if rank == 1 and case == "ema.0.weight":
+            tensors[case][0, 0] = torch.nextafter(tensors[case][0, 0], torch.tensor(1.0))
+        try:
+            replicas.check_identical(tensors)
+            outcomes.append("alike")
+        except RuntimeError as exc:
+            outcomes.append(str(exc))
+    if rank == 1:
+        model[1].running_var.add_(1.0)
+        model[1].num_batches_tracked.add_(1)
+    replicas.share_buffers(list(model.buffers()))
+    replicas.check_identical(model.state_dict())
+    results[rank] = outcomes
+    dist.destroy_process_group()
+
+
+def test_replicas_compare_every_parameter_buffer_and_average_bit_for_bit_and_share_buffers(tmp_path):
+    results = mp.Manager().dict()
+    mp.spawn(_identical_worker, args=(2, tmp_path / "init", results), nprocs=2, join=True)
+    expected = ["alike"] + [
+        f"weights differ between ranks: {name} on rank 1 is not rank 0's" for name in ("1.running_mean", "ema.0.weight")
+    ]
+    assert dict(results) == {0: expected, 1: expected}, "every rank raises, none waits in a collective"
+
+
 def test_one_process_stops_at_the_step_the_signal_lands():
     replicas = Replicas(Ranks(), torch.device("cpu"))
     assert [replicas.stop_after(s, False, requested=s >= 3) for s in range(5)] == [False] * 3 + [True] * 2

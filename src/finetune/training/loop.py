@@ -81,8 +81,9 @@ class Trainer:
             augment = Augment(cfg.data.augment, cfg.data.image_size, data.num_classes, cfg.seed, ranks.rank)
         planner = CachePlanner(cfg, self.schedule, self.model, len(train_set), len(val_set), runtime)
         store = store or FeatureStore(Path(cfg.out_dir) / ".feature_cache")
-        sets = (train_set, val_set)
-        self.features = CacheProvider(cfg, planner, built, sets, transform, runtime, store, ranks, self.stop.guard)
+        sets, payer = (train_set, val_set), str(self.run_dir.resolve())  # payer: the run, in the caches' ledgers
+        features = (planner, built, sets, transform, runtime, store, ranks, self.stop.guard, payer)
+        self.features = CacheProvider(cfg, *features)
         self.batches = BatchSource(cfg, train_set, transform, augment, ranks, device)
         optimizing = (self.optimizer, self.scaler, criterion, self.schedule, runtime)
         self.steps = StepRunner(*optimizing, augment, self.replicas, self.stop, writer, self.ema)
@@ -139,6 +140,7 @@ class Trainer:
         stats = self.steps.run(epoch, forward, batches, self.labels, self.progress)
         if not stats.complete:
             self._interrupt(epoch, stats, started)
+        self.replicas.share_buffers(self._buffers())
         try:
             result = self.evaluate(cut, self.features.cache.val if cut is not None else None)
         except StopRequested:  # the steps are done: keep them, evaluate again on resume
@@ -154,6 +156,7 @@ class Trainer:
             stats.means(self.replicas),
             result,
             seconds,
+            self.features.cost,
             group_lrs(self.optimizer),
             trainable_count(self.model),
             self.features.decision.note,
@@ -179,8 +182,7 @@ class Trainer:
 
     def _write(self, epoch: int, outcome: EpochOutcome) -> None:
         if self.ranks.many:
-            checksum = self.replicas.check_same_weights(self.model)
-            tqdm.write(f"weights identical on {self.ranks.world} ranks (checksum {checksum:.6f})")
+            self._check_replicas()
         if self.writer:
             step = self.schedule.global_step(epoch + 1)
             if outcome.is_best:
@@ -194,6 +196,19 @@ class Trainer:
             tqdm.write(f"early stop after epoch {epoch}: {self.book.stopping.reason}")
         if self.book.pruned and self.book.pruned["epoch"] == epoch:
             tqdm.write(f"pruned after epoch {epoch}: {self.book.pruned['reason']}")
+
+    def _buffers(self) -> list[torch.Tensor]:
+        """The model's buffers and the weight average's."""
+        average = [self.ema.average[key] for key in self.ema.buffers] if self.ema is not None else []
+        return [*self.model.buffers(), *average]
+
+    def _check_replicas(self) -> None:
+        """Every parameter and buffer, and the weight average's, bit-identical on every rank."""
+        tensors = self.model.state_dict()
+        if self.ema is not None:
+            tensors.update({f"ema.{key}": value for key, value in self.ema.average.items()})
+        self.replicas.check_identical(tensors)
+        tqdm.write(f"weights identical on {self.ranks.world} ranks ({len(tensors)} tensors, every bit)")
 
     def _interrupt(self, epoch: int, stats: StepStats, started: float) -> None:
         """Save the epoch's steps so far (every rank's) in last.pt, then stop."""

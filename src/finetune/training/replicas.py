@@ -8,6 +8,7 @@ stop at the same step without a host sync per step.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -19,6 +20,7 @@ from finetune.runtime import distributed
 from finetune.runtime.distributed import Ranks
 
 VOTE_EVERY = 10
+INTS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # bytes -> an integer type
 
 
 class Replicas:
@@ -74,10 +76,40 @@ class Replicas:
     def gather(self, obj: Any) -> list[Any]:
         return distributed.gather(obj, self.ranks)
 
-    def check_same_weights(self, model: nn.Module) -> float:
-        """A checksum of the weights, checked equal on every rank (DDP keeps replicas identical)."""
-        checksum = sum(p.detach().float().sum().item() for p in model.parameters())  # no float64 on the device
-        sums = self.gather(checksum)
-        if len(set(sums)) > 1:
-            raise RuntimeError(f"weights differ between ranks: checksums {sums}")
-        return checksum
+    def share_buffers(self, buffers: list[torch.Tensor]) -> None:
+        """Rank 0's values in every rank's `buffers`, one broadcast per dtype. DDP sends rank 0's
+        buffers (BatchNorm statistics) at each forward, but each rank's last forward of an epoch
+        updates its own after that, so the replicas would end each epoch apart."""
+        if not self.many:
+            return
+        for dtype in dict.fromkeys(b.dtype for b in buffers):  # in the same order on every rank
+            group = [b for b in buffers if b.dtype == dtype]
+            flat = torch.cat([b.reshape(-1) for b in group])
+            dist.broadcast(flat, src=0)
+            for buffer, value in zip(group, flat.split([b.numel() for b in group]), strict=True):
+                buffer.copy_(value.view_as(buffer))
+
+    def check_identical(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Raise unless every tensor is bit-identical on every rank: DDP keeps the replicas
+        identical, and one that drifted (a buffer, the average) would save or score other weights.
+        Only checksums travel, on the training device, so NCCL and gloo both serve them."""
+        mine = checksums(tensors.values()).to(self.device)
+        every = [torch.empty_like(mine) for _ in range(self.ranks.world)]
+        dist.all_gather(every, mine)
+        for rank, theirs in enumerate(every):
+            differ = torch.nonzero((theirs != every[0]).any(dim=1))
+            if len(differ):
+                name = list(tensors)[int(differ[0])]
+                raise RuntimeError(f"weights differ between ranks: {name} on rank {rank} is not rank 0's")
+
+
+def checksums(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Per tensor, the plain and the position-weighted int64 sums of its elements read as
+    integers of their width: exact, where a float sum rounds and can cancel. The sums wrap
+    modulo 2^64 alike in any order, and one changed element changes the plain one."""
+    rows = []
+    for tensor in tensors:
+        bits = tensor.detach().reshape(-1).view(INTS[tensor.element_size()]).long()
+        weights = torch.arange(1, len(bits) + 1, device=bits.device)
+        rows.append(torch.stack([bits.sum(), (bits * weights).sum()]))
+    return torch.stack(rows)
