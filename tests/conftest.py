@@ -144,6 +144,7 @@ MODULE_TIERS = {
     "test_distributed": PROCESS,  # torchrun
     "test_cli": TRAINING,
     "test_compare": TRAINING,  # its runs are trained first
+    "test_cold_cost": TRAINING,  # ditto
     "test_inference": TRAINING,  # ditto
     "test_bad_input": TRAINING,  # its catalogue starts next to a trained run
     "test_augment": EXTRAS,  # kornia
@@ -158,6 +159,7 @@ TEST_TIERS = {
         "test_tensorboard_stream_continues_after_a_resume_without_duplicate_steps": PROCESS,
         "test_a_timm_model_trains_in_stages_resumes_and_predicts": TRAINING,
         "test_export_round_trips_within_tolerance_and_predict_reads_it": TRAINING,
+        "test_an_onnx_model_of_a_fixed_batch_predicts_any_number_of_images": TRAINING,
     },
     "test_rundir": {
         "test_two_trains_of_one_config_started_at_once_get_their_own_dirs": PROCESS,

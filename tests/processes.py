@@ -19,6 +19,8 @@ import pandas as pd
 import torch
 from conftest import make_imagefolder, write_config
 
+from finetune.runs.results import TIMING
+
 
 def with_reference(root: Path, train: dict) -> tuple[Path, Path]:
     """A config of these train keys with enough steps per epoch (30 at batch 4) to be stopped
@@ -112,10 +114,9 @@ def assert_same_as_reference(run: Path, reference: Path) -> None:
         assert torch.equal(ours["model"][key], value), f"{key} differs after resume"
     for name in ("last.pt", "best.pt"):
         assert torch.load(run / name, weights_only=True)["epoch"] == torch.load(reference / name)["epoch"]
-    timing = ["epoch_seconds"]
     pd.testing.assert_frame_equal(
-        pd.read_csv(run / "results.csv").drop(columns=timing),
-        pd.read_csv(reference / "results.csv").drop(columns=timing),
+        pd.read_csv(run / "results.csv").drop(columns=list(TIMING)),
+        pd.read_csv(reference / "results.csv").drop(columns=list(TIMING)),
     )
     assert not temp_files(run)
 

@@ -12,10 +12,12 @@ from conftest import write_config
 
 from finetune.cli import main
 from finetune.config.load import from_dict, load_config
+from finetune.runs.results import TIMING
 
 EXPECTED_COLUMNS = [
     "epoch", "stage", "train_loss", "train_acc", "val_loss", "val_acc", "val_balanced_acc", "trainable_params",
-    "epoch_seconds", "feature_cache", "val_weights", "next_stage", "is_best", "lr_head", "lr_backbone",
+    "epoch_seconds", "feature_seconds", "feature_seconds_reused", "feature_cache", "val_weights", "next_stage",
+    "is_best", "lr_head", "lr_backbone",
     "val_acc_cat", "val_acc_dog", "val_acc_frog",
 ]  # fmt: skip
 
@@ -100,7 +102,7 @@ def test_same_config_and_seed_give_the_same_numbers(config_file, tmp_path):
     path = config_file(train={"epochs": 2})
     for run in ("a", "b"):
         assert main(["train", str(path), "--run-dir", str(tmp_path / run)]) == 0
-    a, b = (pd.read_csv(tmp_path / run / "results.csv").drop(columns="epoch_seconds") for run in ("a", "b"))
+    a, b = (pd.read_csv(tmp_path / run / "results.csv").drop(columns=list(TIMING)) for run in ("a", "b"))
     pd.testing.assert_frame_equal(a, b)
 
 
@@ -113,7 +115,7 @@ def test_streamed_dataset_trains_like_the_in_memory_one(tmp_path):
     for run, budget in (("memory", 4096), ("streamed", 0)):
         sets = [f"data.memory_budget_mb={budget}", "data.num_workers=2"]
         assert main(["train", str(config), "--run-dir", str(tmp_path / run), "--set", *sets]) == 0
-    a, b = (pd.read_csv(tmp_path / run / "results.csv").drop(columns="epoch_seconds") for run in ("memory", "streamed"))
+    a, b = (pd.read_csv(tmp_path / run / "results.csv").drop(columns=list(TIMING)) for run in ("memory", "streamed"))
     pd.testing.assert_frame_equal(a, b)
 
 
@@ -158,7 +160,7 @@ def test_a_csv_of_the_image_folder_trains_the_same_run(imagefolder, tmp_path):
     as_csv = ["data.dataset=csv", f"data.csv={csv}", "data.file_col=path", "data.label_col=y", "data.split_col=part"]
     for run, sets in (("folder", []), ("csv", as_csv)):
         assert main(["train", str(config), "--run-dir", str(tmp_path / run), "--set", "train.lr_head=0.01", *sets]) == 0
-    a, b = (pd.read_csv(tmp_path / run / "results.csv").drop(columns="epoch_seconds") for run in ("folder", "csv"))
+    a, b = (pd.read_csv(tmp_path / run / "results.csv").drop(columns=list(TIMING)) for run in ("folder", "csv"))
     pd.testing.assert_frame_equal(a, b)
     assert torch.load(tmp_path / "csv" / "best.pt", weights_only=True)["class_names"] == ["cat", "dog", "frog"]
 

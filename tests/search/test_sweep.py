@@ -15,13 +15,12 @@ from finetune.config.load import load_config
 from finetune.data.sources import load_data
 from finetune.errors import FinetuneError
 from finetune.runs.compare import pareto_front, plot_tradeoff
+from finetune.runs.results import TIMING
 from finetune.search.sweep import expand, parse_grid
-
-TIMING = ["epoch_seconds"]
 
 
 def results(run) -> pd.DataFrame:
-    return pd.read_csv(run / "results.csv").drop(columns=TIMING)
+    return pd.read_csv(run / "results.csv").drop(columns=list(TIMING))
 
 
 def test_grid_over_seeds_writes_each_run_as_train_would_and_aggregates_seeds(config_file, tmp_path, capsys):
@@ -121,7 +120,7 @@ def test_a_sweep_rerun_continues_a_run_only_as_train_resume_would(tmp_path, caps
 
 
 def test_tradeoff_marks_the_runs_no_other_beats_on_both_axes():
-    points = pd.DataFrame({"run": list("abcd"), "total_s": [10, 20, 15, 30], "judged_val_acc": [0.5, 0.7, 0.4, 0.7]})
+    points = pd.DataFrame({"run": list("abcd"), "cold_s": [10, 20, 15, 30], "judged_val_acc": [0.5, 0.7, 0.4, 0.7]})
     assert pareto_front(points) == [0, 1]
     ax = plot_tradeoff(points, "run").axes[0]
     labels = {t.get_text(): t.get_fontweight() for t in ax.texts}

@@ -164,7 +164,7 @@ def test_progress_inside_an_epoch_gives_each_rank_its_own_steps():
 
 
 def test_a_fill_stopped_midway_leaves_no_slot_pointing_at_a_missing_row():
-    cache = empty_cache("fc", 6, torch.zeros(2, 4))
+    cache = empty_cache("fc", 6, torch.zeros(2, 4), "run", 0.0)
     needed = torch.ones(2, 6, dtype=torch.bool)
 
     def compute(index: torch.Tensor, flip: bool) -> torch.Tensor:
@@ -173,10 +173,11 @@ def test_a_fill_stopped_midway_leaves_no_slot_pointing_at_a_missing_row():
         return torch.ones(len(index), 4)
 
     with pytest.raises(StopRequested):
-        cache.fill(needed, compute)
+        cache.fill(needed, compute, "run")
     assert isinstance(cache, FeatureCache)
     assert int(cache.slot.max()) < len(cache.train) and (cache.slot[1] < 0).all()
-    assert cache.fill(needed, lambda index, flip: torch.full((len(index), 4), float(flip)))
+    assert len(cache.ledger.seconds) == len(cache.train), "the ledger prices the rows that exist"
+    assert cache.fill(needed, lambda index, flip: torch.full((len(index), 4), float(flip)), "run") > 0
     assert torch.equal(cache.train_inputs(torch.arange(6), torch.ones(6, dtype=torch.bool)), torch.ones(6, 4))
 
 

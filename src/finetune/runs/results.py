@@ -24,6 +24,8 @@ class EpochRecord:
     val_balanced_acc: float
     trainable_params: int
     epoch_seconds: float
+    feature_seconds: float = 0.0  # of epoch_seconds, spent computing cached activations
+    feature_seconds_reused: float = 0.0  # what the cached activations it used cost the runs that computed them
     feature_cache: str = ""  # the stage's cache decision, as `finetune plan` prints it
     val_weights: str = "model"  # the weights validation scored: the model's, or their average (ema)
     next_stage: str = ""  # the stage that starts after this epoch, and why (its epoch, a plateau)
@@ -36,6 +38,9 @@ class EpochRecord:
         row.update({f"lr_{name}": lr for name, lr in row.pop("lrs").items()})
         row.update({f"val_acc_{name}": acc for name, acc in row.pop("val_acc_per_class").items()})
         return row
+
+
+TIMING = ("epoch_seconds", "feature_seconds", "feature_seconds_reused")  # the columns two runs of one config differ in
 
 
 class ResultsLog:

@@ -22,6 +22,7 @@ from finetune.config.schema import Config
 from finetune.model.freezing import set_train_mode
 from finetune.model.schedule import Schedule
 from finetune.runtime.candidates import Candidate, Measured, Workload, autocast
+from finetune.runtime.hardware import synchronize
 
 BUDGET_S = 20.0  # rounds past the first two stop here: paid once per machine, model, size, batch and trainable part
 MIN_ROUNDS = 2  # timed rounds every candidate gets whatever the budget: one timing can be unlucky
@@ -74,7 +75,7 @@ class Bench:
         with autocast(self.device, c.precision):
             loss = self.model(x).float().logsumexp(1).mean()  # any loss: only the step's cost matters
         loss.backward()
-        self._sync()
+        synchronize(self.device)
         seconds = time.perf_counter() - start
         for p in self.params:
             p.grad = None
@@ -86,7 +87,7 @@ class Bench:
         start = time.perf_counter()
         with torch.no_grad(), autocast(self.device, c.precision):
             self.model(x)
-        self._sync()
+        synchronize(self.device)
         seconds = time.perf_counter() - start
         for module, mode in self.modes.items():
             module.train(mode)
@@ -101,12 +102,6 @@ class Bench:
             x = torch.randn(batch, 3, self.size, self.size, generator=self.generator)
             self.inputs[key] = x.to(self.device).contiguous(memory_format=c.layout)
         return self.inputs[key]
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        elif self.device.type == "mps":
-            torch.mps.synchronize()
 
 
 def calibrate(

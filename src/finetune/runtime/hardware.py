@@ -52,6 +52,14 @@ def has_depthwise(model: nn.Module) -> bool:
     return any(isinstance(m, nn.Conv2d) and 1 < m.groups == m.in_channels for m in model.modules())
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so a timer read next measures it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
 def device_name(device: torch.device) -> str:
     """What makes measured rates differ between machines: the chip, its vector flags, threads."""
     if device.type == "cuda":

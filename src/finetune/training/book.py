@@ -12,6 +12,7 @@ from finetune.runs.checkpoint import MAXIMIZE, BestTracker
 from finetune.runs.results import EpochRecord, ResultsLog, judge
 from finetune.training.early_stopping import EarlyStopping
 from finetune.training.evaluator import EvalResult
+from finetune.training.features import FeatureCost
 
 
 @dataclass
@@ -41,6 +42,7 @@ class EpochBook:
         train: tuple[float, float],
         result: EvalResult,
         seconds: float,
+        features: FeatureCost,
         lrs: dict[str, float],
         trainable_params: int,
         feature_cache: str,
@@ -62,6 +64,8 @@ class EpochBook:
             val_balanced_acc=result.balanced_acc,
             trainable_params=trainable_params,
             epoch_seconds=seconds,
+            feature_seconds=features.paid,
+            feature_seconds_reused=features.reused,
             feature_cache=feature_cache,
             val_weights="ema" if self.cfg.train.ema else "model",
             next_stage=next_stage,

@@ -2,12 +2,14 @@
 
 The decision is the one `plan` prints (features.CachePlanner, once per stage); each epoch
 computes only the (image, flip) pairs it draws that the cache lacks. The head-input cache is
-also kept on disk (rank 0), keyed by everything that determines it, for later runs.
+also kept on disk (rank 0), keyed by everything that determines it, for later runs, which are
+charged what its activations cost the run that computed them.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
@@ -18,12 +20,14 @@ from finetune.data.batching import BatchTransform
 from finetune.data.imageset import ImageSet
 from finetune.model.build import BuiltModel
 from finetune.runtime.distributed import Ranks
+from finetune.runtime.hardware import synchronize
 from finetune.runtime.resolve import Runtime
 from finetune.training.features import (
     CacheDecision,
     CachePlanner,
     CutModel,
     FeatureCache,
+    FeatureCost,
     FeatureStore,
     cache_key,
     empty_cache,
@@ -44,20 +48,28 @@ class CacheProvider:
         store: FeatureStore,
         ranks: Ranks,
         guard: Callable[[Iterable], Iterator],
+        payer: str,
     ):
+        """`payer`: the run, as the ledgers of the caches it computes name it."""
         self.cfg, self.planner, self.built, self.transform = cfg, planner, built, transform
         self.train_set, self.val_set = sets
         self.runtime, self.store, self.ranks, self.guard = runtime, store, ranks, guard
+        self.payer = payer
         self.cache: FeatureCache | None = None
         self.disk_key = ""
+        self.cost = FeatureCost()  # the last epoch's
+        self.drawn = torch.zeros(0)  # (2, N) bool: the pairs this run drew from the cache before this epoch
+        self.since = 0  # the first epoch of the cache's stage
 
     @property
     def decision(self) -> CacheDecision | None:
         return self.planner.current
 
     def cut_for(self, epoch: int) -> CutModel | None:
-        """The cut whose input is cached for this epoch, with the activations this epoch draws."""
+        """The cut whose input is cached for this epoch, with the activations this epoch draws;
+        `cost` says what they cost."""
         cut = self.planner.decide(epoch).cut
+        self.cost = FeatureCost()
         if cut is None:
             self.cache = None
             return None
@@ -66,24 +78,46 @@ class CacheProvider:
             self.disk_key = self.key() if on_disk else ""
             self.cache = self.store.load(self.disk_key, self.runtime.device) if on_disk else None
             if self.cache is None:
-                val_batches = math.ceil(len(self.val_set) / self.cfg.data.batch_size)
-                val = self._activations(cut, self.val_set.in_order(self.cfg.data.batch_size), val_batches, False)
-                self.cache = empty_cache(cut.cut, len(self.train_set), val)
-        if self._fill(cut, epoch) and on_disk:
+                self.cache = self._empty(cut)
+                self.cost.paid = self.cache.ledger.val_seconds
+            self.since = self.planner.current.epochs.start
+            self.drawn = self._needed(range(self.since, epoch))
+        needed = self._needed([epoch])
+        self.cost.paid += self._fill(cut, needed)
+        if self.cost.paid > 0 and on_disk:
             self.store.save(self.disk_key, self.cache)
+        self.cost.reused = self._reused(needed, epoch)
         return cut
 
-    def _fill(self, cut: CutModel, epoch: int) -> bool:
+    def _empty(self, cut: CutModel) -> FeatureCache:
+        """A new cache holding the validation activations, computed now by this run."""
+        started = time.perf_counter()
+        batches = math.ceil(len(self.val_set) / self.cfg.data.batch_size)
+        val = self._activations(cut, self.val_set.in_order(self.cfg.data.batch_size), batches, False)
+        return empty_cache(cut.cut, len(self.train_set), val, self.payer, time.perf_counter() - started)
+
+    def _needed(self, epochs: Iterable[int]) -> torch.Tensor:
+        return needed_variants(len(self.train_set), self.cfg.seed, epochs, self.cfg.data.hflip, self.ranks)
+
+    def _fill(self, cut: CutModel, needed: torch.Tensor) -> float:
         """Compute the pairs this epoch draws that the cache lacks, so a stage's first epoch
-        costs no more than the full forward."""
-        bs, data = self.cfg.data.batch_size, self.cfg.data
-        needed = needed_variants(len(self.train_set), self.cfg.seed, [epoch], data.hflip, self.ranks)
+        costs no more than the full forward; the seconds that took."""
+        bs = self.cfg.data.batch_size
 
         def compute(index: torch.Tensor, flip: bool) -> torch.Tensor:
             batches = index.split(bs)
             return self._activations(cut, self.train_set.batches(batches), len(batches), flip)
 
-        return self.cache.fill(needed, compute)
+        return self.cache.fill(needed, compute, self.payer)
+
+    def _reused(self, needed: torch.Tensor, epoch: int) -> float:
+        """What the activations this epoch uses for the first time in this run cost the other runs
+        that computed them. A function of the epochs and the ledger alone, so a resumed run is
+        charged as the uninterrupted one was."""
+        first_use = needed & ~self.drawn
+        self.drawn |= needed
+        rows = self.cache.slot[first_use.to(self.cache.slot.device)].cpu()
+        return self.cache.ledger.charged(rows, self.payer, val=epoch == self.since)
 
     def key(self) -> str:
         """The head-input cache's disk key: weights, pixels, size, normalization, numerics."""
@@ -96,4 +130,6 @@ class CacheProvider:
         """The cut's inputs for `count` uint8 batches, every image flipped or none."""
         batches = (self.transform(x, torch.ones(len(x), dtype=torch.bool) if flip else None) for x in images)
         shown = tqdm(batches, f"{cut.cut} inputs", count, leave=False, disable=None if self.ranks.main else True)
-        return extract(cut, self.runtime, self.guard(shown))
+        activations = extract(cut, self.runtime, self.guard(shown))
+        synchronize(self.runtime.device)  # their cost is timed
+        return activations

@@ -10,16 +10,19 @@ its last Linear), or a backbone module during gradual unfreezing, for models who
 runs their children as a chain (torchvision's ResNet, MobileNet, EfficientNet, RegNet,
 ConvNeXt, VGG ...): `CutModel.exact` checks that on a random batch, and where it fails the
 full forward runs. Head-input caches are also kept on disk, keyed by everything that
-determines them, so later runs and other configs reuse them.
+determines them, so later runs and other configs reuse them; each keeps a ledger of what its
+activations cost, so a run that reuses them is charged their cost (compare's cold cost).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,7 +35,48 @@ from finetune.runs.checkpoint import load_checkpoint, save_checkpoint
 from finetune.runtime.distributed import SINGLE, Ranks, shard
 from finetune.runtime.resolve import Runtime
 
-CACHE_FORMAT = 4  # part of the disk key: a new layout or batch transform never reads an old file
+CACHE_FORMAT = 5  # part of the disk key: a new layout or batch transform never reads an old file
+
+
+@dataclass
+class FeatureCost:
+    """An epoch's feature extraction: the seconds it paid, and what the cached activations it used
+    for the first time cost the runs that computed them (time as run plus those is the cold cost)."""
+
+    paid: float = 0.0
+    reused: float = 0.0
+
+
+@dataclass
+class Ledger:
+    """Which run computed each cached activation and in how many seconds: a run that reuses
+    another's activations is charged their cost, a resumed run never its own."""
+
+    payers: list[str] = field(default_factory=list)  # the run dirs that computed rows
+    payer: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # (K,) into payers
+    seconds: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))  # (K,) per row
+    val_payer: int = -1
+    val_seconds: float = 0.0
+
+    def index(self, payer: str) -> int:
+        """`payer`'s number, given it on its first payment."""
+        if payer not in self.payers:
+            self.payers.append(payer)
+        return self.payers.index(payer)
+
+    def add(self, payer: str, rows: int, seconds: float) -> None:
+        """`rows` new train rows computed by `payer` in `seconds`, each charged an equal share."""
+        self.payer = torch.cat([self.payer, torch.full((rows,), self.index(payer))])
+        self.seconds = torch.cat([self.seconds, torch.full((rows,), seconds / rows, dtype=torch.float64)])
+
+    def charged(self, rows: torch.Tensor, payer: str, val: bool) -> float:
+        """Seconds other runs paid for these train rows (and the validation activations)."""
+        mine = self.payers.index(payer) if payer in self.payers else -1
+        seconds = float(self.seconds[rows][self.payer[rows] != mine].sum())
+        return seconds + (self.val_seconds if val and self.val_payer != mine else 0.0)
+
+    def state(self) -> dict[str, Any]:
+        return {**vars(self), "payers": list(self.payers)}
 
 
 @dataclass
@@ -41,29 +85,38 @@ class FeatureCache:
     slot: torch.Tensor  # (2, N) long: row of `train` holding (flip variant, image), -1 if not computed
     train: torch.Tensor  # (K, ...) activations, on the training device like `slot`
     val: torch.Tensor  # (M, ...)
+    ledger: Ledger
 
     def train_inputs(self, index: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
         return self.train[self.slot[flips.long(), index]]
 
-    def fill(self, needed: torch.Tensor, compute: Callable[[torch.Tensor, bool], torch.Tensor]) -> bool:
-        """Compute the needed variants not yet held; return whether anything was computed.
+    def fill(self, needed: torch.Tensor, compute: Callable[[torch.Tensor, bool], torch.Tensor], payer: str) -> float:
+        """Compute the needed variants not yet held; return the seconds that took (0 if none).
 
         Slots point at rows only once the rows exist: a fill stopped by Ctrl-C leaves the
         cache as it was (a sweep keeps caches across runs, so a dangling slot would poison
-        every later run).
+        every later run). `compute` returns only once the device has finished, so the time is its.
         """
         missing = needed.to(self.slot.device) & (self.slot < 0)
+        paid = 0.0
         for variant in (0, 1):
             index = missing[variant].nonzero().flatten()
             if len(index):
+                started = time.perf_counter()
                 rows = compute(index, bool(variant))
+                seconds = time.perf_counter() - started
                 self.slot[variant, index] = torch.arange(len(index), device=self.slot.device) + len(self.train)
                 self.train = torch.cat([self.train, rows])
-        return bool(missing.any())
+                self.ledger.add(payer, len(index), seconds)
+                paid += seconds
+        return paid
 
 
-def empty_cache(cut: str, n: int, val: torch.Tensor) -> FeatureCache:
-    return FeatureCache(cut, torch.full((2, n), -1, dtype=torch.long, device=val.device), val[:0], val)
+def empty_cache(cut: str, n: int, val: torch.Tensor, payer: str, seconds: float) -> FeatureCache:
+    """A cache holding only the validation activations, which `payer` computed in `seconds`."""
+    ledger = Ledger()
+    ledger.val_payer, ledger.val_seconds = ledger.index(payer), seconds
+    return FeatureCache(cut, torch.full((2, n), -1, dtype=torch.long, device=val.device), val[:0], val, ledger)
 
 
 @dataclass
@@ -276,10 +329,11 @@ class FeatureStore:
         except FinetuneError:
             return None  # an unreadable cache is recomputed, never fatal
         tensors = (state[k].to(device) for k in ("slot", "train", "val"))
-        return FeatureCache(state["cut"], *tensors)
+        return FeatureCache(state["cut"], *tensors, Ledger(**state["ledger"]))
 
     def save(self, key: str, cache: FeatureCache) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         state = {"cut": cache.cut, "slot": cache.slot.cpu(), "train": cache.train.cpu(), "val": cache.val.cpu()}
+        state["ledger"] = cache.ledger.state()
         save_checkpoint(self.folder / f"{key}.pt", state)
         self.held[key] = cache
