@@ -159,6 +159,11 @@ def make_resume_fewer_epochs(env: Env) -> list[str]:
     return ["train", "--resume", str(run), "--set", "train.epochs=2"]
 
 
+def staged(env: Env, command: str, stages: str) -> list[str]:
+    """`command` on the tiny config with stages: its shorthand (unfreeze_epoch: 1) set to null."""
+    return [command, env.config(), "--set", "train.unfreeze_epoch=null", f"train.unfreeze={stages}"]
+
+
 def make_run_without_best(env: Env) -> Path:
     """A run stopped before its first epoch ended: last.pt, no best.pt."""
     run = env.run_copy()
@@ -278,15 +283,15 @@ CASES = {
         r"drop train\.unfreeze_epoch",
     ),
     "stage unknown module": (
-        lambda e: ["train", e.config(), "--set", "train.unfreeze=[{epoch: 1, modules: [layer44]}]"],
+        lambda e: staged(e, "train", "[{epoch: 1, modules: [layer44]}]"),
         r"names no module 'layer44' of the model; did you mean layer4",
     ),
     "stage at last epoch": (
-        lambda e: ["train", e.config(), "--set", "train.unfreeze=[{epoch: 3, modules: [layer4]}]"],
+        lambda e: staged(e, "train", "[{epoch: 3, modules: [layer4]}]"),
         r"train\.unfreeze\[0\]\.epoch = 3 must be between 0 and train\.epochs - 1 = 2",
     ),
     "stage holds head": (
-        lambda e: ["plan", e.config(), "--set", "train.unfreeze=[{epoch: 1, modules: [fc]}]"],
+        lambda e: staged(e, "plan", "[{epoch: 1, modules: [fc]}]"),
         r"holds the head 'fc'",
     ),
     "scheduler name": (

@@ -28,7 +28,7 @@ def test_a_timm_model_trains_in_stages_resumes_and_predicts(config_file, tmp_pat
     config = str(config_file(model={"arch": "timm/convnext_atto", "weights": "none"}, train={"epochs": 1}))
     run = tmp_path / "timm"
     stages = "train.unfreeze=[{epoch: 0, modules: [stages.3]}]"
-    assert main(["train", config, "--run-dir", str(run), "--set", stages]) == 0
+    assert main(["train", config, "--run-dir", str(run), "--set", "train.unfreeze_epoch=null", stages]) == 0
     assert main(["train", "--resume", str(run), "--set", "train.epochs=2"]) == 0
     results = pd.read_csv(run / "results.csv")
     assert results["stage"].tolist() == ["stages.3", "stages.3"]

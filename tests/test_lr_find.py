@@ -85,7 +85,7 @@ def test_a_later_stage_ramps_its_own_group_after_the_epochs_before_it(tmp_path, 
     stages = "train.unfreeze=[{epoch: 1, modules: [layer4]}, {epoch: 2, modules: [layer3]}]"
     config = str(write_config(tmp_path / "c.yaml", imagefolder, tmp_path / "runs"))
     out_dir = tmp_path / "found"
-    sets = [stages, "train.layer_lr_decay=0.5"]
+    sets = ["train.unfreeze_epoch=null", stages, "train.layer_lr_decay=0.5"]
     args = ["lr-find", config, "--set", *sets, "--stage", "layer4", "--steps", "30", "--out", str(out_dir), "--json"]
     assert main(args) == 0
     printed = capsys.readouterr().out
@@ -93,7 +93,7 @@ def test_a_later_stage_ramps_its_own_group_after_the_epochs_before_it(tmp_path, 
     assert result["stage"] == "layer4" and result["ramped"] == {"layer4": 1.0} and result["steps"] <= 30
     assert "epoch 1/3 head" in printed  # trained first, as train would
     words = shlex.split(result["set"])
-    assert words[:3] == ["--set", *sets] and len(words) == 4 and words[3].startswith("train.unfreeze=")
+    assert words[:4] == ["--set", *sets] and len(words) == 5 and words[4].startswith("train.unfreeze=")
     cfg = load_config(config, words[1:])
     assert cfg.train.unfreeze[0].lr == pytest.approx(result["suggestion"], rel=0.05)
     assert cfg.train.unfreeze[1].lr == pytest.approx(0.5e-4) and cfg.train.lr_head == 1.0e-3

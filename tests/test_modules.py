@@ -48,7 +48,8 @@ def test_resnet18_lists_its_blocks_with_sizes_groups_and_what_a_stage_takes(conf
 
 def test_mobilenet_v2_shows_every_features_block_a_stage_can_name(config_file):
     top = [f"features.{i}" for i in range(14, 19)]
-    found = listing(str(config_file()), "model.arch=mobilenet_v2", f"train.unfreeze=[{{epoch: 1, modules: {top}}}]")
+    stage = f"train.unfreeze=[{{epoch: 1, modules: {top}}}]"
+    found = listing(str(config_file()), "model.arch=mobilenet_v2", "train.unfreeze_epoch=null", stage)
     rows = {r.name: r for r in found.rows}
     assert [n for n in rows if n.startswith("features.")] == [f"features.{i}" for i in range(19)]
     assert rows["features.14"].stage_takes and rows["features.14"].level == 2

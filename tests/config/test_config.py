@@ -24,7 +24,8 @@ def test_defaults_match_the_documented_schema():
     cfg = load_config(None)
     assert cfg == Config()
     assert (cfg.data.dataset, cfg.data.train_size, cfg.data.val_size) == ("cifar10", 3000, 800)
-    assert (cfg.train.lr_head, cfg.train.lr_backbone, cfg.train.unfreeze_epoch) == (1e-3, 1e-4, 1)
+    assert (cfg.train.lr_head, cfg.train.lr_backbone, cfg.train.unfreeze_epoch) == (1e-3, 1e-4, None)
+    assert (cfg.train.freeze_backbone, cfg.data.num_workers) == (True, "auto")
     assert cfg.checkpoint.monitor == "val_acc"
 
 
@@ -65,6 +66,17 @@ def test_an_unknown_set_key_blames_the_override_not_the_file(tmp_path, item, clo
 def test_an_unknown_set_key_with_nothing_close_lists_its_sections_keys():
     with pytest.raises(FinetuneError, match=r"^--set train\.zzzzzzzz: no such key; valid keys: train\.epochs, "):
         load_config(None, ["train.zzzzzzzz=1"])
+
+
+def test_num_workers_is_auto_or_a_count():
+    assert load_config(None, ["data.num_workers=0"]).data.num_workers == 0
+    assert load_config(None, ["data.num_workers=auto"]).data.num_workers == "auto"
+    with pytest.raises(
+        FinetuneError, match=r"data\.num_workers = 'all' is invalid; expected an integer or one of auto"
+    ):
+        load_config(None, ["data.num_workers=all"])
+    with pytest.raises(FinetuneError, match=r"data\.num_workers = -1 must not be negative"):
+        load_config(None, ["data.num_workers=-1"])
 
 
 def test_wrong_type_names_key_and_expected_type():

@@ -1,3 +1,4 @@
+import dataclasses
 import http.server
 import multiprocessing
 import threading
@@ -197,13 +198,19 @@ def test_a_failed_cifar10_download_says_so_in_one_line_and_leaves_no_litter(
     assert tree(tmp_path / "area") == before
 
 
-def test_num_workers_0_means_one_per_core_in_memory_and_streamed(tmp_path):
+def test_num_workers_auto_is_one_per_core_and_0_loads_in_the_main_process(tmp_path):
+    """As PyTorch's DataLoader: 0 starts no worker process; `auto` (the default) one per core."""
     import os
 
     root = make_imagefolder(tmp_path / "data")
-    cfg = DataConfig(dataset="imagefolder", root=str(root), image_size=32, num_workers=0, memory_budget_mb=0)
-    assert load_data(cfg).train.workers == worker_count(0) == os.cpu_count()
+    streamed = DataConfig(dataset="imagefolder", root=str(root), image_size=32, memory_budget_mb=0)
+    assert load_data(streamed).train.workers == worker_count("auto") == os.cpu_count()
     assert worker_count(3) == 3
+    main_process = load_data(dataclasses.replace(streamed, num_workers=0)).train
+    batches, pids = streamed_pass(main_process, [torch.tensor([0, 5]), torch.tensor([3])])
+    assert pids == set() and [len(b) for b in batches] == [2, 1]
+    in_memory = load_data(dataclasses.replace(streamed, num_workers=0, memory_budget_mb=4096)).train
+    assert in_memory.images is not None and len(in_memory) == len(main_process) == 24
 
 
 def test_batch_transform_stays_float32_for_numpy_statistics():

@@ -31,6 +31,7 @@ def test_shorthand_is_one_backbone_stage():
 
     assert stages(unfreeze_epoch=2) == ["head", "head", "backbone", "backbone"]
     assert stages(unfreeze_epoch=None) == ["head"] * 4
+    assert stages(freeze_backbone=True) == ["head"] * 4, "frozen alone is feature extraction: it never unfreezes"
     assert stages(freeze_backbone=False) == ["backbone"] * 4
 
 

@@ -20,6 +20,7 @@ from finetune.model.schedule import Schedule
 STEPS = 10  # steps per epoch in the pure tests
 THREE_STAGES = [
     "train.epochs=4",
+    "train.unfreeze_epoch=null",  # the tiny config's shorthand gives way to the stages
     "train.unfreeze=[{epoch: 1, modules: [layer4]}, {epoch: 2, modules: [layer3]}, {epoch: 3, modules: [backbone]}]",
     "train.layer_lr_decay=0.5",
     "train.scheduler={name: cosine, warmup_epochs: 0.5}",
@@ -169,7 +170,7 @@ def test_partial_cache_trains_the_same_weights_as_the_full_forward(make_trainer)
     finals = []
     for cache in ("auto", "off"):
         stages = "train.unfreeze=[{epoch: 1, modules: [layer4]}]"
-        trainer = make_trainer("train.epochs=3", stages, f"train.feature_cache={cache}")
+        trainer = make_trainer("train.epochs=3", "train.unfreeze_epoch=null", stages, f"train.feature_cache={cache}")
         for epoch in (1, 2, 3):
             trainer.run_epoch(epoch)
             if cache == "auto":
@@ -180,7 +181,8 @@ def test_partial_cache_trains_the_same_weights_as_the_full_forward(make_trainer)
 
 
 def test_cache_falls_back_to_the_full_forward_where_the_model_is_no_chain(make_trainer):
-    trainer = make_trainer("train.epochs=2", "train.unfreeze=[{epoch: 0, modules: [layer4.0.conv2]}]")
+    stage = "train.unfreeze=[{epoch: 0, modules: [layer4.0.conv2]}]"
+    trainer = make_trainer("train.epochs=2", "train.unfreeze_epoch=null", stage)
     trainer.run_epoch(1)
     assert trainer.features.cache is None
     assert "not a chain of modules at layer4.0.conv2" in trainer.features.decision.note

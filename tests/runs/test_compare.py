@@ -45,7 +45,12 @@ def runs(tmp_path_factory):
     for name, sets in {
         "frozen": ["train.unfreeze_epoch=null"],
         "frozen-seed1": ["train.unfreeze_epoch=null", "seed=1"],
-        STAGED: [STAGES, "train.scheduler={name: cosine, warmup_epochs: 0.5}", "train.lr_backbone=3e-4"],
+        STAGED: [
+            "train.unfreeze_epoch=null",
+            STAGES,
+            "train.scheduler={name: cosine, warmup_epochs: 0.5}",
+            "train.lr_backbone=3e-4",
+        ],
     }.items():
         assert main(["train", str(config), "--run-dir", str(runs / name), "--set", *sets]) == 0
     copy_run(runs / "frozen", runs / "stopped", config=lambda c: c["train"].update(epochs=3))

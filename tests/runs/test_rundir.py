@@ -72,6 +72,13 @@ def test_continuing_a_run_may_only_raise_epochs():
         check_continuation(saved, load_config(None, ["train.epochs=3", "seed=1"]), "here", "fix")
 
 
+def test_a_run_continues_with_other_data_workers():
+    """How many processes load the images changes no batch: a run saved with num_workers 0 (one
+    per core before `auto`) may continue with auto."""
+    saved = load_config(None, ["data.num_workers=0"])
+    check_continuation(saved, load_config(None, ["data.num_workers=auto"]), "here", "fix")
+
+
 def test_a_run_is_finished_when_done_or_stopped_early_before_its_last_epoch():
     done = {"epochs_completed": 3, "epochs": 3, "stopped_early": None}
     assert is_finished(done, 3) and not is_finished(done, 4)

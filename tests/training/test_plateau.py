@@ -13,6 +13,7 @@ from processes import Finetune, Torchrun, assert_same_as_reference, csv_rows, re
 from finetune.cli import main
 
 FLAT = ["train.lr_head=1e-12", "train.lr_backbone=1e-12"]  # val_acc stays where it starts
+STAGED = "train.unfreeze_epoch=null"  # the tiny config's shorthand gives way to the stages
 
 
 def plateau_stages(**layer4) -> str:
@@ -22,7 +23,8 @@ def plateau_stages(**layer4) -> str:
 
 
 def run(config, tmp_path, *sets, name="run") -> pd.DataFrame:
-    assert main(["train", str(config), "--run-dir", str(tmp_path / name), "--set", "train.epochs=6", *sets]) == 0
+    args = ["train", str(config), "--run-dir", str(tmp_path / name), "--set", "train.epochs=6", STAGED, *sets]
+    assert main(args) == 0
     return pd.read_csv(tmp_path / name / "results.csv")
 
 
@@ -49,7 +51,7 @@ def test_restore_best_puts_back_the_weights_of_the_stage_befores_best_epoch(make
     from finetune.training.ema import evaluated_weights
 
     stages = "train.unfreeze=[{modules: [layer4], after: plateau, patience: 1, max_epochs: 6, restore_best: true}]"
-    trainer = make_trainer("train.epochs=8", "train.lr_head=0.05", stages, f"train.ema={ema}")
+    trainer = make_trainer("train.epochs=8", "train.lr_head=0.05", STAGED, stages, f"train.ema={ema}")
     after: dict[int, dict[str, torch.Tensor]] = {}
     for epoch in range(1, 8):
         trainer.run_epoch(epoch)
@@ -65,9 +67,8 @@ def test_restore_best_puts_back_the_weights_of_the_stage_befores_best_epoch(make
 
 
 def test_plan_shows_a_plateau_stage_as_its_window(config_file, capsys):
-    assert (
-        main(["plan", str(config_file()), "--set", "train.epochs=6", plateau_stages(min_epochs=2, max_epochs=3)]) == 0
-    )
+    args = ["plan", str(config_file()), "--set", "train.epochs=6", STAGED, plateau_stages(min_epochs=2, max_epochs=3)]
+    assert main(args) == 0
     out = capsys.readouterr().out
     assert "3-4, on plateau of val_acc" in out
 
@@ -88,7 +89,7 @@ def test_plan_shows_a_plateau_stage_as_its_window(config_file, capsys):
 )
 def test_bad_plateau_stages_are_one_line_from_plan_and_train(config_file, capsys, stages, message):
     for command in ("plan", "train"):
-        assert main([command, str(config_file()), "--set", "train.epochs=6", f"train.unfreeze={stages}"]) == 2
+        assert main([command, str(config_file()), "--set", "train.epochs=6", STAGED, f"train.unfreeze={stages}"]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and __import__("re").search(message, err), err
 
@@ -139,10 +140,10 @@ def test_under_torchrun_every_rank_switches_at_the_same_step(plateau_run, tmp_pa
 
 def test_a_plateau_on_the_last_epoch_starts_nothing(config_file, tmp_path):
     """No stage after the run: the last.pt keeps the trained weights, stage_starts says none."""
-    stages = "train.unfreeze=[{modules: [layer4], after: plateau, patience: 1, restore_best: true}]"
+    stages = [STAGED, "train.unfreeze=[{modules: [layer4], after: plateau, patience: 1, restore_best: true}]"]
     assert (
         main(
-            ["train", str(config_file()), "--run-dir", str(tmp_path / "run"), "--set", "train.epochs=2", *FLAT, stages]
+            ["train", str(config_file()), "--run-dir", str(tmp_path / "run"), "--set", "train.epochs=2", *FLAT, *stages]
         )
         == 0
     )
@@ -156,7 +157,7 @@ def test_plan_window_starts_where_a_plateau_can_first_be_seen(config_file, tmp_p
     from finetune.config.load import load_config
     from finetune.plan import make_plan
 
-    cfg = load_config(str(config_file()), ["train.epochs=6", *FLAT, plateau_stages()])
+    cfg = load_config(str(config_file()), ["train.epochs=6", *FLAT, STAGED, plateau_stages()])
     assert make_plan(cfg).groups[1]["trains from epoch"].startswith("3-")
     assert run(config_file(), tmp_path, *FLAT, plateau_stages())["stage"].tolist()[2] == "layer4"
 
@@ -167,6 +168,6 @@ def test_a_sweep_grids_plateau_settings_like_any_key(config_file, tmp_path):
     slow = "[{modules: [layer4], after: plateau, patience: 3, max_epochs: 2}]"
     out = tmp_path / "sweep"
     args = ["sweep", str(config_file()), "--grid", f"train.unfreeze={fast},{slow}", "--out", str(out)]
-    assert main([*args, "--set", "train.epochs=4", *FLAT]) == 0
+    assert main([*args, "--set", "train.epochs=4", *FLAT, STAGED]) == 0
     starts = sorted(json.loads(p.read_text())["stage_starts"]["layer4"] for p in out.glob("*/summary.json"))
     assert starts == [2, 3], "max_epochs 1 and 2 of the head"

@@ -67,7 +67,9 @@ class DataConfig:
     train_classes: list[str | int] | None = None
     image_size: int = 224  # images are resized to this square size
     batch_size: int = 32  # images per batch (per process under torchrun)
-    num_workers: int = 0  # 0 = one per core: decoding threads in memory, DataLoader workers when streaming
+    # decoding threads in memory, DataLoader worker processes when streaming: auto = one per core;
+    # 0 = none, as in PyTorch: images load in the main process
+    num_workers: int | Literal["auto"] = "auto"
     hflip: bool = True  # random horizontal flip in training
     memory_budget_mb: int = 4096  # image data decoded larger than this is streamed from disk instead of held
     split_seed: int = 42  # draws subsets and the digits split; the run's `seed` draws the training
@@ -140,7 +142,7 @@ class TrainConfig:
     weight_decay: float = 0.0  # skips norm layers and biases unless decay_norm_and_bias
     decay_norm_and_bias: bool = False  # weight_decay on norm layers and biases too (off, as timm and HF)
     freeze_backbone: bool = True  # shorthand for one `backbone` stage (leave out with `unfreeze`)
-    unfreeze_epoch: int | None = 1  # the backbone trains from epoch unfreeze_epoch + 1; null = never
+    unfreeze_epoch: int | None = None  # the backbone trains from epoch unfreeze_epoch + 1; null = never unfreeze
     freeze_bn: bool = True  # BatchNorm (and dropout) of a frozen module stay in eval mode until its stage
     # auto = inverse class frequency of the training split; or [w0, ...] or {class: w}
     class_weights: Literal["none", "auto"] | list[float] | dict[str | int, float] = "auto"

@@ -94,7 +94,7 @@ class FileStream:
             num_workers=workers,
             collate_fn=torch.stack,
             generator=private,
-            persistent_workers=True,
+            persistent_workers=workers > 0,  # 0: the main process loads, as PyTorch's DataLoader
         )
         self._passes = 0
 
@@ -181,14 +181,15 @@ def header_size(path: Path) -> tuple[int, int] | None:
         return None
 
 
-def worker_count(configured: int) -> int:
-    """`data.num_workers`, 0 meaning one per core: decoding threads for data held in memory,
-    DataLoader worker processes for streamed data."""
-    return configured or os.cpu_count() or 1
+def worker_count(configured: int | str) -> int:
+    """`data.num_workers` as a count, `auto` being one per core: decoding threads for data held
+    in memory, DataLoader worker processes for streamed data (0: none, the main process loads)."""
+    return (os.cpu_count() or 1) if configured == "auto" else int(configured)
 
 
-def _pool(workers: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(worker_count(workers))
+def _pool(workers: int | str) -> ThreadPoolExecutor:
+    """Decoding threads; with no workers one thread, so that files decode one at a time."""
+    return ThreadPoolExecutor(max(1, worker_count(workers)))
 
 
 def decode_images(found: ImageFiles, cfg: DataConfig) -> ImageSet:

@@ -17,7 +17,8 @@ from finetune.runs.lock import RunLock, claim, hold
 if TYPE_CHECKING:
     from finetune.runtime.distributed import Ranks
 
-RESUMABLE_CHANGES = {"train.epochs", "log.tensorboard"}
+# how many processes load the images changes no batch
+RESUMABLE_CHANGES = {"train.epochs", "log.tensorboard", "data.num_workers"}
 
 
 def claim_new_run_dir(cfg: Config, run_dir: str | None) -> RunLock:
@@ -96,7 +97,7 @@ def resume_config(run_dir: str, overrides: list[str], config_path: str | None) -
 
 def check_continuation(saved: Config, new: Config, where: str, fix: str) -> None:
     """The rules for continuing a run, for `train --resume` and a sweep's rerun alike: only
-    train.epochs may change (and log.tensorboard), and epochs only upward."""
+    train.epochs may change (and log.tensorboard, data.num_workers), and epochs only upward."""
     keys = config_changes(saved, new)
     if keys:
         raise FinetuneError(
