@@ -160,7 +160,6 @@ TEST_TIERS = {
         "test_a_timm_model_trains_in_stages_resumes_and_predicts": TRAINING,
         "test_export_round_trips_within_tolerance_and_predict_reads_it": TRAINING,
         "test_an_onnx_model_of_a_fixed_batch_predicts_any_number_of_images": TRAINING,
-        "test_an_onnx_model_of_a_fixed_batch_predicts_any_number_of_images": TRAINING,
     },
     "test_rundir": {
         "test_two_trains_of_one_config_started_at_once_get_their_own_dirs": PROCESS,
