@@ -25,7 +25,12 @@ on and off, and shows seconds per stage epoch and the largest weight difference 
         --setups feature_extract --skip-memory --raw-steps 1     # a smoke test of this script
 
 Prints a table and writes bench.md / bench.csv to --out. `--pruning` instead runs
-scripts/bench_pruning.py: a tune study with and without pruning (issue 17).
+scripts/bench_pruning.py: a tune study with and without pruning (issue 17). `--peer` instead runs
+scripts/bench_peer.py: configs/bench_mobilenet_v2_128.yaml with auto (after `finetune calibrate`),
+each fixed choice and the Lightning peer, scripts/bench_lightning.py (issue 24):
+
+    .venv/bin/python scripts/bench.py --peer                  # 2 interleaved rounds; --rounds N for more
+    .venv/bin/python scripts/bench.py --peer --quick          # a smoke test: 64 images, 32 px, 2 epochs
 """
 
 from __future__ import annotations
@@ -74,6 +79,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--choices", action="store_true", help="also run every setup with each fixed runtime choice")
     p.add_argument("--raw-steps", type=int, default=6, help="steps per timed block on CPU (50 on a GPU); median of 3")
     p.add_argument("--pruning", action="store_true", help="instead: what pruning saves in tune (bench_pruning.py)")
+    p.add_argument("--peer", action="store_true", help="instead: auto, fixed choices, Lightning (bench_peer.py)")
+    p.add_argument("--rounds", type=int, default=2, help="--peer: interleaved rounds, the fastest of each kept")
+    p.add_argument("--quick", action="store_true", help="--peer: a smoke test (64 images, 32 px, 2 epochs)")
     p.add_argument("--skip-memory", action="store_true", help="skip holding all 50,000 CIFAR-10 images in memory")
     p.add_argument("--out", default="bench_results")
     p.add_argument("--reference-run", help=argparse.SUPPRESS)  # internal: one reference setup
@@ -347,6 +355,12 @@ def main() -> None:
         import bench_pruning
 
         bench_pruning.main(["--out", str(out_dir / "pruning")])
+        return
+    if args.peer:
+        import bench_peer
+
+        peer = ["--data", args.data, "--device", args.device, "--rounds", str(args.rounds)]
+        bench_peer.main([*peer, "--out", str(out_dir / "peer"), *(["--quick"] if args.quick else [])])
         return
     torch.set_num_threads(os.cpu_count() or 1)
     if args.reference_run:
