@@ -145,21 +145,22 @@ def test_every_candidate_is_timed_at_the_run_batch_for_two_rounds_whatever_the_b
     assert all(m.train > 0 and m.infer > 0 and m.setup >= 0 for m in result.measured)
 
 
-def test_a_run_too_short_to_win_back_measuring_trains_with_the_stable_default(cache, config, monkeypatch):
+def test_a_run_too_short_to_win_back_measuring_takes_the_kept_choice_or_the_stable_default(cache, config, monkeypatch):
     """24 images for 3 epochs: measuring would cost more than any choice saves. The rule counts
-    images, so the run is short on any machine and load, and it reads no cache: a measurement
-    that a longer run of the same model left does not change this config's model."""
+    images, so the run is short on any machine and load; it never measures, and takes the choice
+    made for its key once (by `finetune calibrate` or a longer run), else the stable default."""
     cfg = config(*AUTO)
     runtime = resolve_runtime(cfg, subject_for(cfg))
     assert (runtime.precision, runtime.memory_format, runtime.decided_by) == ("fp32", "contiguous", "default")
-    assert runtime.calibration is None and "not measured" in runtime.note()
+    assert runtime.calibration is None and "finetune calibrate" in runtime.note()
     assert cached_files(cache) == []
-    monkeypatch.setattr(resolve_module, "SHORT_RUN_STEPS", 0)
-    assert resolve_runtime(cfg, subject_for(cfg)).decided_by == "measured"
-    monkeypatch.undo()
-    monkeypatch.setenv("FINETUNE_CACHE_DIR", str(cache))
-    again = resolve_runtime(cfg, subject_for(cfg))
-    assert (again.precision, again.memory_format, again.decided_by) == ("fp32", "contiguous", "default")
+    options = candidates("auto", "auto", native_precisions(CPU))
+    given = [Measured(c.precision, c.memory_format, train=10.0 * (1 + i), infer=50.0) for i, c in enumerate(options)]
+    key = calibration_key(cfg, subject_for(cfg), CPU, [c.label for c in options])
+    calibration_cache.save(key, Calibration(given, batch=8, seconds=1.5))
+    kept = resolve_runtime(cfg, subject_for(cfg))
+    assert kept.decided_by == "cached" and kept.calibration.measured == given
+    assert (kept.precision, kept.memory_format) == (options[-1].precision, options[-1].memory_format)
 
 
 @pytest.mark.parametrize(

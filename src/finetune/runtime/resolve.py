@@ -108,7 +108,8 @@ class Runtime:
             "recorded": "kept from last.pt",
             "cached": "measured earlier on this machine (`finetune calibrate CONFIG` measures again)",
             "measured": "measured now, kept for the next runs",
-            "default": "the stable default, not measured: a run this short would not win back measuring",
+            "default": "the stable default: a run this short would not win back measuring (`finetune calibrate CONFIG` "
+            "measures this model once, for every later run)",
         }[self.decided_by]
         line = f"runtime: {self.describe()}, {how}{scale}"
         return line if self.calibration is None else f"{line} {_rates(self.calibration)}"
@@ -182,23 +183,27 @@ def _decide(
     if subject is None:
         return _pending(cfg), "pending", None
     work = workload(cfg, subject, ranks)
-    if is_short(work, options, cfg.data.batch_size):
-        return Choice(options[0].precision, options[0].precision, options[0].memory_format), "default", None
     key = calibration_key(cfg, subject, device, [c.label for c in options])
-    if measure:
+    short = is_short(work, options, cfg.data.batch_size)
+    if not measure:  # plan, in one process
+        calibration, how = calibration_cache.load(key), "cached"
+    elif short:  # rank 0 reads for every rank: a run elsewhere may write the cache meanwhile
+        calibration, how = from_main(calibration_cache.load(key) if ranks.main else None, ranks), "cached"
+    else:
         calibration, how = from_main(
             _find_or_measure(cfg, subject, device, options, key, work) if ranks.main else None, ranks
         )
-    else:
-        calibration, how = calibration_cache.load(key), "cached"
+    if calibration is None and short:
+        return Choice(options[0].precision, options[0].precision, options[0].memory_format), "default", None
     if calibration is None:
         return _pending(cfg), "pending", None
     return choose(calibration.measured, work), how, calibration
 
 
 def is_short(work: Workload, options: list[Candidate], batch: int) -> bool:
-    """Too short to win back measuring (about four steps a candidate): it trains with the stable
-    default. Counted in images, not timed, so the same config is short on any machine and load."""
+    """Too short to win back measuring (about four steps a candidate): it takes the choice made
+    for its key earlier (`finetune calibrate`, a longer run), else the stable default, and never
+    measures. Counted in images, not timed, so the same config is short on any machine and load."""
     return len(options) > 1 and work.train_images < SHORT_RUN_STEPS * len(options) * batch
 
 
