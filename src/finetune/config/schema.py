@@ -170,11 +170,17 @@ class CheckpointConfig:
     by in tune and compare: `last_stage`, the best monitored epoch among those in which every
     stage trains (the last stage the run reached), since head-only epochs are the same whatever
     the schedule and a plateau run's best epoch may be one of them; `best`, its best epoch; or
-    `final`, its last. Equal judged values are ordered by the final epoch's value."""
+    `final`, its last. Equal judged values are ordered by the final epoch's value. `keep` says
+    what a run keeps once it ends: `all`; `best` drops last.pt (resume can no longer extend the
+    run); `results` drops best.pt too, keeping config.yaml, results.csv and summary.json (what
+    compare and tune's report read); `auto` is `best` where nothing could continue the run (a
+    tune trial, a pruned or early-stopped run), else `all`."""
 
     monitor: Literal["val_acc", "val_loss", "val_balanced_acc"] = "val_acc"
     # what tune and compare judge a run by: last_stage (its best epoch where every stage trains), best, final
     judge: Literal["last_stage", "best", "final"] = "last_stage"
+    # what a run keeps once it ends: auto, all, best (drops last.pt), results (drops best.pt too)
+    keep: Literal["auto", "all", "best", "results"] = "auto"
 
 
 @dataclass

@@ -115,6 +115,11 @@ def is_finished(summary: dict[str, Any], epochs: int) -> bool:
     """Whether a run whose summary.json says `summary` has nothing left to train for `epochs`:
     it completed them, stopped early before its last epoch (a stop on the last epoch is
     just its end, so raising train.epochs extends it), or tune's pruner ended it."""
+    return summary["epochs_completed"] >= epochs or ended_for_good(summary)
+
+
+def ended_for_good(summary: dict[str, Any]) -> bool:
+    """Whether no train.epochs could continue the run: it stopped early before its last epoch,
+    or tune's pruner ended it."""
     stopped = summary.get("stopped_early")
-    stopped_before_end = stopped is not None and stopped["epoch"] < summary["epochs"]
-    return summary["epochs_completed"] >= epochs or stopped_before_end or summary.get("pruned") is not None
+    return (stopped is not None and stopped["epoch"] < summary["epochs"]) or summary.get("pruned") is not None

@@ -1,6 +1,6 @@
 """Everything a run writes, in one place: config.yaml, best.pt, last.pt, results.csv,
-summary.json (each atomically) and, with `log.tensorboard`, a TensorBoard event stream.
-Under DDP only rank 0 has a writer."""
+summary.json (each atomically) and, with `log.tensorboard`, a TensorBoard event stream; and
+what it drops once it ends (`checkpoint.keep`). Under DDP only rank 0 has a writer."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from finetune.errors import FinetuneError
 from finetune.files import atomic_write_text
 from finetune.runs.checkpoint import save_checkpoint
 from finetune.runs.results import ResultsLog, confusion_figure
-from finetune.runs.rundir import create_run_dir
+from finetune.runs.rundir import create_run_dir, ended_for_good
 
 BOARD_COLUMNS = {  # results.csv column -> TensorBoard tag
     "train_loss": "train/loss",
@@ -25,6 +25,16 @@ BOARD_COLUMNS = {  # results.csv column -> TensorBoard tag
     "val_balanced_acc": "val/balanced_acc",
     "epoch_seconds": "time/epoch_seconds",
 }
+DROPPED = {"all": (), "best": ("last.pt",), "results": ("last.pt", "best.pt")}  # checkpoint.keep -> files
+
+
+def dropped(keep: str, summary: dict[str, Any], trial: bool) -> tuple[str, ...]:
+    """The files a run that has ended drops by `checkpoint.keep`. last.pt, with its optimizer
+    state the largest file, serves only to continue the run, so `auto` drops it where nothing
+    can: a tune trial (a study never trains a trial again), a pruned or early-stopped run."""
+    if keep == "auto":
+        keep = "best" if trial or ended_for_good(summary) else "all"
+    return DROPPED[keep]
 
 
 class RunWriter:
@@ -73,6 +83,10 @@ class RunWriter:
 
     def results(self, log: ResultsLog) -> None:
         atomic_write_text(self.run_dir / "results.csv", log.csv())
+
+    def drop(self, names: tuple[str, ...]) -> None:
+        for name in names:
+            (self.run_dir / name).unlink(missing_ok=True)
 
     def close(self) -> None:
         if self.board:

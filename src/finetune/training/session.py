@@ -9,6 +9,7 @@ memory), so a sweep pays for each once; model/build.py keeps read weights per we
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from finetune.errors import FinetuneError
 from finetune.model.build import build_model, check_model_config, skeleton
 from finetune.model.schedule import check_stages
 from finetune.runs.checkpoint import load_checkpoint
-from finetune.runs.writer import RunWriter
+from finetune.runs.writer import RunWriter, dropped
 from finetune.runtime.distributed import SINGLE, Ranks
 from finetune.runtime.hardware import resolve_device
 from finetune.runtime.resolve import Subject, check_precision, resolve_runtime
@@ -36,7 +37,11 @@ class Session:
 
     def train(self, cfg: Config, run_dir: Path, resume: bool, judge: Judge | None = None) -> dict[str, Any] | None:
         """Train (or continue) one run; its summary, or None when it had nothing left to do.
-        `judge`: tune's pruner, asked after each epoch of the last stage (Trainer)."""
+        `judge`: tune's pruner, asked after each epoch of the last stage (Trainer); a run with
+        one is a trial, which nothing trains again once it ends."""
+        ended = _ended_without_last(run_dir) if resume else None
+        if ended is not None:
+            return _complete_without_last(run_dir, ended, trial=judge is not None)
         state = _resume_state(run_dir) if resume else None
         trainer = self.prepare(cfg, run_dir, state.get("runtime") if state else None, judge)
         if state is not None:
@@ -45,22 +50,21 @@ class Session:
             _say_if_schedule_stretched(state["config"]["train"]["epochs"], cfg)
         if trainer.writer:
             trainer.writer.start(cfg, trainer.resume_step())
-        stopped = trainer.book.stopped_early()
-        if stopped is not None:
-            print(f"{run_dir} is complete: stopped early at epoch {stopped['epoch']} ({stopped['reason']})")
-            return None
-        pruned = trainer.book.pruned
-        if pruned is not None:
-            print(f"{run_dir} is complete: pruned at epoch {pruned['epoch']} ({pruned['reason']})")
+        reason = _end_reason(trainer.book.stopped_early(), trainer.book.pruned)
+        if reason is not None:
+            print(f"{run_dir} is complete: {reason}")
             return None
         if trainer.progress.epoch >= cfg.train.epochs:
             print(f"{run_dir} already finished {cfg.train.epochs} epochs; raise --set train.epochs=N to train longer")
             return None
         try:
-            return trainer.fit()
+            summary = trainer.fit()
         finally:
             if trainer.writer:
                 trainer.writer.close()
+        if trainer.writer:
+            trainer.writer.drop(dropped(cfg.checkpoint.keep, summary, trial=judge is not None))
+        return summary
 
     def prepare(
         self,
@@ -105,6 +109,37 @@ class Session:
         if key not in self.data:
             self.data[key] = load_data(cfg.data)
         return self.data[key]
+
+
+def _end_reason(stopped: dict[str, Any] | None, pruned: dict[str, Any] | None) -> str | None:
+    """Why a run is complete before its last epoch, as resume says it; None if it is not."""
+    if stopped is not None:
+        return f"stopped early at epoch {stopped['epoch']} ({stopped['reason']})"
+    if pruned is not None:
+        return f"pruned at epoch {pruned['epoch']} ({pruned['reason']})"
+    return None
+
+
+def _ended_without_last(run_dir: Path) -> dict[str, Any] | None:
+    """The summary of a run that has one (an epoch ended: last.pt was written) but no last.pt:
+    `checkpoint.keep` dropped it when the run ended."""
+    summary = run_dir / "summary.json"
+    if (run_dir / "last.pt").exists() or not summary.is_file():
+        return None
+    return json.loads(summary.read_text())
+
+
+def _complete_without_last(run_dir: Path, summary: dict[str, Any], trial: bool) -> None:
+    """A pruned or early-stopped run, or a tune trial (whose worker died before telling the
+    study), is complete; a run that trained its epochs cannot be continued without last.pt."""
+    epochs = summary["epochs_completed"]
+    reason = _end_reason(summary.get("stopped_early"), summary.get("pruned"))
+    if reason is None and not trial:
+        raise FinetuneError(
+            f"--resume {run_dir}: the run ended after epoch {epochs} and has no last.pt (checkpoint.keep best or "
+            "results drops it then), so nothing can continue it; start a new run (checkpoint.keep: all keeps last.pt)"
+        )
+    print(f"{run_dir} is complete: {reason or f'trained its {epochs} epochs'}; its last.pt was dropped")
 
 
 def _resume_state(run_dir: Path) -> dict | None:
