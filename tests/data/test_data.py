@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CLASSES, make_imagefolder, write_config, write_image
+from conftest import CLASSES, make_imagefolder, mixed_size_folder, write_config, write_image
 
 from finetune.config.schema import DataConfig
 from finetune.data.batching import BatchTransform, epoch_plan
@@ -112,15 +112,6 @@ def test_batch_transform_antialiases_a_downscale_and_upscales_as_antialiasing_wo
         t = BatchTransform(size, mean=(0.0,) * 3, std=(1.0,) * 3, device=torch.device("cpu"))
         expected = F.interpolate(images.float() / 255, size=(size, size), mode="bilinear", antialias=True)
         torch.testing.assert_close(t(images), expected, atol=1e-6, rtol=0)
-
-
-def mixed_size_folder(tmp_path):
-    root = make_imagefolder(tmp_path / "mixed")
-    rng = np.random.default_rng(3)
-    for split in ("train", "val"):
-        for label, name in enumerate(CLASSES):
-            write_image(root / split / name / "large.png", label, rng, size=40)
-    return root
 
 
 def test_over_budget_images_stream_from_files_decoded_like_in_memory(tmp_path):
