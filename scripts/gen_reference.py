@@ -1,6 +1,6 @@
 """Write docs/reference/cli.md and docs/reference/config.md from the code.
 
-The CLI page walks the argument parser (`finetune.cli.build_parser`): every command, its
+The CLI page walks the argument parser (`finetune.parser.build_parser`): every command, its
 arguments, defaults, choices and help. The config page walks the schema's dataclasses
 (`finetune.config.schema.Config`): every key with its type, default, allowed values (the
 Literal choices, the ranges in `finetune.config.check.RANGES`) and its meaning, which is the
@@ -28,8 +28,8 @@ from typing import Any, Literal, Union
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from finetune.cli import build_parser  # noqa: E402
 from finetune.config import check, schema  # noqa: E402
+from finetune.parser import build_parser  # noqa: E402
 
 CLI_PAGE = ROOT / "docs" / "reference" / "cli.md"
 CONFIG_PAGE = ROOT / "docs" / "reference" / "config.md"

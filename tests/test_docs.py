@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from finetune.cli import build_parser
 from finetune.config.load import load_config
 from finetune.errors import FinetuneError
+from finetune.parser import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]

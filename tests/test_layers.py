@@ -18,7 +18,7 @@ FLOORS = [  # bottom first; a name is a top-level module or folder of finetune
     {"runs"},
     {"training"},
     {"inference", "search"},
-    {"cli", "plan", "lr_find", "modules", "__main__"},
+    {"cli", "parser", "plan", "lr_find", "modules", "__main__"},
 ]
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from finetune.config.load import load_config
 from finetune.errors import FinetuneError, Interrupted
+from finetune.parser import build_parser
 from finetune.runs.rundir import owned_run_dir, resume_config
 
 
@@ -22,139 +23,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.formatwarning = lambda message, category, *rest: f"warning: {message}\n"
     try:
-        return args.func(args)
+        return COMMANDS[args.command](args)
     except FinetuneError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Interrupted as exc:
         print(f"\nstopped by {exc}; resume with: {exc.resume_hint}", file=sys.stderr)
         return 128 + exc.signum
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="finetune", description="Fine-tune pretrained image classifiers.")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
-    sub = parser.add_subparsers(required=True, metavar="COMMAND")
-    train = sub.add_parser("train", help="fine-tune a model from a YAML config")
-    train.add_argument("config", nargs="?", help="YAML config (optional with --resume)")
-    train.add_argument("--set", dest="overrides", action="extend", default=[], nargs="+", metavar="KEY=VALUE")
-    train.add_argument("--run-dir", help="write the run here instead of <out_dir>/<name>")
-    train.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last.pt")
-    train.add_argument("--tensorboard", action="store_true", help="also log to <run dir>/tensorboard")
-    train.set_defaults(func=cmd_train)
-
-    plan = sub.add_parser("plan", help="print a config's schedule epoch by epoch, without training")
-    plan.add_argument("config")
-    plan.add_argument("--set", dest="overrides", action="extend", default=[], nargs="+", metavar="KEY=VALUE")
-    plan.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    plan.set_defaults(func=cmd_plan)
-
-    calib = sub.add_parser("calibrate", help="measure the runtime choices for a config again and keep the answer")
-    calib.add_argument("config")
-    calib.add_argument("--set", dest="overrides", action="extend", default=[], nargs="+", metavar="KEY=VALUE")
-    calib.set_defaults(func=cmd_calibrate)
-
-    mods = sub.add_parser("modules", help="the model's module tree: parameters, groups, the names a stage takes")
-    mods.add_argument("config")
-    mods.add_argument("--set", dest="overrides", action="extend", default=[], nargs="+", metavar="KEY=VALUE")
-    mods.add_argument("--depth", type=int, help="levels to show (default: 2, and the blocks of block lists below)")
-    mods.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    mods.set_defaults(func=cmd_modules)
-
-    config = sub.add_parser("config", help="print the fully resolved config (every default) as YAML")
-    config.add_argument("config")
-    config.add_argument("--set", dest="overrides", action="extend", default=[], nargs="+", metavar="KEY=VALUE")
-    config.set_defaults(func=cmd_config)
-
-    find = sub.add_parser("lr-find", help="an LR range test for one stage: suggests its LR, changes no run")
-    find.add_argument("config")
-    find.add_argument("--set", dest="overrides", action="extend", default=[], nargs="+", metavar="KEY=VALUE")
-    find.add_argument("--stage", help="the stage whose groups ramp (default: the first, the head)")
-    find.add_argument("--out", help="where lr_find.csv/.png go (default: <out_dir>/lr_find-<name>[-<stage>])")
-    find.add_argument("--steps", type=int, default=100, help="optimizer steps of the ramp (default 100)")
-    find.add_argument("--start-lr", type=float, default=1e-7, help="the ramp's first LR (default 1e-7)")
-    find.add_argument("--end-lr", type=float, default=10.0, help="the ramp's last LR (default 10)")
-    find.add_argument("--json", action="store_true", help="print the result as JSON")
-    find.set_defaults(func=cmd_lr_find)
-
-    sweep = sub.add_parser("sweep", help="train several configs or a grid in one process, then compare them")
-    sweep.add_argument("configs", nargs="+", help="one YAML config (with --grid/--seeds) or several")
-    sweep.add_argument("--set", dest="overrides", action="extend", default=[], nargs="+", metavar="KEY=VALUE")
-    sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", help="one run per value")
-    sweep.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2: every setting once per seed")
-    sweep.add_argument("--out", help="sweep dir (default: <out_dir>/sweep-<first run>)")
-    sweep.add_argument("--storage", help="RDB URL: deal the runs to workers on several machines (Optuna)")
-    sweep.set_defaults(func=cmd_sweep)
-
-    tune = sub.add_parser("tune", help="search a config's keys with Optuna, pruning bad trials early")
-    tune.add_argument("config")
-    tune.add_argument("--space", required=True, help="YAML: dotted keys -> {low, high, log} or {choices: [...]}")
-    tune.add_argument("--trials", type=int, required=True, help="the study's total, over all workers")
-    tune.add_argument("--set", dest="overrides", action="extend", default=[], nargs="+", metavar="KEY=VALUE")
-    tune.add_argument("--out", help="study dir (default: <out_dir>/tune-<name>)")
-    tune.add_argument("--storage", help="RDB URL shared by workers (default: a journal file in the study dir)")
-    tune.add_argument("--study", help="study name (default: the config's name)")
-    tune.add_argument("--seed", type=int, help="sampler seed (default: the config's seed)")
-    tune.add_argument("--pruner", choices=["median", "hyperband", "none"], default="median")
-    tune.set_defaults(func=cmd_tune)
-
-    compare = sub.add_parser("compare", help="compare runs: table, curves.png, per_class.png")
-    compare.add_argument("runs", nargs="+", help="run dirs, globs, or folders with runs at any depth (sweeps, studies)")
-    compare.add_argument("--out", default="comparison", help="where to write tables and plots")
-    compare.add_argument(
-        "--sort",
-        default="judged_val_acc",
-        help="column to sort by (judged_val_acc: val_acc at the epoch checkpoint.judge picks)",
-    )
-    compare.add_argument("--json", action="store_true", help="print JSON (runs, and seeds/folds) instead of a table")
-    compare.set_defaults(func=cmd_compare)
-
-    evaluate = sub.add_parser("eval", help="score a checkpoint: metrics, per-class report, confusion matrix")
-    evaluate.add_argument("checkpoint", help="best.pt / last.pt, or a run dir (its best.pt)")
-    evaluate.add_argument("--set", dest="overrides", action="extend", default=[], nargs="+", metavar="data.KEY=VALUE")
-    evaluate.add_argument("--out", help="output dir (default: eval-<checkpoint name> beside the checkpoint)")
-    evaluate.add_argument("--json", action="store_true", help="print the report as JSON instead of tables")
-    add_tta(evaluate)
-    evaluate.set_defaults(func=cmd_eval)
-
-    exp = sub.add_parser("export", help="a checkpoint as ONNX or TorchScript, checked against PyTorch")
-    exp.add_argument("checkpoint", help="best.pt / last.pt, or a run dir (its best.pt)")
-    exp.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
-    exp.add_argument("--out", help="file to write (default: beside the checkpoint)")
-    exp.add_argument("--batch", default="dynamic", help="dynamic (default) or a fixed batch size")
-    exp.add_argument("--set", dest="overrides", action="extend", default=[], nargs="+", metavar="data.KEY=VALUE")
-    exp.set_defaults(func=cmd_export)
-
-    pred = sub.add_parser("predict", help="top-k classes for image files")
-    pred.add_argument("checkpoint", help="best.pt / last.pt, a run dir (its best.pt), or a file from finetune export")
-    pred.add_argument("images", nargs="+", help="image files or folders")
-    pred.add_argument("--top-k", type=int, default=3)
-    pred.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    add_tta(pred)
-    pred.set_defaults(func=cmd_predict)
-    return parser
-
-
-def add_tta(command: argparse.ArgumentParser) -> None:
-    command.add_argument(
-        "--tta",
-        nargs="?",
-        const="flip",
-        choices=["flip", "crops"],
-        help="average logits over the image and its mirror (flip, the default), or ten crops and mirrors (crops)",
-    )
-
-
-def package_version() -> str:
-    """The installed distribution's version; a source tree that is not installed has its own."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("finetune")
-    except PackageNotFoundError:
-        from finetune import __version__
-
-        return __version__
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -428,6 +303,22 @@ def cmd_predict(args: argparse.Namespace) -> int:
         rows.append({"file": r["file"], **cells, **({"error": r["error"]} if "error" in r else {})})
     print(pd.DataFrame(rows).to_markdown(index=False))
     return 0
+
+
+COMMANDS = {
+    "train": cmd_train,
+    "plan": cmd_plan,
+    "calibrate": cmd_calibrate,
+    "modules": cmd_modules,
+    "config": cmd_config,
+    "lr-find": cmd_lr_find,
+    "sweep": cmd_sweep,
+    "tune": cmd_tune,
+    "compare": cmd_compare,
+    "eval": cmd_eval,
+    "export": cmd_export,
+    "predict": cmd_predict,
+}
 
 
 def main_exit() -> None:
