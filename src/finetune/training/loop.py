@@ -33,7 +33,7 @@ from finetune.training.ema import WeightAverage, evaluated_weights
 from finetune.training.evaluator import Evaluator, require_finite
 from finetune.training.features import CachePlanner, CutModel, FeatureStore
 from finetune.training.losses import WeightedCrossEntropy, class_weights
-from finetune.training.replicas import Replicas
+from finetune.training.replicas import Replicas, buffers, replicated
 from finetune.training.stages import StageSwitch
 from finetune.training.state import Progress, portable_state, restore_training, resume_state
 from finetune.training.steps import StepRunner, StepStats
@@ -140,7 +140,7 @@ class Trainer:
         stats = self.steps.run(epoch, forward, batches, self.labels, self.progress)
         if not stats.complete:
             self._interrupt(epoch, stats, started)
-        self.replicas.share_buffers(self._buffers())
+        self.replicas.share_buffers(buffers(self.model, self.ema))
         try:
             result = self.evaluate(cut, self.features.cache.val if cut is not None else None)
         except StopRequested:  # the steps are done: keep them, evaluate again on resume
@@ -182,7 +182,8 @@ class Trainer:
 
     def _write(self, epoch: int, outcome: EpochOutcome) -> None:
         if self.ranks.many:
-            self._check_replicas()
+            checked = self.replicas.check_identical(replicated(self.model, self.ema))
+            tqdm.write(f"weights identical on {self.ranks.world} ranks ({checked} tensors, every bit)")
         if self.writer:
             step = self.schedule.global_step(epoch + 1)
             if outcome.is_best:
@@ -196,19 +197,6 @@ class Trainer:
             tqdm.write(f"early stop after epoch {epoch}: {self.book.stopping.reason}")
         if self.book.pruned and self.book.pruned["epoch"] == epoch:
             tqdm.write(f"pruned after epoch {epoch}: {self.book.pruned['reason']}")
-
-    def _buffers(self) -> list[torch.Tensor]:
-        """The model's buffers and the weight average's."""
-        average = [self.ema.average[key] for key in self.ema.buffers] if self.ema is not None else []
-        return [*self.model.buffers(), *average]
-
-    def _check_replicas(self) -> None:
-        """Every parameter and buffer, and the weight average's, bit-identical on every rank."""
-        tensors = self.model.state_dict()
-        if self.ema is not None:
-            tensors.update({f"ema.{key}": value for key, value in self.ema.average.items()})
-        self.replicas.check_identical(tensors)
-        tqdm.write(f"weights identical on {self.ranks.world} ranks ({len(tensors)} tensors, every bit)")
 
     def _interrupt(self, epoch: int, stats: StepStats, started: float) -> None:
         """Save the epoch's steps so far (every rank's) in last.pt, then stop."""

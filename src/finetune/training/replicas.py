@@ -18,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from finetune.runtime import distributed
 from finetune.runtime.distributed import Ranks
+from finetune.training.ema import WeightAverage
 
 VOTE_EVERY = 10
 INTS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # bytes -> an integer type
@@ -89,8 +90,8 @@ class Replicas:
             for buffer, value in zip(group, flat.split([b.numel() for b in group]), strict=True):
                 buffer.copy_(value.view_as(buffer))
 
-    def check_identical(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Raise unless every tensor is bit-identical on every rank: DDP keeps the replicas
+    def check_identical(self, tensors: dict[str, torch.Tensor]) -> int:
+        """How many tensors were compared; raise unless each is bit-identical on every rank: DDP keeps the replicas
         identical, and one that drifted (a buffer, the average) would save or score other weights.
         Only checksums travel, on the training device, so NCCL and gloo both serve them."""
         mine = checksums(tensors.values()).to(self.device)
@@ -101,6 +102,21 @@ class Replicas:
             if len(differ):
                 name = list(tensors)[int(differ[0])]
                 raise RuntimeError(f"weights differ between ranks: {name} on rank {rank} is not rank 0's")
+        return len(tensors)
+
+
+def buffers(model: nn.Module, ema: WeightAverage | None) -> list[torch.Tensor]:
+    """The model's buffers and the weight average's: what DDP does not keep equal across ranks."""
+    average = [ema.average[key] for key in ema.buffers] if ema is not None else []
+    return [*model.buffers(), *average]
+
+
+def replicated(model: nn.Module, ema: WeightAverage | None) -> dict[str, torch.Tensor]:
+    """Every tensor that must be bit-identical on every rank: parameters, buffers, the average's."""
+    tensors = model.state_dict()
+    if ema is not None:
+        tensors.update({f"ema.{key}": value for key, value in ema.average.items()})
+    return tensors
 
 
 def checksums(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
