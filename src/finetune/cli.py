@@ -87,14 +87,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     """Re-measure `auto`'s candidates on this machine; later runs of the config read the answer."""
     from finetune.plan import subject_of
-    from finetune.runtime.resolve import calibrate_again, resolve_runtime
+    from finetune.runtime.resolve import calibrate_again
 
     cfg = load_config(args.config, args.overrides)
     subject = subject_of(cfg)
     print(calibrate_again(cfg, subject).note())
-    used = resolve_runtime(cfg, subject, measure=False)
-    if used.decided_by == "default":
-        print(f"but {used.note().removeprefix('runtime: ')}")
     return 0
 
 
@@ -233,7 +230,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from finetune.runs.compare import compare, terminal_table
 
     if len(args.runs) == 1 and (Path(args.runs[0]) / "tune.json").is_file():
-        return _compare_study(Path(args.runs[0]))
+        return _compare_study(Path(args.runs[0]), args.json)
     out = Path(args.out)
     result = compare(args.runs, out, args.sort)
     print(json.dumps(result.to_json(), indent=2) if args.json else terminal_table(result.table))
@@ -241,18 +238,22 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _compare_study(study_dir: Path) -> int:
-    """A study dir: its report, as the worker that finished the last trial wrote it."""
+def _compare_study(study_dir: Path, as_json: bool) -> int:
+    """A study dir: its report (written into the study, as the worker that finished the last
+    trial wrote it); its notes go to stderr, so stdout holds the table or the JSON alone."""
+    import contextlib
+
     from finetune.runs.compare import terminal_table
     from finetune.search.tune import load_info, require_optuna
 
     require_optuna()
     from finetune.search.report import write_report
 
-    table = write_report(study_dir, load_info(study_dir))
+    with contextlib.redirect_stdout(sys.stderr):
+        table = write_report(study_dir, load_info(study_dir))
     if table is None:
         raise FinetuneError(f"compare: a tune worker is writing {study_dir / 'comparison'} now; try again in a moment")
-    print(terminal_table(table))
+    print(table.to_json(orient="records", indent=2) if as_json else terminal_table(table))
     return 0
 
 

@@ -45,8 +45,9 @@ def removed_on_failure(root: Path, names: tuple[str, ...]) -> Iterator[None]:
     """If the block fails, remove what it created: the folders made to reach `root`, or the
     entries `names` of `root` that were not there before. What was there is never touched."""
     root = Path(root)
-    made = next((p for p in (*reversed(root.parents), root) if not p.exists()), None)
-    fresh = [root / name for name in names if not (root / name).exists()]
+    there = os.path.lexists  # a link is there, dangling or not
+    made = next((p for p in (*reversed(root.parents), root) if not there(p)), None)
+    fresh = [root / name for name in names if not there(root / name)]
     try:
         yield
     except BaseException:

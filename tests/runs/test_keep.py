@@ -47,3 +47,16 @@ def test_auto_drops_last_pt_only_where_nothing_could_continue_the_run():
     assert dropped("auto", finished, trial=True) == ("last.pt",)
     assert dropped("auto", stopped, trial=False) == dropped("auto", pruned, trial=False) == ("last.pt",)
     assert dropped("all", pruned, trial=True) == ()
+
+
+def test_a_run_that_had_not_ended_and_lost_last_pt_is_not_taken_for_one_keep_trimmed(tmp_path):
+    """Only a run that ended (its epochs, or stopped for good) had last.pt dropped by keep."""
+    import json
+
+    from finetune.training.session import _ended_without_last
+
+    summary = {"epochs_completed": 1, "epochs": 3, "stopped_early": None, "pruned": None}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    assert _ended_without_last(tmp_path) is None
+    (tmp_path / "summary.json").write_text(json.dumps({**summary, "epochs_completed": 3}))
+    assert _ended_without_last(tmp_path)["epochs_completed"] == 3

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from finetune.runtime.distributed import Ranks
 
 # how many processes load the images changes no batch
-RESUMABLE_CHANGES = {"train.epochs", "log.tensorboard", "data.num_workers"}
+RESUMABLE_CHANGES = {"train.epochs", "log.tensorboard", "data.num_workers", "checkpoint.keep", "checkpoint.judge"}
 
 
 def claim_new_run_dir(cfg: Config, run_dir: str | None) -> RunLock:

@@ -162,6 +162,7 @@ def measure(bench: Bench, options: list[Candidate], batch: int, budget: float) -
     them in turn, the order rotating so none always runs first: at least `MIN_ROUNDS`, more while
     `budget` lasts, clear losers dropped after the first rounds."""
     started = time.perf_counter()
+    bench.train_step(options[0], batch)  # the process's first step (threads, allocator) is no candidate's set-up
     times = {c: _Times(warm=bench.train_step(c, batch)) for c in options}
     for c in options:
         bench.infer_step(c, batch)

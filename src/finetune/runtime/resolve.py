@@ -224,6 +224,7 @@ def calibration_key(cfg: Config, subject: Subject, device: torch.device, labels:
         "trains": sorted(m for g in schedule.groups for m in g.modules),  # the heaviest stage: all joined
         "freeze_bn": cfg.train.freeze_bn,
         "candidates": labels,
+        "method": 2,  # interleaved rounds at the run's batch: rates measured the earlier way are measured again
     }
 
 

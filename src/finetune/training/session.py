@@ -21,6 +21,7 @@ from finetune.errors import FinetuneError
 from finetune.model.build import build_model, check_model_config, skeleton
 from finetune.model.schedule import check_stages
 from finetune.runs.checkpoint import load_checkpoint
+from finetune.runs.rundir import is_finished
 from finetune.runs.writer import RunWriter, dropped
 from finetune.runtime.distributed import SINGLE, Ranks
 from finetune.runtime.hardware import resolve_device
@@ -121,12 +122,13 @@ def _end_reason(stopped: dict[str, Any] | None, pruned: dict[str, Any] | None) -
 
 
 def _ended_without_last(run_dir: Path) -> dict[str, Any] | None:
-    """The summary of a run that has one (an epoch ended: last.pt was written) but no last.pt:
-    `checkpoint.keep` dropped it when the run ended."""
-    summary = run_dir / "summary.json"
-    if (run_dir / "last.pt").exists() or not summary.is_file():
+    """The summary of a run that ended (its epochs trained, or stopped for good) and has no
+    last.pt: `checkpoint.keep` dropped it then. A run that had not ended resumes as before."""
+    path = run_dir / "summary.json"
+    if (run_dir / "last.pt").exists() or not path.is_file():
         return None
-    return json.loads(summary.read_text())
+    summary = json.loads(path.read_text())
+    return summary if is_finished(summary, summary["epochs"]) else None
 
 
 def _complete_without_last(run_dir: Path, summary: dict[str, Any], trial: bool) -> None:

@@ -47,7 +47,8 @@ class StopSignal:
             self.signum = signum
             self._say("stopping at the next safe point; last.pt will hold every step done so far")
             return
-        signal.signal(signum, signal.SIG_DFL)
+        for each in SIGNALS:  # torchrun's agent passes on a terminal Ctrl-C as SIGTERM: either quits next
+            signal.signal(each, signal.SIG_DFL)
         self._say(
             "still stopping, saving every step done so far; a third Ctrl-C quits and loses those since the last save"
         )
