@@ -310,10 +310,10 @@ def apart(calibration: Calibration, factor: float = 1.5) -> bool:
     return all(b[0] >= factor * a[0] and b[1] >= factor * a[1] for a, b in itertools.pairwise(rates))
 
 
-SEPARATED = [  # fp32 against bf16 where the CPU has it: apart by 1.5x or more at this size
+SEPARATED = [  # fp32 against bf16 where the CPU has it: 1.7-1.9x apart at this size on an AVX512-BF16 EPYC
     "precision=auto",
     "train.memory_format=channels_last",
-    "data.image_size=64",
+    "data.image_size=128",
     "data.batch_size=16",
 ]
 
@@ -323,11 +323,11 @@ def test_two_busy_processes_leave_the_choice_between_candidates_1_5x_apart_as_an
     built = skeleton(cfg.model, 3)
     options = candidates(cfg.precision, cfg.train.memory_format, native_precisions(CPU))
     work = Workload(10**5, 10**4)
-    idle = measure(Bench(built.model, CPU, 64), options, 16, budget=0.0)
+    idle = measure(Bench(built.model, CPU, 128), options, 16, budget=0.0)
     if len(options) < 2 or not apart(idle):
         pytest.skip(f"no two candidates 1.5x apart on this CPU: {idle.measured}")
     with busy():
-        loaded = measure(Bench(built.model, CPU, 64), options, 16, budget=0.0)
+        loaded = measure(Bench(built.model, CPU, 128), options, 16, budget=0.0)
     assert choose(loaded.measured, work) == choose(idle.measured, work), (idle.measured, loaded.measured)
 
 
