@@ -28,6 +28,7 @@ BUDGET_S = 20.0  # rounds past the first two stop here: paid once per machine, m
 MIN_ROUNDS = 2  # timed rounds every candidate gets whatever the budget: one timing can be unlucky
 MAX_ROUNDS = 5  # enough for the fastest step of each to settle
 LOSER = 1.5  # a candidate this much slower than the best on both paths after `MIN_ROUNDS` is not re-timed
+SETUP_STEPS = 5  # a first step longer than this many steady ones pays a real set-up (not load's noise)
 FAR_LOSER = 3.0  # nor one this much slower after the first round (bf16 depthwise convolutions on a CPU, say)
 COMPILE_IMAGES = {"cpu": 50_000, "cuda": 500_000}  # whole-forward train images a run needs for a compile timing
 
@@ -53,9 +54,12 @@ class _Times:
     infer: list[float] = field(default_factory=list)
 
     def measured(self, c: Candidate, batch: int) -> Measured:
-        """The fastest step of each kind: interference from other processes only adds time."""
+        """The fastest step of each kind: interference from other processes only adds time. The
+        set-up is one sample, which load can stretch by a few steps: it counts only past
+        `SETUP_STEPS` steps (cuDNN's channels_last set-up takes seconds), else it is noise."""
         step = min(self.train)
-        return Measured(c.precision, c.memory_format, batch / step, batch / min(self.infer), max(0.0, self.warm - step))
+        setup = self.warm - step if self.warm > (SETUP_STEPS + 1) * step else 0.0
+        return Measured(c.precision, c.memory_format, batch / step, batch / min(self.infer), setup)
 
 
 class Bench:
