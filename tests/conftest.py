@@ -168,6 +168,7 @@ TEST_TIERS = {
         "test_two_sweeps_on_one_dir_train_every_run_exactly_once": PROCESS,
     },
     "test_training_units": {  # two ranks started with torch.multiprocessing
+        "test_replicas_compare_every_parameter_buffer_and_average_bit_for_bit_and_share_buffers": PROCESS,
         "test_collectives_use_the_training_device_and_the_stop_vote_is_not_per_step": PROCESS,
         "test_a_signal_on_one_rank_stops_every_rank_after_the_same_epoch": PROCESS,
         "test_ranks_agree_on_the_step_to_stop_at": PROCESS,
@@ -204,6 +205,8 @@ TEST_TIERS = {
         "test_accumulation_with_ema_under_torchrun_keeps_the_ranks_identical": PROCESS,
     },
     "test_runtime": {  # these time real train steps for seconds, or train
+        "test_two_busy_processes_leave_the_choice_between_candidates_1_5x_apart_as_an_idle_machine_makes_it": PROCESS,
+        "test_one_config_trained_idle_and_under_load_gives_bit_identical_weights": PROCESS,
         "test_auto_measures_a_copy_once_then_reads_the_cache": TRAINING,
         "test_measuring_times_every_candidate_when_the_budget_allows": TRAINING,
         "test_a_measurement_cut_short_by_the_budget_says_so_and_is_measured_again": TRAINING,
