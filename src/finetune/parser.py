@@ -17,28 +17,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last.pt")
     train.add_argument("--tensorboard", action="store_true", help="also log to <run dir>/tensorboard")
 
-    plan = sub.add_parser("plan", help="print a config's schedule epoch by epoch, without training")
-    plan.add_argument("config")
-    add_overrides(plan)
+    plan = config_command(sub, "plan", help="print a config's schedule epoch by epoch, without training")
     plan.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
-    calib = sub.add_parser("calibrate", help="measure the runtime choices for a config again and keep the answer")
-    calib.add_argument("config")
-    add_overrides(calib)
+    config_command(sub, "calibrate", help="measure the runtime choices for a config again and keep the answer")
 
-    mods = sub.add_parser("modules", help="the model's module tree: parameters, groups, the names a stage takes")
-    mods.add_argument("config")
-    add_overrides(mods)
+    mods = config_command(sub, "modules", help="the model's module tree: parameters, groups, the names a stage takes")
     mods.add_argument("--depth", type=int, help="levels to show (default: 2, and the blocks of block lists below)")
     mods.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
-    config = sub.add_parser("config", help="print the fully resolved config (every default) as YAML")
-    config.add_argument("config")
-    add_overrides(config)
+    config_command(sub, "config", help="print the fully resolved config (every default) as YAML")
 
-    find = sub.add_parser("lr-find", help="an LR range test for one stage: suggests its LR, changes no run")
-    find.add_argument("config")
-    add_overrides(find)
+    find = config_command(sub, "lr-find", help="an LR range test for one stage: suggests its LR, changes no run")
     find.add_argument("--stage", help="the stage whose groups ramp (default: the first, the head)")
     find.add_argument("--out", help="where lr_find.csv/.png go (default: <out_dir>/lr_find-<name>[-<stage>])")
     find.add_argument("--steps", type=int, default=100, help="optimizer steps of the ramp (default 100)")
@@ -96,6 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--json", action="store_true", help="print JSON instead of a table")
     add_tta(pred)
     return parser
+
+
+def config_command(sub: argparse._SubParsersAction, name: str, help: str) -> argparse.ArgumentParser:
+    """A command that reads a CONFIG and takes `--set KEY=VALUE` overrides."""
+    command = sub.add_parser(name, help=help)
+    command.add_argument("config")
+    add_overrides(command)
+    return command
 
 
 def add_overrides(command: argparse.ArgumentParser, metavar: str = "KEY=VALUE") -> None:

@@ -52,16 +52,16 @@ def _stage_seconds(results: pd.DataFrame) -> dict[str, float]:
 
 def _best_row(run: Run) -> pd.Series:
     """The epoch the run's own `checkpoint.monitor` chose for best.pt (the last, where it is never a number)."""
-    column = run.results[run.monitor]
-    if column.isna().all():
-        return run.results.iloc[-1]
-    return run.results.loc[column.idxmin() if run.monitor == "val_loss" else column.idxmax()]
+    return _picked(run, "best")[1]
 
 
 def _judged(run: Run) -> tuple[float | None, pd.Series]:
     """The run's value by its checkpoint.judge (runs from before the key: the default) and that
     epoch's row (the last, where the monitor is never a number)."""
-    rule = run.config.get("checkpoint.judge", CheckpointConfig.judge)
+    return _picked(run, run.config.get("checkpoint.judge", CheckpointConfig.judge))
+
+
+def _picked(run: Run, rule: str) -> tuple[float | None, pd.Series]:
     judged = judge(run.results.to_dict("records"), run.monitor, run.monitor != "val_loss", rule)
     if judged is None:
         return None, run.results.iloc[-1]
