@@ -206,7 +206,7 @@ TEST_TIERS = {
     },
     "test_runtime": {  # these time real train steps for seconds, or train
         "test_two_busy_processes_leave_the_choice_between_candidates_1_5x_apart_as_an_idle_machine_makes_it": PROCESS,
-        "test_one_config_trained_idle_and_under_load_gives_bit_identical_weights": PROCESS,
+        "test_under_load_a_config_reads_its_kept_choice_and_trains_bit_identical_weights": PROCESS,
         "test_auto_measures_a_copy_once_then_reads_the_cache": TRAINING,
         "test_measuring_times_every_candidate_when_the_budget_allows": TRAINING,
         "test_a_measurement_cut_short_by_the_budget_says_so_and_is_measured_again": TRAINING,
