@@ -232,9 +232,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if len(args.runs) == 1 and (Path(args.runs[0]) / "tune.json").is_file():
         return _compare_study(Path(args.runs[0]), args.json)
     out = Path(args.out)
-    result = compare(args.runs, out, args.sort)
+    result = compare(args.runs, out, args.sort, html=args.html)
     print(json.dumps(result.to_json(), indent=2) if args.json else terminal_table(result.table))
-    print(f"compare: tables and plots in {out}/", file=sys.stderr)
+    print(f"compare: tables and plots in {out}/" + (" with report.html" if args.html else ""), file=sys.stderr)
     return 0
 
 
@@ -277,6 +277,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from finetune.inference.inspect import InspectOptions, inspect_checkpoint
+
+    options = InspectOptions(Path(args.out) if args.out else None, args.top, args.layer, args.overrides)
+    done = inspect_checkpoint(args.checkpoint, options)
+    c = done.calibration
+    print(
+        f"inspect: {done.images} images, accuracy {done.accuracy:.4f}, Grad-CAM at {done.layer}; "
+        f"ECE {c.ece_before:.4f} -> {c.ece_after_fit:.4f} at temperature {c.temperature:.3f} "
+        f"(held out: {c.ece_after_heldout:.4f}), kept in {done.temperature_file.name}"
+    )
+    print(f"wrote {done.out}/report.html and its files in {done.seconds:.1f} s")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from finetune.inference.export import export
 
@@ -293,7 +308,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     from finetune.inference.predict import predict
 
-    results = predict(args.checkpoint, args.images, args.top_k, tta=args.tta)
+    results = predict(args.checkpoint, args.images, args.top_k, tta=args.tta, calibrated=args.calibrated)
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
@@ -317,6 +332,7 @@ COMMANDS = {
     "tune": cmd_tune,
     "compare": cmd_compare,
     "eval": cmd_eval,
+    "inspect": cmd_inspect,
     "export": cmd_export,
     "predict": cmd_predict,
 }

@@ -24,9 +24,10 @@ from finetune.config.load import apply_overrides, from_dict, saved_config
 from finetune.config.schema import Config
 from finetune.data.batching import BatchTransform
 from finetune.data.decode import decode_file
-from finetune.data.sources import load_data
+from finetune.data.sources import DataSplits, load_data
 from finetune.errors import FinetuneError
 from finetune.files import atomic_write_text
+from finetune.inference.calibration import stored_temperature
 from finetune.inference.exported import ExportedModel, read_contract
 from finetune.inference.tta import tta_views
 from finetune.model.build import rebuild
@@ -44,6 +45,7 @@ class Predictor:
     transform: BatchTransform
     runtime: Runtime
     tta: str | None = None  # None, "flip" or "crops": see tta.py
+    temperature: float = 1.0  # logits are divided by it before the softmax (predict --calibrated)
 
     @torch.inference_mode()
     def logits(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -68,7 +70,9 @@ class Predictor:
         if not pairs:
             empty = torch.zeros(0, len(self.class_names))
             return empty, empty
-        plain, averaged = (torch.cat(chunks).softmax(1).cpu() for chunks in zip(*pairs, strict=True))
+        plain, averaged = (
+            (torch.cat(chunks) / self.temperature).softmax(1).cpu() for chunks in zip(*pairs, strict=True)
+        )
         return plain, averaged
 
     def probabilities(self, batches: Iterable[torch.Tensor]) -> torch.Tensor:
@@ -147,14 +151,20 @@ def val_probabilities(ckpt: dict[str, Any], overrides: list[str], tta: str | Non
     """Class probabilities for the validation images eval scores, their labels, the class names."""
     cfg = checkpoint_config(ckpt, overrides)
     predictor = predictor_from(ckpt, cfg.device, cfg.precision, tta)
-    data = load_data(cfg.data)
-    if data.class_names != predictor.class_names:
-        raise FinetuneError(
-            f"eval: the data's classes ({', '.join(data.class_names)}) are not the checkpoint's "
-            f"({', '.join(predictor.class_names)}); point data.root at data with the same class folders"
-        )
+    data = val_data(cfg, predictor.class_names)
     plain, averaged = predictor.outputs(data.val.in_order(64))
     return ValOutputs(plain, averaged, data.val.labels, predictor.class_names)
+
+
+def val_data(cfg: Config, class_names: list[str], command: str = "eval") -> DataSplits:
+    """The config's data, refused when its classes are not the checkpoint's."""
+    data = load_data(cfg.data)
+    if data.class_names != class_names:
+        raise FinetuneError(
+            f"{command}: the data's classes ({', '.join(data.class_names)}) are not the checkpoint's "
+            f"({', '.join(class_names)}); point data.root at data with the same class folders"
+        )
+    return data
 
 
 def scores(truth: np.ndarray, preds: np.ndarray, class_names: list[str]) -> dict[str, Any]:
@@ -202,15 +212,23 @@ def image_files(paths: list[str]) -> list[Path]:
 
 
 def predict(
-    path: str | Path, inputs: list[str], top_k: int, batch_size: int = 64, tta: str | None = None
+    path: str | Path,
+    inputs: list[str],
+    top_k: int,
+    batch_size: int = 64,
+    tta: str | None = None,
+    calibrated: bool = False,
 ) -> list[dict[str, Any]]:
-    """Top-k classes and probabilities per image file, in batches."""
+    """Top-k classes and probabilities per image file, in batches; `calibrated`: the probabilities
+    of the temperature `finetune inspect` fitted for the checkpoint."""
     if top_k < 1:
         raise FinetuneError(f"predict --top-k {top_k}: must be at least 1")
     files = image_files(inputs)
     path = checkpoint_file(path)
+    temperature = stored_temperature(path) if calibrated else 1.0
     exported = path.suffix == ".onnx" or path.name.endswith(".torchscript.pt")
     predictor = exported_predictor(path, tta) if exported else load_predictor(path, tta=tta)
+    predictor.temperature = temperature
     k = min(top_k, len(predictor.class_names))
     results = []
     for start in range(0, len(files), batch_size):
