@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from browser import assert_renders
 from conftest import make_imagefolder, write_config
 from PIL import Image
 
@@ -100,6 +101,19 @@ def test_compare_writes_tables_and_plots(runs, tmp_path, capsys):
             assert img.format == "PNG" and img.width > 600 and img.height > 300
     per_class = pd.read_csv(out / "per_class.csv", index_col="class")
     assert list(per_class.index) == ["cat", "dog", "frog"]
+
+
+def test_compare_html_is_one_page_of_tables_plots_and_noise_that_chromium_loads(runs, tmp_path):
+    out = tmp_path / "cmp"
+    assert main(["compare", str(runs), "--out", str(out), "--html"]) == 0
+    page = out / "report.html"
+    text = page.read_text()
+    n_val = pd.read_csv(out / "comparison.csv")["n_val"].iloc[0]
+    assert f"On {n_val} validation images one image is {1 / n_val:.4f} of accuracy" in text
+    for heading in ("Runs", "Settings repeated over seeds or folds", "Curves", "Accuracy against training time"):
+        assert f"<h2>{heading}" in text
+    assert text.count("data:image/png;base64,") == len(PLOTS)
+    assert_renders(page, tmp_path, least_images=len(PLOTS))
 
 
 def test_the_terminal_table_fits_160_columns_and_the_csv_keeps_every_value(runs, tmp_path, capsys):

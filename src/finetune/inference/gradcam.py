@@ -128,7 +128,7 @@ def _tokens_to_grid(tokens: torch.Tensor, side: int) -> torch.Tensor:
 
 def _near(model: nn.Module, name: str) -> str:
     names = [n for n, _ in model.named_modules() if n]
-    close = difflib.get_close_matches(name, names, n=6, cutoff=0.5)
+    close = sorted(difflib.get_close_matches(name, names, n=6, cutoff=0.5))
     if close:
         return f"near names: {', '.join(close)}"
     return f"its top-level modules: {', '.join(n for n, _ in model.named_children())}"
