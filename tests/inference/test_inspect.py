@@ -136,6 +136,7 @@ def test_a_run_dir_without_a_checkpoint_is_one_line(tmp_path, capsys):
         ("efficientnet_b0", 64, "features"),
         ("timm/resnet18", 64, "layer4"),
         ("timm/vit_tiny_patch16_224", 224, "blocks.11.norm1"),
+        ("swin_t", 224, "permute"),  # its stages pass (N, H, W, C) maps; `permute` hands (N, C, H, W) to the pool
     ],
 )
 def test_each_family_gets_its_usual_layer_and_maps_at_the_input_size(arch, size, layer):

@@ -5,8 +5,8 @@ The default is found by running the model once on a blank image and taking the l
 whose output is still a feature map larger than one pixel, before any pooling: resnet's
 `layer4`, mobilenet's and efficientnet's `features`, a timm CNN's last stage. Transformers
 emit tokens, not maps: a ViT's is the last block's first norm (the class token reads the
-patches only through that block's attention), reshaped from tokens to a grid; Swin's maps
-come channels-last and are permuted.
+patches only through that block's attention), reshaped from tokens to a grid; maps that come
+channels-last (Swin's) are permuted.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def cam_layer(model: nn.Module, image_size: int, name: str | None = None) -> Cam
             f"inspect --layer {name}: its output is {what}, not a feature map or tokens; pick a convolutional "
             f"block or a transformer block's norm (the default: {_default_name(model, shapes)})"
         )
-    return CamLayer(name, model.get_submodule(name), _reshape(model, shape))
+    return CamLayer(name, model.get_submodule(name), _reshape(shape))
 
 
 def output_shapes(model: nn.Module, image_size: int) -> dict[str, torch.Size]:
@@ -84,7 +84,7 @@ def _default_name(model: nn.Module, shapes: dict[str, torch.Size]) -> str:
     maps = [
         name
         for name, shape in shapes.items()
-        if len(shape) == 4 and _spatial(model, shape) > 1 and "Pool" not in type(model.get_submodule(name)).__name__
+        if len(shape) == 4 and _spatial(shape) > 1 and "Pool" not in type(model.get_submodule(name)).__name__
     ]
     if not maps:
         raise FinetuneError("inspect: this model has no feature map to take Grad-CAM from; name one with --layer")
@@ -101,21 +101,21 @@ def _vit_norm(model: nn.Module) -> str | None:
     return None
 
 
-def _channels_last_maps(model: nn.Module) -> bool:
-    """Swin (torchvision's and timm's) passes (N, H, W, C) maps between its stages."""
-    return "Swin" in type(model).__name__
+def _channels_last(shape: torch.Size) -> bool:
+    """Whether a map of a square image is (N, H, W, C), as Swin passes them between stages:
+    its two middle sizes are equal and the last is not."""
+    return shape[1] == shape[2] != shape[3]
 
 
-def _spatial(model: nn.Module, shape: torch.Size) -> int:
-    h, w = (shape[1], shape[2]) if _channels_last_maps(model) else (shape[2], shape[3])
-    return h * w
+def _spatial(shape: torch.Size) -> int:
+    return shape[1] * shape[2] if _channels_last(shape) else shape[2] * shape[3]
 
 
-def _reshape(model: nn.Module, shape: torch.Size) -> Reshape | None:
+def _reshape(shape: torch.Size) -> Reshape | None:
     if len(shape) == 3:
         side = math.isqrt(shape[1])
         return lambda tokens: _tokens_to_grid(tokens, side)
-    if _channels_last_maps(model):
+    if _channels_last(shape):
         return lambda maps: maps.permute(0, 3, 1, 2)
     return None
 

@@ -189,7 +189,7 @@ def shown(
             predicted=scored.class_names[p],
             probability=float(probabilities[index, p]),
             true_probability=float(probabilities[index, scored.labels[index]]),
-            loss=float(losses[index]),
+            loss=max(float(losses[index]), 0.0),  # not -0.00: a sure right answer's rounding
         )
         for i, (index, p) in enumerate(zip(indices, predicted, strict=True))
     ]

@@ -119,10 +119,21 @@ def reliability_figure(logits: torch.Tensor, labels: torch.Tensor, calibration: 
         bins = reliability_bins((logits.double() / t).softmax(1), labels, calibration.bins)
         width = 1 / calibration.bins
         centers = (np.arange(calibration.bins) + 0.5) * width
-        accuracy = np.where(np.array(bins.count) > 0, bins.accuracy, np.nan)
+        used = np.array(bins.count) > 0
+        accuracy = np.where(used, bins.accuracy, np.nan)
+        gap = np.where(used, np.array(bins.confidence) - np.array(bins.accuracy), np.nan)
         ax.bar(centers, accuracy, width=width, edgecolor="black", alpha=0.75, label="accuracy")
+        ax.bar(
+            centers,
+            gap,
+            bottom=accuracy,
+            width=width,
+            color="crimson",
+            alpha=0.3,
+            hatch="//",
+            label="gap to confidence",
+        )
         ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
-        ax.scatter(bins.confidence, accuracy, color="crimson", s=10, zorder=3, label="mean confidence")
         ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy", title=f"{title}, ECE {ece:.3f}")
         ax.legend(fontsize="small", loc="upper left")
     fig.suptitle(f"Reliability on {calibration.images} images ({calibration.bins} bins)")

@@ -28,6 +28,7 @@ th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
 img { max-width: 100%; height: auto; display: block; margin: 0.5em 0; }
 pre { background: #f6f6f6; padding: 0.8em; overflow-x: auto; font-size: 0.8em; }
 figcaption, .note { color: #555; font-size: 0.9em; }
+.wide { overflow-x: auto; }
 """
 
 
@@ -49,10 +50,12 @@ class Page:
         self.parts.append(f"<pre>{html.escape(text)}</pre>")
 
     def table(self, frame: pd.DataFrame, index: bool = False, digits: int = 4) -> None:
-        """Floats to `digits` significant digits, empty cells as `-`, every cell escaped."""
-        self.parts.append(
-            frame.to_html(index=index, escape=True, na_rep="-", float_format=lambda v: f"{v:.{digits}g}", border=0)
+        """Floats to `digits` significant digits, empty cells as `-`, every cell escaped; a wide
+        table scrolls inside the page."""
+        cells = frame.infer_objects().to_html(  # inferred: None in a column of objects would print `None`
+            index=index, escape=True, na_rep="-", float_format=lambda v: f"{v:.{digits}g}", border=0
         )
+        self.parts.append(f'<div class="wide">{cells}</div>')
 
     def image(self, png: bytes, caption: str) -> None:
         data = base64.b64encode(png).decode("ascii")
