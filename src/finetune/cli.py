@@ -229,7 +229,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     """stdout holds the table (or the JSON) alone; notes and the files written go to stderr."""
     from finetune.runs.compare import compare, terminal_table
 
-    if len(args.runs) == 1 and (Path(args.runs[0]) / "tune.json").is_file():
+    if len(args.runs) == 1 and (Path(args.runs[0]) / "tune.json").is_file() and not args.html:  # --html: its trials
         return _compare_study(Path(args.runs[0]), args.json)
     out = Path(args.out)
     result = compare(args.runs, out, args.sort, html=args.html)

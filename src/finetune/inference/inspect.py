@@ -104,7 +104,8 @@ def inspect_checkpoint(path: str | Path, options: InspectOptions) -> Inspection:
     fitted_on = f"{len(val)} validation images of data.{cfg.data.dataset} at {cfg.data.root}"
     kept = save_temperature(ckpt_path, calibration.temperature, fitted_on)
     _write_views(scored, val, predictor, layer, calibration, options.top, out)
-    write_report_page(out, ckpt_path, ckpt, report, calibration, layer.name)
+    scored_on = f"{predictor.runtime.device.type} {predictor.runtime.precision}, Grad-CAM at layer {layer.name}"
+    write_report_page(out, ckpt_path, ckpt, report, calibration, scored_on)
     accuracy = float(report["accuracy"])
     return Inspection(out, len(val), accuracy, layer.name, calibration, kept, time.perf_counter() - started)
 

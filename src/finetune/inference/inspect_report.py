@@ -23,13 +23,18 @@ CONFUSED_ROWS = 10
 
 
 def write_report_page(
-    out: Path, ckpt_path: Path, ckpt: dict[str, Any], report: dict[str, Any], calibration: CalibrationReport, layer: str
+    out: Path,
+    ckpt_path: Path,
+    ckpt: dict[str, Any],
+    report: dict[str, Any],
+    calibration: CalibrationReport,
+    scored_on: str,
 ) -> Path:
     page = Page(f"finetune inspect: {ckpt_path}")
     page.text(
-        f"{ckpt['arch']} at {ckpt['image_size']} px, {report['images']} images scored: accuracy "
+        f"{ckpt['arch']} at {ckpt['image_size']} px, {report['images']} images scored ({scored_on}): accuracy "
         f"{report['accuracy']:.4f}, balanced accuracy {report['balanced_accuracy']:.4f}, "
-        f"macro F1 {report['macro_f1']:.4f}. Grad-CAM at layer {layer}."
+        f"macro F1 {report['macro_f1']:.4f}."
     )
     _calibration(page, calibration, out)
     page.heading("Most wrong")
