@@ -155,6 +155,7 @@ MODULE_TIERS = {
 }
 TEST_TIERS = {
     "test_cli": {"test_train_end_to_end_in_a_real_process": PROCESS},
+    "test_cold_cost": {"test_a_run_killed_after_computing_its_features_is_charged_them_after_resume": PROCESS},
     "test_ecosystem": {
         "test_tensorboard_stream_continues_after_a_resume_without_duplicate_steps": PROCESS,
         "test_a_timm_model_trains_in_stages_resumes_and_predicts": TRAINING,

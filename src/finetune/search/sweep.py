@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import yaml
 
-from finetune.config.load import load_config
+from finetune.config.load import check_key, load_config
 from finetune.config.schema import Config
 from finetune.errors import FinetuneError, Interrupted
 from finetune.runs.lock import RunLock, claim
@@ -45,6 +45,7 @@ def parse_grid(items: list[str]) -> list[tuple[str, list[str]]]:
         key, sep, values = item.partition("=")
         if not sep or not key or not values:
             raise FinetuneError(f"--grid {item!r}: expected KEY=V1,V2, e.g. --grid train.lr_backbone=1e-4,1e-5")
+        check_key(key, "--grid")
         grid.append((key, _split_values(key, values)))
     return grid
 

@@ -74,19 +74,18 @@ class CacheProvider:
             self.cache = None
             return None
         on_disk = cut.cut == self.built.head_name and self.ranks.main  # below the head: too big to keep
+        computed = False
         if self.cache is None or self.cache.cut != cut.cut:
             self.disk_key = self.key() if on_disk else ""
             self.cache = self.store.load(self.disk_key, self.runtime.device) if on_disk else None
-            if self.cache is None:
+            if computed := self.cache is None:
                 self.cache = self._empty(cut)
-                self.cost.paid = self.cache.ledger.val_seconds
             self.since = self.planner.current.epochs.start
             self.drawn = self._needed(range(self.since, epoch))
         needed = self._needed([epoch])
-        self.cost.paid += self._fill(cut, needed)
-        if self.cost.paid > 0 and on_disk:
+        if (self._fill(cut, needed) > 0 or computed) and on_disk:
             self.store.save(self.disk_key, self.cache)
-        self.cost.reused = self._reused(needed, epoch)
+        self.cost = self._charged(needed, epoch)
         return cut
 
     def _empty(self, cut: CutModel) -> FeatureCache:
@@ -110,10 +109,10 @@ class CacheProvider:
 
         return self.cache.fill(needed, compute, self.payer)
 
-    def _reused(self, needed: torch.Tensor, epoch: int) -> float:
-        """What the activations this epoch uses for the first time in this run cost the other runs
-        that computed them. A function of the epochs and the ledger alone, so a resumed run is
-        charged as the uninterrupted one was."""
+    def _charged(self, needed: torch.Tensor, epoch: int) -> FeatureCost:
+        """What the activations this epoch uses for the first time in this run cost this run and
+        the others. A function of the epochs and the ledger alone, so a resumed run is charged as
+        the uninterrupted one was."""
         first_use = needed & ~self.drawn
         self.drawn |= needed
         rows = self.cache.slot[first_use.to(self.cache.slot.device)].cpu()

@@ -40,8 +40,9 @@ CACHE_FORMAT = 5  # part of the disk key: a new layout or batch transform never 
 
 @dataclass
 class FeatureCost:
-    """An epoch's feature extraction: the seconds it paid, and what the cached activations it used
-    for the first time cost the runs that computed them (time as run plus those is the cold cost)."""
+    """What the cached activations an epoch uses for the first time cost: this run (`paid`, part
+    of its epoch's time unless a resume found them done) and the runs that computed the rest
+    (`reused`: time as run plus those is the cold cost)."""
 
     paid: float = 0.0
     reused: float = 0.0
@@ -69,11 +70,17 @@ class Ledger:
         self.payer = torch.cat([self.payer, torch.full((rows,), self.index(payer))])
         self.seconds = torch.cat([self.seconds, torch.full((rows,), seconds / rows, dtype=torch.float64)])
 
-    def charged(self, rows: torch.Tensor, payer: str, val: bool) -> float:
-        """Seconds other runs paid for these train rows (and the validation activations)."""
+    def charged(self, rows: torch.Tensor, payer: str, val: bool) -> FeatureCost:
+        """What these train rows (and the validation activations) cost `payer` itself and the
+        other runs that computed them: read from the ledger, not timed now, so a run resumed
+        after its features were computed is charged as the uninterrupted run was."""
         mine = self.payers.index(payer) if payer in self.payers else -1
-        seconds = float(self.seconds[rows][self.payer[rows] != mine].sum())
-        return seconds + (self.val_seconds if val and self.val_payer != mine else 0.0)
+        own = self.payer[rows] == mine
+        val_cost = self.val_seconds if val else 0.0
+        own_val, other_val = (val_cost, 0.0) if self.val_payer == mine else (0.0, val_cost)
+        return FeatureCost(
+            float(self.seconds[rows][own].sum()) + own_val, float(self.seconds[rows][~own].sum()) + other_val
+        )
 
     def state(self) -> dict[str, Any]:
         return {**vars(self), "payers": list(self.payers)}
