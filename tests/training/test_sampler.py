@@ -14,7 +14,7 @@ from processes import Finetune, Torchrun, assert_same_as_reference, csv_rows, re
 from finetune.cli import main
 from finetune.runs.results import TIMING
 
-IMBALANCED = [48, 12, 6]  # train images per class of the generated folders
+IMBALANCED = [40, 16, 8]  # train images per class of the generated folders: 64, whole batches of 4 and 8
 
 
 def imbalanced_config(tmp_path, **sections):
@@ -55,7 +55,8 @@ def test_sigkill_and_sigterm_mid_epoch_then_resume_are_bit_identical(tmp_path):
 
 def test_two_processes_of_batch_4_draw_the_one_process_batches_of_8(tmp_path):
     """As with shuffling (test_distributed): the ranks' shares of each epoch's draw make the
-    one-process batches, so head-only training (frozen BatchNorm, cached inputs) matches it."""
+    one-process batches (64 images: whole batches either way), so head-only training (frozen
+    BatchNorm, cached inputs) matches it."""
     data = make_imagefolder(tmp_path / "data", train_per_class=IMBALANCED, val_per_class=4)
     train = {"epochs": 2, "unfreeze_epoch": None}
     sampler = {"sampler": "balanced"}
