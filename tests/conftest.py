@@ -142,6 +142,7 @@ PROCESS, TRAINING, EXTRAS = ("process",), ("training",), ("extras",)
 MODULE_TIERS = {
     "test_resume": PROCESS,  # kills and resumes `finetune train` processes
     "test_distributed": PROCESS,  # torchrun
+    "test_sampler": PROCESS,  # data.sampler balanced: kill and resume, torchrun
     "test_cli": TRAINING,
     "test_compare": TRAINING,  # its runs are trained first
     "test_cold_cost": TRAINING,  # ditto

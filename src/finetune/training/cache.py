@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from finetune.config.schema import Config
-from finetune.data.batching import BatchTransform
+from finetune.data.batching import BatchTransform, sampling_weights
 from finetune.data.imageset import ImageSet
 from finetune.model.build import BuiltModel
 from finetune.runtime.distributed import Ranks
@@ -60,6 +60,7 @@ class CacheProvider:
         self.cost = FeatureCost()  # the last epoch's
         self.drawn = torch.zeros(0)  # (2, N) bool: the pairs this run drew from the cache before this epoch
         self.since = 0  # the first epoch of the cache's stage
+        self.weights = sampling_weights(cfg.data.sampler, self.train_set.labels)
 
     @property
     def decision(self) -> CacheDecision | None:
@@ -96,7 +97,8 @@ class CacheProvider:
         return empty_cache(cut.cut, len(self.train_set), val, self.payer, time.perf_counter() - started)
 
     def _needed(self, epochs: Iterable[int]) -> torch.Tensor:
-        return needed_variants(len(self.train_set), self.cfg.seed, epochs, self.cfg.data.hflip, self.ranks)
+        cfg = self.cfg
+        return needed_variants(len(self.train_set), cfg.seed, epochs, cfg.data.hflip, self.ranks, self.weights)
 
     def _fill(self, cut: CutModel, needed: torch.Tensor) -> float:
         """Compute the pairs this epoch draws that the cache lacks, so a stage's first epoch

@@ -155,7 +155,8 @@ def decide_cache(
     shape = cut.exact(cfg.data.image_size, device)
     if shape is None:
         return CacheDecision(None, epochs, f"off: the model's forward is not a chain of modules at {name}")
-    needed = needed_variants(n_train, cfg.seed, epochs, cfg.data.hflip)  # the stage's draws, for the budget
+    # the stage's draws, for the budget: shuffled ones bound a balanced sampler's too (epoch_plan)
+    needed = needed_variants(n_train, cfg.seed, epochs, cfg.data.hflip)
     megabytes = (int(needed.sum()) + n_val) * shape.numel() * (4 if runtime.infer_dtype is None else 2) / 2**20
     if megabytes > cfg.data.memory_budget_mb:
         note = f"off: {name} input needs {megabytes:.0f} MB, over data.memory_budget_mb={cfg.data.memory_budget_mb}"
@@ -185,11 +186,14 @@ class CachePlanner:
         return self.current
 
 
-def needed_variants(n: int, seed: int, epochs: Iterable[int], hflip: bool, ranks: Ranks = SINGLE) -> torch.Tensor:
-    """(2, N) mask of the (flip, image) pairs that these epochs will draw (on this rank)."""
+def needed_variants(
+    n: int, seed: int, epochs: Iterable[int], hflip: bool, ranks: Ranks = SINGLE, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(2, N) mask of the (flip, image) pairs that these epochs will draw (on this rank);
+    `weights`: the balanced sampler's (epoch_plan)."""
     needed = torch.zeros(2, n, dtype=torch.bool)
     for epoch in epochs:
-        order, flips = epoch_plan(n, seed, epoch, hflip)
+        order, flips = epoch_plan(n, seed, epoch, hflip, weights)
         mine = shard(order, ranks)
         needed[flips[mine].long(), mine] = True
     return needed
