@@ -45,7 +45,6 @@ def parse_grid(items: list[str]) -> list[tuple[str, list[str]]]:
         key, sep, values = item.partition("=")
         if not sep or not key or not values:
             raise FinetuneError(f"--grid {item!r}: expected KEY=V1,V2, e.g. --grid train.lr_backbone=1e-4,1e-5")
-        check_key(key, "--grid")
         grid.append((key, _split_values(key, values)))
     return grid
 
@@ -67,6 +66,8 @@ def expand(configs: list[str], overrides: list[str], grid: list[str], seeds: lis
     """Every config x every grid combination x every seed, each validated now (a typo in the
     tenth run is reported before the first one trains)."""
     axes = parse_grid(grid)
+    for key, _ in axes:
+        check_key(key, "--grid")
     runs = []
     for path in configs:
         for values in itertools.product(*(v for _, v in axes)):
