@@ -95,3 +95,13 @@ def test_most_confused_counts_each_direction():
         {"true": "cat", "predicted": "dog", "images": 2, "share_of_true": pytest.approx(2 / 3)},
         {"true": "dog", "predicted": "cat", "images": 1, "share_of_true": 0.5},
     ]
+
+
+def test_a_model_that_gets_everything_right_has_no_confusions_and_still_draws():
+    from finetune.inference.inspect_plots import confused_figure, shown_figure
+
+    s = Scored(torch.eye(3) * 4, torch.arange(3), ["cat", "dog", "frog"])
+    assert most_confused(s).empty and list(most_confused(s).columns) == ["true", "predicted", "images", "share_of_true"]
+    assert sorted(top_correct(s, 5)) == [0, 1, 2]
+    for figure in (confused_figure([]), shown_figure([], "Most wrong")):
+        assert figure.get_axes(), "a figure that says there is nothing to show"
