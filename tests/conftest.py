@@ -150,6 +150,7 @@ MODULE_TIERS = {
     "test_augment": EXTRAS,  # kornia
     "test_ecosystem": EXTRAS,  # timm, onnx, tensorboard
     "test_tune": EXTRAS,  # optuna
+    "test_tracking": PROCESS + EXTRAS,  # mlflow server, finetune processes
     "test_plateau": TRAINING,
     "test_toolkit_training": TRAINING,
 }
