@@ -255,3 +255,13 @@ def test_the_config_section_reads_the_environment_and_resumes_with_tracking_chan
     assert experiment_name(tracked.tracking.mlflow, "tiny") == "tiny"
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "team")
     assert experiment_name(tracked.tracking.mlflow, "tiny") == "team"
+
+
+def test_without_mlflow_a_tracked_config_is_the_install_hint_and_exit_2(make_config, tmp_path, monkeypatch):
+    blocker = tmp_path / "blocked" / "mlflow"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('mlflow is not installed here')\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(blocker.parent), os.environ.get("PYTHONPATH", "")]))
+    proc = Finetune("train", make_config("http://127.0.0.1:5000"))
+    out, err = proc.finish()
+    assert proc.returncode == 2 and err.strip() == "error: tracking.mlflow needs MLflow: pip install 'finetune[mlflow]'"

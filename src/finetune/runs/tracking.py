@@ -107,7 +107,7 @@ class Tracker:
                     state = _create(server, experiment_name(settings, experiment), folder.name, parent, tags)
                     state.save(folder)
                     _send_params(server, state.run_id, params)
-                elif state.status != "RUNNING":
+                elif server.call("get_run", state.run_id).info.status != "RUNNING":  # and it answers at start
                     server.call("update_run", state.run_id, status="RUNNING")
             except Unreachable as exc:
                 raise server.refused(str(exc)) from None
