@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import make_imagefolder, write_config
-from processes import Finetune, csv_rows, resume, stop_when
+from processes import Finetune, Torchrun, csv_rows, resume, stop_when
 
 from finetune.cli import main
 
@@ -131,7 +131,7 @@ def test_a_run_logs_its_config_one_point_per_epoch_its_stages_and_files(server, 
 
 
 def test_kill_9_then_resume_continues_the_same_mlflow_run_with_every_epoch_once(server, make_config, tmp_path):
-    config, run_dir = make_config(server.uri, per_class=40), tmp_path / "run"
+    config, run_dir = make_config(server.uri), tmp_path / "run"
     proc = Finetune("train", config, "--run-dir", run_dir)
     stop_when(proc, lambda: csv_rows(run_dir) == 2, signal.SIGKILL)  # epoch 2 written; its send in flight or not
     client = MlflowClient(server.uri)
@@ -188,6 +188,16 @@ def test_a_3_trial_study_is_a_parent_run_with_its_trials_and_their_states(server
         assert steps(client, trial.info.run_id) == list(range(1, summary["epochs_completed"] + 1))
 
 
+def test_under_torchrun_rank_0_alone_logs_the_run(server, make_config, tmp_path):
+    proc = Torchrun(tmp_path / "logs", "train", make_config(server.uri), "--run-dir", tmp_path / "run")
+    out = proc.finish()
+    assert proc.returncode == 0, out + proc.rank_log(0, "stderr") + proc.rank_log(1, "stderr")
+    client = MlflowClient(server.uri)
+    (run,) = runs_of(client, tmp_path.name)
+    assert run.info.status == "FINISHED" and steps(client, run.info.run_id) == [1, 2, 3]
+    assert run.data.params["data.batch_size"] == "4"
+
+
 def test_finetune_track_uploads_a_run_trained_untracked_once_however_often_it_runs(server, tmp_path):
     data = make_imagefolder(tmp_path / "data")
     config = write_config(tmp_path / "config.yaml", data, tmp_path / "runs", train={"epochs": 2, "unfreeze_epoch": 1})
@@ -212,8 +222,9 @@ def test_a_server_down_at_start_is_one_line_and_exit_2_before_any_training(make_
 
 
 def test_a_server_stopped_mid_run_loses_no_epoch_once_it_is_back(make_config, tmp_path):
-    """Stopped once epoch 1 is sent: the next epoch warns and training goes on; the run is held
-    (SIGSTOP) while the server starts again on its port and store, then sends what it missed."""
+    """Stopped once epoch 1 is sent (the run held meanwhile, SIGSTOP): the next epoch warns and
+    training goes on; the run is held again while the server starts on its port and store, then
+    sends what it missed."""
     server = MlflowServer(tmp_path)
     server.start()
     config = make_config(server.uri, per_class=40)
@@ -222,7 +233,9 @@ def test_a_server_stopped_mid_run_loses_no_epoch_once_it_is_back(make_config, tm
     proc = Finetune("train", config, "--run-dir", run_dir)
     try:
         assert proc.wait_for(lambda: sent(run_dir) == [1]), proc.screen
+        proc.send_signal(signal.SIGSTOP)
         server.stop()
+        proc.send_signal(signal.SIGCONT)
         assert proc.wait_for(lambda: "did not answer" in proc.screen), proc.screen
         proc.send_signal(signal.SIGSTOP)
         server.start()

@@ -63,6 +63,7 @@ class SentState:
     uri: str
     experiment_id: str
     run_id: str
+    params: bool = False  # the server has the params
     sent: list[int] = field(default_factory=list)  # epochs the server has
     stamps: dict[str, int] = field(default_factory=dict)  # epoch -> its points' time (ms), chosen before a send
     files: bool = False  # the run's files went up (once it ended)
@@ -106,9 +107,11 @@ class Tracker:
                 if state is None or state.uri != server.uri:
                     state = _create(server, experiment_name(settings, experiment), folder.name, parent, tags)
                     state.save(folder)
-                    _send_params(server, state.run_id, params)
                 elif server.call("get_run", state.run_id).info.status != "RUNNING":  # and it answers at start
                     server.call("update_run", state.run_id, status="RUNNING")
+                if not state.params:
+                    _send_params(server, state.run_id, params)
+                    state.params = True
             except Unreachable as exc:
                 raise server.refused(str(exc)) from None
             state.status = "RUNNING"
