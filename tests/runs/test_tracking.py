@@ -179,7 +179,7 @@ def test_a_3_trial_study_is_a_parent_run_with_its_trials_and_their_states(server
     assert parent.info.status == "FINISHED" and parent.data.params["trials"] == "3"
     assert parent.data.params["space.train.lr_head"] == "[0.0001, 0.01, True]"
     trials = {r.data.tags["trial_number"]: r for r in found if r is not parent}
-    assert sorted(trials) == ["0", "1", "2"]
+    assert sorted(trials) == ["0", "1", "2"] and parent.data.tags["best_trial"] in trials
     for number, trial in trials.items():
         summary = json.loads((study / f"trial-{int(number):04d}" / "summary.json").read_text())
         assert trial.data.tags["mlflow.parentRunId"] == parent.info.run_id

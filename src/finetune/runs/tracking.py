@@ -137,8 +137,14 @@ class Tracker:
         if len(pending) > 1:
             print(f"mlflow: sent epochs {pending[0]}-{pending[-1]} to {self.server.uri}")
 
-    def end(self, status: str, summary: dict[str, Any] | None = None, files: list[Path] = ()) -> bool:
-        """The run's end: `files` up, the state of a finished run as a tag, `status` last;
+    def end(
+        self,
+        status: str,
+        summary: dict[str, Any] | None = None,
+        files: list[Path] = (),
+        tags: dict[str, str] | None = None,
+    ) -> bool:
+        """The run's end: `files` up, the state of a finished run (and `tags`) as tags, `status` last;
         False when the server did not take all of it (`finetune track` sends the rest)."""
         if files and not self.state.files:
             for path in files:
@@ -146,8 +152,7 @@ class Tracker:
                     return False
             self.state.files = True
             self.state.save(self.folder)
-        tags = _end_tags(summary) if summary else {}
-        for key, value in tags.items():
+        for key, value in {**(_end_tags(summary) if summary else {}), **(tags or {})}.items():
             if not self._try("set_tag", self.state.run_id, key, value):
                 return False
         if not self._try("set_terminated", self.state.run_id, status=status):

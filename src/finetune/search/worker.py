@@ -27,7 +27,7 @@ from finetune.runtime.distributed import Ranks, from_main
 from finetune.search.parents import child_link, open_parent
 from finetune.search.report import finished
 from finetune.search.space import label
-from finetune.search.tune import Job, Tune, check_trial_dir, open_study, trial_name
+from finetune.search.tune import Job, Tune, best_trial, check_trial_dir, open_study, trial_name
 
 if TYPE_CHECKING:
     from finetune.training.loop import Judge
@@ -142,7 +142,8 @@ def run_worker(tune: Tune, ranks: Ranks) -> optuna.Study | None:
             parent.end("KILLED")
         raise
     if parent and finished(worker.study, tune.info.trials):
-        parent.end("FINISHED")
+        best = best_trial(worker.study)
+        parent.end("FINISHED", tags={"best_trial": str(best.number)} if best else {})
     return worker.study
 
 
