@@ -68,6 +68,7 @@ def others(runs, tmp_path_factory):
     pruned = {"epoch": 1, "reason": "below the median of earlier trials at epoch 1"}
     copy_run(runs / "frozen", root / "tune-tiny" / "trial-0003", summary=lambda s: s.update(pruned=pruned), rows=1)
     copy_run(runs / "frozen", root / "empty", rows=0)
+    (copy_run(runs / "frozen", root / "starting") / "results.csv").unlink()  # before its first epoch
     return root
 
 
@@ -124,17 +125,18 @@ def test_the_terminal_table_fits_160_columns_and_the_csv_keeps_every_value(runs,
 
 
 def test_any_mix_of_runs_gives_the_table_and_every_plot(runs, others, tmp_path, capsys):
-    """Disjoint classes, another backbone, a run in progress, a pruned trial and an empty
-    results.csv: exit 0, the table, and the per-class plot left out with a note."""
+    """Disjoint classes, another backbone, a run in progress, a pruned trial, an empty
+    results.csv and none yet: exit 0, the table, and the per-class plot left out with a note."""
     out = tmp_path / "cmp"
     assert main(["compare", str(runs), str(others), "--out", str(out)]) == 0
     printed = capsys.readouterr()
     assert printed.out.startswith("| run")
     assert "skipping" in printed.err and "empty: no epoch finished yet" in printed.err
+    assert "starting: no epoch finished yet" in printed.err, "a run dir without results.csv is named, not passed over"
     assert "share no classes" in printed.err
     table = pd.read_csv(out / "comparison.csv").set_index("run")
     assert table.loc["tune-tiny/trial-0003", "epochs"] == "1/2 (pruned)"
-    assert "model.arch" in table.columns and "empty" not in table.index
+    assert "model.arch" in table.columns and not {"empty", "starting"} & set(table.index)
     for name in ("curves.png", "tradeoff.png"):
         with Image.open(out / name) as img:
             assert img.format == "PNG"

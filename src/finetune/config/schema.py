@@ -71,6 +71,9 @@ class DataConfig:
     # 0 = none, as in PyTorch: images load in the main process
     num_workers: int | Literal["auto"] = "auto"
     hflip: bool = True  # random horizontal flip in training
+    # shuffle: each image once per epoch; balanced: as many draws with replacement, classes
+    # equally likely (1 / class count per image), for imbalanced data; train.class_weights auto then stays off
+    sampler: Literal["shuffle", "balanced"] = "shuffle"
     memory_budget_mb: int = 4096  # image data decoded larger than this is streamed from disk instead of held
     split_seed: int = 42  # draws subsets and the digits split; the run's `seed` draws the training
     augment: AugmentConfig = field(default_factory=AugmentConfig)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import yaml
 
-from finetune.config.load import load_config
+from finetune.config.load import check_key, load_config
 from finetune.config.schema import Config
 from finetune.errors import FinetuneError, Interrupted
 from finetune.runs.lock import RunLock, claim
@@ -68,6 +68,8 @@ def expand(configs: list[str], overrides: list[str], grid: list[str], seeds: lis
     """Every config x every grid combination x every seed, each validated now (a typo in the
     tenth run is reported before the first one trains)."""
     axes = parse_grid(grid)
+    for key, _ in axes:
+        check_key(key, "--grid")
     runs = []
     for path in configs:
         for values in itertools.product(*(v for _, v in axes)):

@@ -26,6 +26,7 @@ from finetune.model.schedule import Schedule
 from finetune.runs.writer import RunWriter
 from finetune.runtime.distributed import SINGLE, Ranks
 from finetune.runtime.resolve import Runtime
+from finetune.training.balance import decide_balance
 from finetune.training.batches import BatchSource, steps_per_epoch
 from finetune.training.book import EpochBook, EpochOutcome, epoch_line
 from finetune.training.cache import CacheProvider
@@ -74,7 +75,8 @@ class Trainer:
         self.optimizer = build_optimizer(cfg.train, self.model, self.schedule)
         self.scaler = runtime.grad_scaler()
         counts = class_counts(data.train.labels, data.num_classes)
-        self.weights = class_weights(cfg.train.class_weights, counts, data.class_names)
+        self.balance = decide_balance(cfg)
+        self.weights = class_weights(self.balance.class_weights, counts, data.class_names)
         criterion = WeightedCrossEntropy(self.weights, cfg.train.label_smoothing).to(device)
         augment = None
         if cfg.data.augment.active:
@@ -228,6 +230,8 @@ class Trainer:
             "name": self.cfg.name,
             **self.book.summary(),
             "class_weights": self.weights.tolist() if self.weights is not None else None,
+            "sampler": self.balance.sampler,
+            "balance": self.balance.note,
             "class_names": list(self.data.class_names),
             "train_size": len(self.data.train),
             "val_size": len(self.data.val),

@@ -142,6 +142,8 @@ class Session:
         store = self.stores.setdefault(folder, FeatureStore(folder))
         writer = RunWriter(run_dir, tracker) if self.ranks.main and write else None
         trainer = Trainer(cfg, data, built, runtime, run_dir, store, writer, self.ranks, judge)
+        if trainer.balance.note:
+            print(trainer.balance.note)
         return trainer
 
     def _data(self, cfg: Config) -> DataSplits:
