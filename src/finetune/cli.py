@@ -47,9 +47,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from finetune.training.session import Session
 
     ranks = distributed.init(resolve_device(cfg.device).type)
+    link = tracking_link(args.config) if cfg.tracking.mlflow else None
     try:
         with owned_run_dir(cfg, args.run_dir, args.resume, ranks) as run_dir:  # rank 0 holds it
-            summary = Session(ranks).train(cfg, run_dir, resume=bool(args.resume))
+            summary = Session(ranks).train(cfg, run_dir, resume=bool(args.resume), link=link)
     finally:
         distributed.close()
     if summary is None:
@@ -62,6 +63,23 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"done: best {summary['monitor']} {best} at epoch {summary['best_epoch']}, {judged}"
         f"final val_acc {summary['final_val_acc']:.4f}, {summary['total_seconds']:.1f}s; files in {run_dir}"
     )
+    return 0
+
+
+def tracking_link(config: str | None):
+    """A run's tags beyond its config (machine, the config folder's git commit) and log_model's exporter."""
+    from finetune.inference.export import export_for_tracking
+    from finetune.runs.tracking import Link, source_tags
+
+    return Link(tags=source_tags(config), export=export_for_tracking)
+
+
+def cmd_track(args: argparse.Namespace) -> int:
+    """Send finished (or stopped) runs to MLflow: what the server lacks, never an epoch twice."""
+    from finetune.runs.tracking import track_run
+
+    for run_dir in args.run_dirs:
+        print(track_run(Path(run_dir), args.uri, args.experiment))
     return 0
 
 
@@ -335,6 +353,7 @@ COMMANDS = {
     "inspect": cmd_inspect,
     "export": cmd_export,
     "predict": cmd_predict,
+    "track": cmd_track,
 }
 
 

@@ -98,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--calibrated", action="store_true", help="probabilities at the temperature finetune inspect fitted"
     )
     add_tta(pred)
+
+    track = sub.add_parser("track", help="send runs to MLflow: what the server lacks of them (tracking.mlflow)")
+    track.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run dirs, finished or stopped")
+    track.add_argument("--uri", help="tracking server (default: the run's tracking.mlflow.uri, or MLFLOW_TRACKING_URI)")
+    track.add_argument("--experiment", help="experiment of a run not tracked before (default: the run's name)")
     return parser
 
 

@@ -192,6 +192,21 @@ class LogConfig:
 
 
 @dataclass
+class MlflowConfig:
+    """An MLflow tracking server that each run (and a sweep or tune study, as a parent run) logs to."""
+
+    uri: str | None = None  # the tracking server, e.g. http://mlflow:5000; null = $MLFLOW_TRACKING_URI
+    # null = $MLFLOW_EXPERIMENT_NAME, else the config's name (a sweep: its dir's name; tune: the study's)
+    experiment: str | None = None
+    log_model: bool = False  # also log best.pt exported as ONNX (finetune export) with the run's files
+
+
+@dataclass
+class TrackingConfig:
+    mlflow: MlflowConfig | None = None  # e.g. {uri: http://mlflow:5000} (or {} to read the env); null = off
+
+
+@dataclass
 class Config:
     name: str = "run"  # the run's name: its folder is <out_dir>/<name> (-2, -3 ... if taken)
     seed: int = 42  # draws the head's init, shuffling, flips, dropout, augmentation
@@ -204,6 +219,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict; with `train.unfreeze` the shorthand keys it replaces are left out."""

@@ -62,6 +62,12 @@ def export(
     return {"file": str(out), "contract": str(contract_path(out)), "max_abs_diff": diff, "images": len(images)}
 
 
+def export_for_tracking(run_dir: Path) -> list[Path]:
+    """best.pt as ONNX beside it, and its contract: the model `tracking.mlflow.log_model` logs."""
+    result = export(run_dir / "best.pt", "onnx", None, "dynamic", [])
+    return [Path(result["file"]), Path(result["contract"])]
+
+
 def _write_model(model: torch.nn.Module, example: torch.Tensor, out: Path, fmt: str, dynamic: bool) -> None:
     if fmt == "onnx":
         _onnx(model, example, out, dynamic)
