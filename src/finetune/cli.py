@@ -12,11 +12,15 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from finetune.config.load import load_config
 from finetune.errors import FinetuneError, Interrupted
 from finetune.parser import build_parser
 from finetune.runs.rundir import owned_run_dir, resume_config
+
+if TYPE_CHECKING:
+    from finetune.runs.tracking import Link
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,7 +70,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def tracking_link(config: str | None):
+def tracking_link(config: str | None) -> Link:
     """A run's tags beyond its config (machine, the config folder's git commit) and log_model's exporter."""
     from finetune.inference.export import export_for_tracking
     from finetune.runs.tracking import Link, source_tags
@@ -75,11 +79,13 @@ def tracking_link(config: str | None):
 
 
 def cmd_track(args: argparse.Namespace) -> int:
-    """Send finished (or stopped) runs to MLflow: what the server lacks, never an epoch twice."""
+    """Send finished (or stopped) runs to MLflow: what the server lacks, never an epoch twice; a
+    server that stops answering part-way is one line (what it lacks) and exit 2."""
+    from finetune.inference.export import export_for_tracking
     from finetune.runs.tracking import track_run
 
     for run_dir in args.run_dirs:
-        print(track_run(Path(run_dir), args.uri, args.experiment))
+        print(track_run(Path(run_dir), args.uri, args.experiment, export_for_tracking))
     return 0
 
 

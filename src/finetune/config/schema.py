@@ -240,12 +240,14 @@ def stage_name(stage: StageConfig) -> str:
     return stage.name or "+".join(stage.modules)
 
 
-def flatten(raw: dict[str, Any]) -> dict[str, Any]:
-    """{"train": {"epochs": 3}} -> {"train.epochs": 3}; values inside a section stay whole."""
+def flatten(raw: dict[str, Any], deep: bool = False) -> dict[str, Any]:
+    """{"train": {"epochs": 3}} -> {"train.epochs": 3}; values inside a section stay whole, unless
+    `deep` (MLflow params): every non-empty dict down, {"a": {"b": {"c": 1}}} -> {"a.b.c": 1}."""
     flat: dict[str, Any] = {}
     for key, value in raw.items():
-        if isinstance(value, dict):
-            flat.update({f"{key}.{k}": v for k, v in value.items()})
+        if isinstance(value, dict) and (value or not deep):
+            inner = flatten(value, deep) if deep else value
+            flat.update({f"{key}.{k}": v for k, v in inner.items()})
         else:
             flat[key] = value
     return flat

@@ -1,11 +1,14 @@
 """The MLflow tracking server a run talks to: an explicit MlflowClient with short timeouts, so a
 server that is gone costs seconds, not the minutes of MLflow's default retries; and what a
-server that does not answer at start is (one line, exit 2, before any training)."""
+server that does not answer at start, or a uri MLflow cannot use, is (one line, exit 2, before
+any training)."""
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from finetune.config.schema import MlflowConfig
@@ -17,6 +20,8 @@ QUICK = {
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
 }
+# one try of a server that went away: no retry, 5 s at most
+PROBE = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
 
 
 class Unreachable(Exception):
@@ -55,7 +60,13 @@ class Server:
         from mlflow import MlflowClient
 
         self.uri = uri
-        self.client = MlflowClient(tracking_uri=uri)
+        try:
+            self.client = MlflowClient(tracking_uri=uri)
+        except Exception as exc:  # MLflow refuses the uri with its own types: a scheme it lacks, a file store
+            raise FinetuneError(
+                f"tracking.mlflow.uri {uri}: MLflow cannot use it ({first_line(exc).split('. ')[0]}); "
+                "give a tracking server, e.g. http://127.0.0.1:5000, or a database, e.g. sqlite:///mlflow.db"
+            ) from None
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         from mlflow.exceptions import MlflowException
@@ -64,8 +75,21 @@ class Server:
         try:
             return getattr(self.client, method)(*args, **kwargs)
         except (MlflowException, RequestException, OSError) as exc:
-            text = str(exc).strip()
-            raise Unreachable(text.splitlines()[0][:300] if text else type(exc).__name__) from None
+            raise Unreachable(first_line(exc)) from None
+
+    @contextmanager
+    def probing(self) -> Iterator[None]:
+        """Calls made inside try once, briefly (PROBE): how a server that went away is asked again."""
+        before = {key: os.environ.get(key) for key in PROBE}
+        os.environ.update(PROBE)
+        try:
+            yield
+        finally:
+            for key, value in before.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
     def experiment(self, name: str) -> str:
         """The id of experiment `name`, created by whichever process asks first."""
@@ -84,3 +108,9 @@ class Server:
             f"tracking.mlflow.uri {self.uri}: the server did not answer ({reason}); start it or fix the uri, "
             "or set tracking.mlflow: null to train without it"
         )
+
+
+def first_line(exc: BaseException) -> str:
+    """An error's first line, short: what a one-line message quotes of it."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__

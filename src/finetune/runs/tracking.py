@@ -6,16 +6,17 @@ An epoch goes out as one batch: its metrics at step = epoch, each stamped with a
 once and kept in mlflow.json before the send, and its values rounded as results.csv writes
 them; so an epoch sent again (a kill between the send and the note that it went) is the same
 point, which the server keeps once.
+
+A server that stops answering is asked again at most once a minute, with one brief try
+(Server.probing), so a long outage does not add the client's full retries to every epoch.
 """
 
 from __future__ import annotations
 
 import fcntl
 import json
-import numbers
 import os
 import platform
-import re
 import subprocess
 import time
 import warnings
@@ -25,16 +26,19 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from finetune.config.schema import Config, MlflowConfig
-from finetune.errors import FinetuneError
+from finetune.config.schema import Config, MlflowConfig, flatten
+from finetune.errors import FinetuneError, Interrupted
 from finetune.files import atomic_write_text
-from finetune.runs.lock import hold
-from finetune.runs.mlflow_server import Server, Unreachable, experiment_name, tracking_uri
+from finetune.runs.lock import LOCK_FILE, hold
+from finetune.runs.mlflow_entities import end_tags, epoch_batch
+from finetune.runs.mlflow_server import Server, Unreachable, experiment_name, first_line, tracking_uri
 from finetune.runs.rundir import is_finished, saved_run_config
+from finetune.runtime.distributed import SINGLE, Ranks, from_main
 
 STATE_FILE = "mlflow.json"
 BATCH = 100  # params or tags per log_batch call: MLflow's limit
 RUN_FILES = ("config.yaml", "results.csv", "summary.json", "best.pt")
+RETRY_AFTER = 60.0  # seconds between tries of a server that stopped answering
 
 
 @dataclass
@@ -66,7 +70,7 @@ class SentState:
     params: bool = False  # the server has the params
     sent: list[int] = field(default_factory=list)  # epochs the server has
     stamps: dict[str, int] = field(default_factory=dict)  # epoch -> its points' time (ms), chosen before a send
-    files: bool = False  # the run's files went up (once it ended)
+    files_for: int = 0  # epochs_completed of the run when its files went up (0: not yet)
     status: str = "RUNNING"  # the status last sent
 
     def save(self, folder: Path) -> None:
@@ -75,7 +79,11 @@ class SentState:
     @staticmethod
     def load(folder: Path) -> SentState | None:
         path = folder / STATE_FILE
-        return SentState(**json.loads(path.read_text())) if path.is_file() else None
+        if not path.is_file():
+            return None
+        saved = json.loads(path.read_text())
+        saved.pop("files", None)  # an older mlflow.json's flag: its files go up once more
+        return SentState(**saved)
 
 
 class Tracker:
@@ -85,6 +93,7 @@ class Tracker:
     def __init__(self, server: Server, folder: Path, state: SentState):
         self.server, self.folder, self.state = server, Path(folder), state
         self.down = False
+        self.retry_at = 0.0  # while down: the time.monotonic() before which nothing is tried
 
     @classmethod
     def open(
@@ -129,7 +138,7 @@ class Tracker:
             self.state.stamps.setdefault(str(epoch), int(time.time() * 1000))
         self.state.save(self.folder)
         for epoch in pending:
-            batch = _epoch_batch(by_epoch[epoch], by_epoch.get(epoch - 1), summary, self.state)
+            batch = epoch_batch(by_epoch[epoch], by_epoch.get(epoch - 1), summary, self.state.stamps)
             if not self._try("log_batch", self.state.run_id, **batch):
                 return
             self.state.sent.append(epoch)
@@ -144,15 +153,15 @@ class Tracker:
         files: list[Path] = (),
         tags: dict[str, str] | None = None,
     ) -> bool:
-        """The run's end: `files` up, the state of a finished run (and `tags`) as tags, `status` last;
-        False when the server did not take all of it (`finetune track` sends the rest)."""
-        if files and not self.state.files:
+        """The run's end: `files` up (again, once a resume trained more epochs), the state of a finished
+        run (and `tags`) as tags, `status` last; False when the server did not take all of it."""
+        if files and self.needs_files(summary):
             for path in files:
                 if not self._try("log_artifact", self.state.run_id, str(path)):
                     return False
-            self.state.files = True
+            self.state.files_for = summary["epochs_completed"]
             self.state.save(self.folder)
-        for key, value in {**(_end_tags(summary) if summary else {}), **(tags or {})}.items():
+        for key, value in {**(end_tags(summary) if summary else {}), **(tags or {})}.items():
             if not self._try("set_tag", self.state.run_id, key, value):
                 return False
         if not self._try("set_terminated", self.state.run_id, status=status):
@@ -161,18 +170,36 @@ class Tracker:
         self.state.save(self.folder)
         return True
 
+    def needs_files(self, summary: dict[str, Any] | None) -> bool:
+        """Whether the server lacks the files of the run as `summary` says it ended."""
+        return summary is not None and self.state.files_for != summary["epochs_completed"]
+
+    def forget_if_bare(self) -> None:
+        """Drop mlflow.json from a dir that holds nothing else (a run that failed at start), so the
+        dir is removed with its lock and the next run takes its name."""
+        if {p.name for p in self.folder.iterdir()} <= {STATE_FILE, LOCK_FILE}:
+            (self.folder / STATE_FILE).unlink(missing_ok=True)
+
     def _try(self, method: str, *args: Any, **kwargs: Any) -> bool:
-        """One call; a failure warns once per outage, and the next success says the server is back."""
+        """One call; a failure warns once per outage, and the next success says the server is back.
+        While it is down, a call within RETRY_AFTER of the last try fails at once, and the next is
+        one brief try."""
+        if self.down and time.monotonic() < self.retry_at:
+            return False
         try:
-            self.server.call(method, *args, **kwargs)
+            if self.down:
+                with self.server.probing():
+                    self.server.call(method, *args, **kwargs)
+            else:
+                self.server.call(method, *args, **kwargs)
         except Unreachable as exc:
             if not self.down:
                 warnings.warn(
                     f"mlflow: {self.server.uri} did not answer ({exc}); training goes on, and what it missed is "
-                    f"sent once it answers (or by: finetune track {self.folder})",
+                    f"sent once it answers, tried once a minute (or by: finetune track {self.folder})",
                     stacklevel=2,
                 )
-            self.down = True
+            self.down, self.retry_at = True, time.monotonic() + RETRY_AFTER
             return False
         if self.down:
             print(f"mlflow: {self.server.uri} answers again; sending what it missed")
@@ -186,34 +213,72 @@ def open_run(cfg: Config, folder: Path, link: Link) -> Tracker:
     return Tracker.open(cfg.tracking.mlflow or MlflowConfig(), folder, cfg.name, params, link.tags, link.parent)
 
 
+def open_on_main(opener: Callable[[], Tracker], ranks: Ranks = SINGLE) -> Tracker | None:
+    """`opener()` on rank 0 (None elsewhere); a server that does not answer stops every rank with its line."""
+    tracker, error = None, None
+    if ranks.main:
+        try:
+            tracker = opener()
+        except FinetuneError as exc:
+            error = str(exc)
+    error = from_main(error, ranks)
+    if error is not None:
+        raise FinetuneError(error)
+    return tracker
+
+
+@contextmanager
+def ending(tracker: Tracker | None) -> Iterator[None]:
+    """Ends the run of `tracker` if the block raises: KILLED when stopped (it can be resumed),
+    FAILED on any other error (a dir left holding only mlflow.json drops it)."""
+    try:
+        yield
+    except (Interrupted, KeyboardInterrupt):
+        if tracker:
+            tracker.end("KILLED")
+        raise
+    except BaseException:
+        if tracker:
+            tracker.end("FAILED")
+            tracker.forget_if_bare()
+        raise
+
+
 def sync(tracker: Tracker, folder: Path, epochs: int, export: Callable[[Path], list[Path]] | None = None) -> bool:
     """Send what the server lacks of the run in `folder` as its files say it: its epochs, and once
-    it is finished its files and FINISHED (else KILLED: it can be resumed); False if it did not answer."""
+    it is finished its files and FINISHED (else KILLED: it can be resumed); False if it did not answer.
+    A server that went away is tried once more now, whenever it was last tried."""
+    tracker.retry_at = 0.0
     tracker.epochs(read_rows(folder), _summary(folder))
     if tracker.down:
         return False
     summary = _summary(folder)
     if summary is None or not is_finished(summary, epochs):
         return tracker.end("KILLED")
-    extra = _exported(folder, export) if export and not tracker.state.files else []
+    extra = _exported(folder, export) if export and tracker.needs_files(summary) else []
     return tracker.end("FINISHED", summary, run_files(folder, extra))
 
 
 def _exported(folder: Path, export: Callable[[Path], list[Path]]) -> list[Path]:
-    """The exported model's files, for log_model; none (and a warning) when it cannot be made."""
+    """The exported model's files, for log_model; none (and a warning) when it cannot be made: the
+    exporter raises its own errors (torch.onnx's), and a finished training never fails for it."""
     if not (folder / "best.pt").is_file():
         warnings.warn(f"mlflow: log_model: {folder} keeps no best.pt (checkpoint.keep) to export", stacklevel=2)
         return []
     try:
         return export(folder)
-    except FinetuneError as exc:
-        warnings.warn(f"mlflow: log_model: the export failed ({exc}); the run's other files are logged", stacklevel=2)
+    except Exception as exc:
+        why = first_line(exc)
+        warnings.warn(f"mlflow: log_model: the export failed ({why}); the run's other files are logged", stacklevel=2)
         return []
 
 
-def track_run(folder: Path, uri: str | None, experiment: str | None) -> str:
+def track_run(
+    folder: Path, uri: str | None, experiment: str | None, export: Callable[[Path], list[Path]] | None = None
+) -> str:
     """`finetune track RUN_DIR`: a run that is not training now, sent to its MLflow run (created
-    the first time: a run trained before tracking was set) with what the server lacks."""
+    the first time: a run trained before tracking was set) with what the server lacks; `export`:
+    log_model's exporter. FinetuneError when the server stopped answering part-way."""
     if not (folder / "config.yaml").is_file():
         raise FinetuneError(f"track {folder}: no config.yaml there, so it holds no run")
     cfg = saved_run_config(folder)
@@ -222,12 +287,24 @@ def track_run(folder: Path, uri: str | None, experiment: str | None) -> str:
     with hold(folder, "track"):
         tracker = Tracker.open(settings, folder, cfg.name, flat_params(cfg.to_dict()), source_tags(None))
         before = len(tracker.state.sent)
-        done = sync(tracker, folder, cfg.train.epochs)
+        done = sync(tracker, folder, cfg.train.epochs, export if settings.log_model else None)
     state = tracker.state
-    sent = f"{len(state.sent) - before} epochs sent ({len(state.sent)} in all), status {state.status}"
+    sent = f"{len(state.sent) - before} epochs sent ({len(state.sent)} in all)"
     if not done:
-        return f"track {folder}: {sent}; the server stopped answering: run finetune track again"
-    return f"track {folder}: MLflow run {state.run_id} at {state.uri}: {sent}"
+        raise FinetuneError(
+            f"track {folder}: {settings.uri or state.uri} stopped answering after {sent}; not sent: "
+            f"{_unsent(tracker, folder)}; run finetune track {folder} again once it answers"
+        )
+    return f"track {folder}: MLflow run {state.run_id} at {state.uri}: {sent}, status {state.status}"
+
+
+def _unsent(tracker: Tracker, folder: Path) -> str:
+    """What the server still lacks of a run: its epochs, its files, its end status."""
+    epochs = [int(row["epoch"]) for row in read_rows(folder) if int(row["epoch"]) not in tracker.state.sent]
+    summary = _summary(folder)
+    parts = [f"epochs {', '.join(map(str, epochs))}"] if epochs else []
+    parts += ["the run's files"] if tracker.needs_files(summary) else []
+    return ", ".join([*parts, "the run's end status"])
 
 
 def read_rows(folder: Path) -> list[dict[str, Any]]:
@@ -269,15 +346,11 @@ def source_tags(config: str | Path | None) -> dict[str, str]:
     return tags
 
 
-def flat_params(raw: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    """{"train": {"epochs": 3}} -> {"train.epochs": "3"}, every level down; a list stays one value."""
-    flat: dict[str, str] = {}
-    for key, value in raw.items():
-        if isinstance(value, dict) and value:
-            flat.update(flat_params(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
-    return flat
+def flat_params(raw: dict[str, Any]) -> dict[str, str]:
+    """{"train": {"epochs": 3}} -> {"train.epochs": "3"}: MLflow params are flat text, so every level
+    down (flatten's `deep`); a list stays one value, as JSON."""
+    flat = flatten(raw, deep=True)
+    return {k: json.dumps(v) if isinstance(v, (list, dict)) else str(v) for k, v in flat.items()}
 
 
 def _create(server: Server, experiment: str, name: str, parent: Parent | None, tags: dict[str, str]) -> SentState:
@@ -297,55 +370,6 @@ def _send_params(server: Server, run_id: str, params: dict[str, Any]) -> None:
     items = [Param(key, str(value)[:6000]) for key, value in params.items()]
     for start in range(0, len(items), BATCH):
         server.call("log_batch", run_id, params=items[start : start + BATCH])
-
-
-def _epoch_batch(
-    row: dict[str, Any], previous: dict[str, Any] | None, summary: dict[str, Any] | None, state: SentState
-) -> dict[str, Any]:
-    """An epoch's metrics at step = epoch and, when a stage starts with it, a tag saying so."""
-    from mlflow.entities import Metric, RunTag
-
-    epoch, stamp = int(row["epoch"]), state.stamps[str(row["epoch"])]
-    values = {k: _value(v) for k, v in row.items() if k != "epoch"}
-    metrics = [Metric(_key(k), v, stamp, epoch) for k, v in values.items() if v is not None]
-    tags = {"stage": str(row["stage"])}
-    if previous is None or previous["stage"] != row["stage"]:
-        tags[_key(f"stage_start.{row['stage']}")] = f"epoch {epoch}"
-    tags.update(_runtime_tags(summary))
-    return {"metrics": metrics, "tags": [RunTag(k, v) for k, v in tags.items()]}
-
-
-def _runtime_tags(summary: dict[str, Any] | None) -> dict[str, str]:
-    """The runtime choice (device, precision, layout, compile, and what decided it)."""
-    if not summary:
-        return {}
-    runtime = summary.get("runtime") or {}
-    keys = ("precision", "memory_format", "compile", "decided_by")
-    return {"runtime.device": str(summary.get("device")), **{f"runtime.{k}": str(runtime.get(k)) for k in keys}}
-
-
-def _end_tags(summary: dict[str, Any]) -> dict[str, str]:
-    """How a run ended: pruned (a tune trial), stopped early, or complete; and its best epoch."""
-    if summary.get("pruned"):
-        state = "pruned"
-    elif summary.get("stopped_early"):
-        state = "stopped_early"
-    else:
-        state = "complete"
-    return {"state": state, "best_epoch": str(summary.get("best_epoch"))}
-
-
-def _value(value: Any) -> float | None:
-    """A metric's value as results.csv holds it (floats to 6 digits), whether read from memory or
-    the file; None for text, flags and empty cells."""
-    if isinstance(value, (bool, str)) or not isinstance(value, numbers.Real) or value != value:
-        return None
-    return float(value) if isinstance(value, numbers.Integral) else float(f"{float(value):.6g}")
-
-
-def _key(name: str) -> str:
-    """A name MLflow takes as a key: letters, digits and _-. /: stay, anything else becomes _."""
-    return re.sub(r"[^\w\-. /:]", "_", name)
 
 
 @contextmanager

@@ -8,10 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from finetune.config.schema import MlflowConfig
-from finetune.errors import FinetuneError
 from finetune.inference.export import export_for_tracking
-from finetune.runs.tracking import Link, Parent, Tracker, source_tags
-from finetune.runtime.distributed import SINGLE, Ranks, from_main
+from finetune.runs.tracking import Link, Parent, Tracker, open_on_main, source_tags
+from finetune.runtime.distributed import SINGLE, Ranks
 
 
 def open_parent(
@@ -20,21 +19,11 @@ def open_parent(
     """The dir's parent run on rank 0 (None elsewhere, or without tracking); `experiment`: its default name."""
     if settings is None:
         return None
-    tracker, error = None, None
-    if ranks.main:
-        try:
-            tracker = Tracker.open(settings, folder, experiment, params, source_tags(None))
-        except FinetuneError as exc:
-            error = str(exc)
-    error = from_main(error, ranks)
-    if error is not None:
-        raise FinetuneError(error)
-    return tracker
+    return open_on_main(lambda: Tracker.open(settings, folder, experiment, params, source_tags(None)), ranks)
 
 
 def child_link(parent: Tracker | None, tags: dict[str, str] | None = None) -> Link:
-    """How a child run is tracked: under `parent`, with `tags` of its own (a trial's number and values)."""
-    if parent is None:
-        return Link(export=export_for_tracking)
-    state = parent.state
-    return Link(Parent(state.run_id, state.experiment_id, tags or {}), export=export_for_tracking)
+    """How a child run is tracked: under `parent` (none: a run of its own, as in `sweep --storage`),
+    with `tags` of its own (a trial's number and values), the machine, and log_model's exporter."""
+    found = parent and Parent(parent.state.run_id, parent.state.experiment_id, tags or {})
+    return Link(found, tags=source_tags(None), export=export_for_tracking)

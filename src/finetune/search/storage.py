@@ -19,6 +19,8 @@ from optuna.trial import TrialState
 
 from finetune.errors import FinetuneError
 from finetune.runs.lock import RunLock, claim
+from finetune.runs.tracking import Link
+from finetune.search.parents import child_link
 from finetune.search.sweep import SweepRun, _finished, _train
 from finetune.search.tune import connect
 from finetune.search.worker import claim_orphan
@@ -32,13 +34,13 @@ def run_shared(runs: list[SweepRun], out: Path, url: str) -> list[SweepRun]:
     from finetune.training.session import Session
 
     study = connect(out, url, f"sweep-{out.name}", "maximize")
-    session = Session()
+    session, link = Session(), child_link(None)  # each run tracked on its own: machines share no parent dir
     while (taken := _next(study, runs, out)) is not None:
         trial, lock = taken
         run = runs[trial.number]
         with lock:
             try:
-                value = _run(session, run, lock, f"[{trial.number + 1}/{len(runs)}] {run.name}")
+                value = _run(session, run, lock, f"[{trial.number + 1}/{len(runs)}] {run.name}", link)
             except FinetuneError:  # a user error in this run: the sweep stops with its line, as sweep does
                 study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
                 raise
@@ -65,11 +67,11 @@ def _next(study: optuna.Study, runs: list[SweepRun], out: Path) -> tuple[optuna.
     return None
 
 
-def _run(session: Session, run: SweepRun, lock: RunLock, label: str) -> float | None:
+def _run(session: Session, run: SweepRun, lock: RunLock, label: str, link: Link) -> float | None:
     """Train the run (or find it finished); its best monitored value."""
     run.cfg.out_dir = str(lock.folder.parent)  # one feature store for the sweep, as in sweep
     if not _finished(lock.folder, run.cfg):
-        _train(session, run, lock.folder, label)
+        _train(session, run, lock.folder, label, link)
     else:
         print(f"{label}: finished before, skipped")
     return json.loads((lock.folder / "summary.json").read_text()).get("best_value")

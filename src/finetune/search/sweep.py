@@ -24,7 +24,7 @@ from finetune.config.schema import Config
 from finetune.errors import FinetuneError, Interrupted
 from finetune.runs.lock import RunLock, claim
 from finetune.runs.rundir import check_continuation, is_finished, saved_run_config
-from finetune.runs.tracking import Link
+from finetune.runs.tracking import Link, ending
 from finetune.search.parents import child_link, open_parent
 
 if TYPE_CHECKING:
@@ -113,16 +113,12 @@ def run_sweep(runs: list[SweepRun], out: Path) -> list[SweepRun]:
     labels = {run.name: f"[{i}/{len(runs)}] {run.name}" for i, run in enumerate(runs, start=1)}
     parent = open_parent(runs[0].cfg.tracking.mlflow, out, out.name, {"runs": len(runs)})
     link, todo = child_link(parent), runs
-    try:
+    with ending(parent):
         while True:
             held = [run for run in todo if not _take(session, run, out, labels[run.name], link)]
             if len(held) == len(todo):
                 break
             todo = held
-    except Interrupted:
-        if parent:
-            parent.end("KILLED")
-        raise
     if parent and not held:
         parent.end("FINISHED")
     return held

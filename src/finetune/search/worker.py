@@ -22,7 +22,7 @@ from optuna.trial import TrialState
 from finetune.errors import FinetuneError, Interrupted
 from finetune.runs.lock import RunLock, claim
 from finetune.runs.results import Judged
-from finetune.runs.tracking import Link, Tracker
+from finetune.runs.tracking import Link, Tracker, ending
 from finetune.runtime.distributed import Ranks, from_main
 from finetune.search.parents import child_link, open_parent
 from finetune.search.report import finished
@@ -135,12 +135,8 @@ def run_worker(tune: Tune, ranks: Ranks) -> optuna.Study | None:
                 _train(session, tune, job, lambda epoch, value: None)
         return None
     worker = Worker(tune, open_study(tune.study_dir, tune.info))
-    try:
+    with ending(parent):
         _work(session, tune, worker, ranks, parent)
-    except Interrupted:
-        if parent:
-            parent.end("KILLED")
-        raise
     if parent and finished(worker.study, tune.info.trials):
         best = best_trial(worker.study)
         parent.end("FINISHED", tags={"best_trial": str(best.number)} if best else {})

@@ -17,14 +17,14 @@ import torch
 
 from finetune.config.schema import Config
 from finetune.data.sources import DataSplits, load_data
-from finetune.errors import FinetuneError, Interrupted
+from finetune.errors import FinetuneError
 from finetune.model.build import build_model, check_model_config, skeleton
 from finetune.model.schedule import check_stages
 from finetune.runs.checkpoint import load_checkpoint
 from finetune.runs.rundir import is_finished
-from finetune.runs.tracking import Link, Tracker, open_run, sync
+from finetune.runs.tracking import Link, Tracker, ending, open_on_main, open_run, sync
 from finetune.runs.writer import RunWriter, dropped
-from finetune.runtime.distributed import SINGLE, Ranks, from_main
+from finetune.runtime.distributed import SINGLE, Ranks
 from finetune.runtime.hardware import resolve_device
 from finetune.runtime.resolve import Subject, check_precision, resolve_runtime
 from finetune.training.features import FeatureStore
@@ -45,35 +45,12 @@ class Session:
         one is a trial, which nothing trains again once it ends. With `tracking.mlflow` the run
         is an MLflow run (`link`: its parent, tags, the exporter), reached before any data loads."""
         link = link or Link()
-        tracker = self._tracker(cfg, run_dir, link)
-        try:
+        tracker = open_on_main(lambda: open_run(cfg, run_dir, link), self.ranks) if cfg.tracking.mlflow else None
+        with ending(tracker):
             summary = self._train(cfg, run_dir, resume, judge, tracker)
-        except Interrupted:
-            if tracker:
-                tracker.end("KILLED")
-            raise
-        except BaseException:
-            if tracker:
-                tracker.end("FAILED")
-            raise
         if tracker:
             sync(tracker, run_dir, cfg.train.epochs, link.export if cfg.tracking.mlflow.log_model else None)
         return summary
-
-    def _tracker(self, cfg: Config, run_dir: Path, link: Link) -> Tracker | None:
-        """Rank 0's tracker; a server that does not answer stops every rank with rank 0's line."""
-        if cfg.tracking.mlflow is None:
-            return None
-        tracker, error = None, None
-        if self.ranks.main:
-            try:
-                tracker = open_run(cfg, run_dir, link)
-            except FinetuneError as exc:
-                error = str(exc)
-        error = from_main(error, self.ranks)
-        if error is not None:
-            raise FinetuneError(error)
-        return tracker
 
     def _train(
         self, cfg: Config, run_dir: Path, resume: bool, judge: Judge | None, tracker: Tracker | None
