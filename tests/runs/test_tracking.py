@@ -128,6 +128,22 @@ def test_a_run_logs_its_config_one_point_per_epoch_its_stages_and_files(server, 
     assert tags["stage_start.head"] == "epoch 1" and tags["stage_start.backbone"] == "epoch 2"
     assert tags["state"] == "complete" and tags["runtime.precision"] == "fp32" and tags["host"]
     assert FILES | {"best.onnx", "best.onnx.json"} <= artifacts(client, run.info.run_id)
+    run_dir = tmp_path / "runs" / "tiny"  # resumed to train longer: its files go up again
+    assert main(["train", "--resume", str(run_dir), "--set", "train.epochs=4"]) == 0
+    (run,) = runs_of(client, tmp_path.name)
+    assert run.info.status == "FINISHED" and steps(client, run.info.run_id) == [1, 2, 3, 4]
+    results = client.download_artifacts(run.info.run_id, "results.csv", str(tmp_path))
+    assert Path(results).read_text() == (run_dir / "results.csv").read_text()
+
+
+def test_a_run_that_fails_at_start_is_failed_and_leaves_no_dir_behind(server, make_config, tmp_path):
+    """Its data is gone: the MLflow run (opened before data loads) ends FAILED, and the run dir,
+    holding nothing but mlflow.json, goes, so the next run takes its name."""
+    config = make_config(server.uri)
+    config.write_text(config.read_text().replace(str(tmp_path / "data"), str(tmp_path / "gone")))
+    assert main(["train", str(config)]) == 2
+    (run,) = runs_of(MlflowClient(server.uri), tmp_path.name)
+    assert run.info.status == "FAILED" and not (tmp_path / "runs" / "tiny").exists()
 
 
 def test_kill_9_then_resume_continues_the_same_mlflow_run_with_every_epoch_once(server, make_config, tmp_path):
@@ -162,6 +178,7 @@ def test_a_2x2_sweep_is_a_parent_run_with_4_children(server, make_config, tmp_pa
     ]
     for child in children:
         assert child.info.status == "FINISHED" and steps(client, child.info.run_id) == [1, 2]
+        assert child.data.tags["host"]
         assert child.data.params["seed"] == child.info.run_name[-1]
 
 
@@ -182,7 +199,7 @@ def test_a_3_trial_study_is_a_parent_run_with_its_trials_and_their_states(server
     assert sorted(trials) == ["0", "1", "2"] and parent.data.tags["best_trial"] in trials
     for number, trial in trials.items():
         summary = json.loads((study / f"trial-{int(number):04d}" / "summary.json").read_text())
-        assert trial.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert trial.data.tags["mlflow.parentRunId"] == parent.info.run_id and trial.data.tags["host"]
         assert trial.data.tags["state"] == ("pruned" if summary["pruned"] else "complete")
         assert float(trial.data.tags["trial.train.lr_head"]) == pytest.approx(float(trial.data.params["train.lr_head"]))
         assert steps(client, trial.info.run_id) == list(range(1, summary["epochs_completed"] + 1))
@@ -203,12 +220,15 @@ def test_finetune_track_uploads_a_run_trained_untracked_once_however_often_it_ru
     config = write_config(tmp_path / "config.yaml", data, tmp_path / "runs", train={"epochs": 2, "unfreeze_epoch": 1})
     assert main(["train", str(config)]) == 0
     run_dir = tmp_path / "runs" / "tiny"
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    saved["tracking"] = {"mlflow": {"log_model": True}}  # the server and experiment given to track
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(saved))
     for _ in range(2):
         assert main(["track", str(run_dir), "--uri", server.uri, "--experiment", tmp_path.name]) == 0
     client = MlflowClient(server.uri)
     (run,) = runs_of(client, tmp_path.name)
     assert run.info.status == "FINISHED" and steps(client, run.info.run_id) == [1, 2]
-    assert artifacts(client, run.info.run_id) >= FILES
+    assert artifacts(client, run.info.run_id) >= FILES | {"best.onnx", "best.onnx.json"}
 
 
 def test_a_server_down_at_start_is_one_line_and_exit_2_before_any_training(make_config, tmp_path):
@@ -278,3 +298,92 @@ def test_without_mlflow_a_tracked_config_is_the_install_hint_and_exit_2(make_con
     proc = Finetune("train", make_config("http://127.0.0.1:5000"))
     out, err = proc.finish()
     assert proc.returncode == 2 and err.strip() == "error: tracking.mlflow needs MLflow: pip install 'finetune[mlflow]'"
+
+
+@pytest.mark.parametrize("uri", ["./mlruns", "htp://nowhere:5000"])
+def test_a_uri_mlflow_cannot_use_is_one_line_and_exit_2_for_train_and_track(uri, tmp_path, capsys, monkeypatch):
+    from finetune.config.load import load_config
+    from finetune.runs.rundir import create_run_dir
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    data = make_imagefolder(tmp_path / "data", train_per_class=2, val_per_class=1)
+    config = write_config(tmp_path / "config.yaml", data, tmp_path / "runs", tracking={"mlflow": {"uri": uri}})
+    run_dir = tmp_path / "untracked"
+    create_run_dir(run_dir, load_config(str(config), ["tracking.mlflow=null"]))
+    for args in (["train", str(config)], ["track", str(run_dir), "--uri", uri]):
+        capsys.readouterr()
+        assert main(args) == 2, args
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert line.startswith(f"error: tracking.mlflow.uri {uri}: MLflow cannot use it (") and "http://" in line
+    assert not (tmp_path / "runs" / "tiny").exists() and not (run_dir / "mlflow.json").exists()
+
+
+def test_an_export_that_raises_its_own_error_is_a_warning_and_no_files(tmp_path):
+    from finetune.runs.tracking import _exported
+
+    (tmp_path / "best.pt").write_bytes(b"")
+
+    def export(folder: Path) -> list[Path]:
+        raise RuntimeError("torch.onnx: an op it cannot export\nmore lines")
+
+    with pytest.warns(UserWarning, match=r"export failed \(torch.onnx: an op it cannot export\)"):
+        assert _exported(tmp_path, export) == []
+
+
+def test_a_server_that_never_answers_is_tried_once_until_a_minute_passes(tmp_path, monkeypatch):
+    """A host that takes the connection and never replies: the first epoch's send fails (one try of
+    1 s here), the next epochs are not tried at all, and once the minute is up one brief try goes out."""
+    from finetune.runs.mlflow_server import Server
+    from finetune.runs.tracking import SentState, Tracker
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "1")
+    with socket.socket() as mute:
+        mute.bind(("127.0.0.1", 0))
+        mute.listen(16)
+        uri = f"http://127.0.0.1:{mute.getsockname()[1]}"
+        tracker = Tracker(Server(uri), tmp_path, SentState(uri, "0", "run"))
+        rows = [{"epoch": n, "stage": "head", "val_acc": 0.5} for n in (1, 2, 3)]
+        with pytest.warns(UserWarning, match="did not answer") as warned:
+            for n in (1, 2, 3):
+                tracker.epochs(rows[:n], None)
+        assert len(warned) == 1 and connections(mute) == 1 and tracker.state.sent == []
+        tracker.retry_at = 0.0  # the minute is up
+        tracker.epochs(rows, None)
+        assert connections(mute) == 1 and os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "1"
+
+
+def connections(listener: socket.socket) -> int:
+    """How many connections wait on `listener` (each accepted and closed)."""
+    listener.setblocking(False)
+    count = 0
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except BlockingIOError:
+            return count
+        conn.close()
+        count += 1
+
+
+def test_ending_kills_a_stopped_run_and_fails_one_that_raised(tmp_path):
+    from finetune.errors import FinetuneError, Interrupted
+    from finetune.runs.tracking import ending
+
+    class Ends:  # the tracker's two calls ending makes, recorded
+        statuses: list[str] = []
+
+        def end(self, status: str) -> None:
+            self.statuses.append(status)
+
+        def forget_if_bare(self) -> None:
+            self.statuses.append("forgotten")
+
+    tracker = Ends()
+    for error in (Interrupted(signal.SIGTERM, tmp_path), FinetuneError("bad"), ValueError("odd")):
+        with pytest.raises(type(error)), ending(tracker):
+            raise error
+    with ending(tracker):
+        pass
+    assert tracker.statuses == ["KILLED", "FAILED", "forgotten", "FAILED", "forgotten"]
