@@ -386,4 +386,4 @@ def test_ending_kills_a_stopped_run_and_fails_one_that_raised(tmp_path):
             raise error
     with ending(tracker):
         pass
-    assert tracker.statuses == ["KILLED", "FAILED", "forgotten", "FAILED", "forgotten"]
+    assert tracker.statuses == ["KILLED", "forgotten", "FAILED", "forgotten", "FAILED", "forgotten"]

@@ -175,9 +175,9 @@ class Tracker:
         return summary is not None and self.state.files_for != summary["epochs_completed"]
 
     def forget_if_bare(self) -> None:
-        """Drop mlflow.json from a dir that holds nothing else (a run that failed at start), so the
+        """Drop mlflow.json from a dir that holds nothing else (a run stopped or failed at start), so the
         dir is removed with its lock and the next run takes its name."""
-        if {p.name for p in self.folder.iterdir()} <= {STATE_FILE, LOCK_FILE}:
+        if self.folder.is_dir() and {p.name for p in self.folder.iterdir()} <= {STATE_FILE, LOCK_FILE}:
             (self.folder / STATE_FILE).unlink(missing_ok=True)
 
     def _try(self, method: str, *args: Any, **kwargs: Any) -> bool:
@@ -230,16 +230,12 @@ def open_on_main(opener: Callable[[], Tracker], ranks: Ranks = SINGLE) -> Tracke
 @contextmanager
 def ending(tracker: Tracker | None) -> Iterator[None]:
     """Ends the run of `tracker` if the block raises: KILLED when stopped (it can be resumed),
-    FAILED on any other error (a dir left holding only mlflow.json drops it)."""
+    FAILED on any other error; a dir left holding only mlflow.json drops it."""
     try:
         yield
-    except (Interrupted, KeyboardInterrupt):
+    except BaseException as exc:
         if tracker:
-            tracker.end("KILLED")
-        raise
-    except BaseException:
-        if tracker:
-            tracker.end("FAILED")
+            tracker.end("KILLED" if isinstance(exc, (Interrupted, KeyboardInterrupt)) else "FAILED")
             tracker.forget_if_bare()
         raise
 
