@@ -134,8 +134,8 @@ def run_worker(tune: Tune, ranks: Ranks) -> optuna.Study | None:
             with contextlib.suppress(FinetuneError):  # rank 0 says it; every rank goes on to the next trial
                 _train(session, tune, job, lambda epoch, value: None)
         return None
-    worker = Worker(tune, open_study(tune.study_dir, tune.info))
     with ending(parent):
+        worker = Worker(tune, open_study(tune.study_dir, tune.info))
         _work(session, tune, worker, ranks, parent)
     if parent and finished(worker.study, tune.info.trials):
         best = best_trial(worker.study)
