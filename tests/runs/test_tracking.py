@@ -372,7 +372,8 @@ def test_ending_kills_a_stopped_run_and_fails_one_that_raised(tmp_path):
     from finetune.runs.tracking import ending
 
     class Ends:  # the tracker's two calls ending makes, recorded
-        statuses: list[str] = []
+        def __init__(self) -> None:
+            self.statuses: list[str] = []
 
         def end(self, status: str) -> None:
             self.statuses.append(status)
