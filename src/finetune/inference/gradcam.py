@@ -22,6 +22,8 @@ from torch import nn
 
 from finetune.errors import FinetuneError
 
+CAM_BATCH = 16  # images through Grad-CAM at once: its activations and gradients of a large --top would not fit a GPU
+
 Reshape = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -134,8 +136,11 @@ def _near(model: nn.Module, name: str) -> str:
     return f"its top-level modules: {', '.join(n for n, _ in model.named_children())}"
 
 
-def grad_cams(model: nn.Module, layer: CamLayer, inputs: torch.Tensor, classes: list[int]) -> np.ndarray:
-    """(N, H, W) maps in [0, 1] at the input's size: where evidence for each image's class lies."""
+def grad_cams(
+    model: nn.Module, layer: CamLayer, inputs: torch.Tensor, classes: list[int], batch_size: int = CAM_BATCH
+) -> np.ndarray:
+    """(N, H, W) maps in [0, 1] at the input's size: where evidence for each image's class lies,
+    `batch_size` images at a time."""
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
@@ -143,4 +148,6 @@ def grad_cams(model: nn.Module, layer: CamLayer, inputs: torch.Tensor, classes: 
         return np.zeros((0, *inputs.shape[-2:]), dtype=np.float32)
     targets = [ClassifierOutputTarget(c) for c in classes]
     with GradCAM(model=model, target_layers=[layer.module], reshape_transform=layer.reshape) as cam:
-        return cam(input_tensor=inputs.float(), targets=targets)
+        starts = range(0, len(classes), batch_size)
+        batches = [(inputs[s : s + batch_size].float(), targets[s : s + batch_size]) for s in starts]
+        return np.concatenate([cam(input_tensor=x, targets=t) for x, t in batches])
