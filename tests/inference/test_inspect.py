@@ -149,14 +149,16 @@ def test_each_family_gets_its_usual_layer_and_maps_at_the_input_size(arch, size,
     assert maps.shape == (2, size, size) and np.isfinite(maps).all() and maps.min() >= 0 and maps.max() <= 1
 
 
-def test_grad_cam_in_batches_gives_the_maps_of_one_batch():
-    """inspect runs Grad-CAM a few images at a time, so a large --top fits a GPU: same maps."""
+def test_grad_cam_in_batches_gives_the_maps_of_one_batch_and_leaves_the_weights_alone():
+    """inspect runs Grad-CAM a few images at a time, so a large --top fits a GPU: same maps;
+    the gradient is taken from the input, so no parameter is left holding one."""
     torch.manual_seed(0)
     model = rebuild("resnet18", 3, torchvision_weights=False).eval()
     layer = cam_layer(model, 64)
     inputs, classes = torch.randn(5, 3, 64, 64), [0, 1, 2, 0, 1]
     together = grad_cams(model, layer, inputs, classes, batch_size=5)
     assert np.allclose(grad_cams(model, layer, inputs, classes, batch_size=2), together, atol=1e-5)
+    assert all(p.requires_grad and p.grad is None for p in model.parameters())
 
 
 def test_a_vit_layer_named_by_hand_gets_its_tokens_reshaped():

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -140,7 +141,9 @@ def grad_cams(
     model: nn.Module, layer: CamLayer, inputs: torch.Tensor, classes: list[int], batch_size: int = CAM_BATCH
 ) -> np.ndarray:
     """(N, H, W) maps in [0, 1] at the input's size: where evidence for each image's class lies,
-    `batch_size` images at a time."""
+    `batch_size` images at a time. The gradient flows from the input, the weights frozen: Grad-CAM
+    needs it at the layer only, and weight gradients would cost a second backward's worth (2-3x
+    the time on a CPU) and leave a `.grad` the size of the model on every parameter."""
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
@@ -149,5 +152,18 @@ def grad_cams(
     targets = [ClassifierOutputTarget(c) for c in classes]
     with GradCAM(model=model, target_layers=[layer.module], reshape_transform=layer.reshape) as cam:
         starts = range(0, len(classes), batch_size)
-        batches = [(inputs[s : s + batch_size].float(), targets[s : s + batch_size]) for s in starts]
-        return np.concatenate([cam(input_tensor=x, targets=t) for x, t in batches])
+        batches = [(inputs[s : s + batch_size].float().clone(), targets[s : s + batch_size]) for s in starts]
+        with _frozen(model):
+            return np.concatenate([cam(input_tensor=x.requires_grad_(), targets=t) for x, t in batches])
+
+
+@contextmanager
+def _frozen(model: nn.Module) -> Iterator[None]:
+    """The model's parameters without gradients for the block, as they were after it."""
+    wanted = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, grad in zip(model.parameters(), wanted, strict=True):
+            p.requires_grad_(grad)

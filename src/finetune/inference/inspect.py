@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -51,15 +52,16 @@ class Scored:
     labels: torch.Tensor
     class_names: list[str]
 
-    @property
+    # cached: every figure reads them, and on a large validation set each is a pass over (N, C)
+    @cached_property
     def probabilities(self) -> torch.Tensor:
         return self.logits.softmax(1)
 
-    @property
+    @cached_property
     def predicted(self) -> torch.Tensor:
         return self.logits.argmax(1)
 
-    @property
+    @cached_property
     def losses(self) -> torch.Tensor:
         return F.cross_entropy(self.logits, self.labels, reduction="none")
 
