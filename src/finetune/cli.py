@@ -307,10 +307,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     options = InspectOptions(Path(args.out) if args.out else None, args.top, args.layer, args.overrides)
     done = inspect_checkpoint(args.checkpoint, options)
     c = done.calibration
+    temperature = (
+        f"ECE {c.ece_before:.4f} -> {c.ece_after_fit:.4f} at temperature {c.temperature:.3f} "
+        f"(held out: {c.ece_after_heldout:.4f})"
+        if c.fitted
+        else f"ECE {c.ece_before:.4f}, {c.fit}"
+    )
     print(
         f"inspect: {done.images} images, accuracy {done.accuracy:.4f}, Grad-CAM at {done.layer}; "
-        f"ECE {c.ece_before:.4f} -> {c.ece_after_fit:.4f} at temperature {c.temperature:.3f} "
-        f"(held out: {c.ece_after_heldout:.4f}), kept in {done.temperature_file.name}"
+        f"{temperature}, kept in {done.temperature_file.name}"
     )
     print(f"wrote {done.out}/report.html and its files in {done.seconds:.1f} s")
     return 0

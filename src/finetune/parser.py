@@ -79,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("checkpoint", help="best.pt / last.pt, or a run dir (its best.pt)")
     add_overrides(insp, "data.KEY=VALUE")
     insp.add_argument("--out", help="output dir (default: inspect-<checkpoint name> beside the checkpoint)")
-    insp.add_argument("--top", type=int, default=9, help="images in top_losses.png and top_correct.png (default 9)")
+    insp.add_argument(
+        "--top", type=int, default=9, help="images in top_losses.png and top_correct.png, 1 to 100 (default 9)"
+    )
     insp.add_argument("--layer", help="the module Grad-CAM reads (default: the architecture's last feature map)")
 
     exp = sub.add_parser("export", help="a checkpoint as ONNX or TorchScript, checked against PyTorch")

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from finetune.errors import FinetuneError
 from finetune.inference.calibration import (
+    MIN_MISTAKES,
     calibrate,
     expected_calibration_error,
     fit_temperature,
@@ -47,6 +48,33 @@ def test_a_calibrated_model_keeps_a_temperature_near_one_and_its_nll():
     report = calibrate(logits, labels)
     assert report.temperature == pytest.approx(1.0, abs=0.1)
     assert report.nll_after_fit <= report.nll_before
+
+
+def separated(wrong: int, n: int = 200, classes: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Confident logits, right on every image but the first `wrong`."""
+    logits, labels = drawn(1.0, n, classes, seed=1)
+    labels = logits.argmax(1)
+    labels[:wrong] = (labels[:wrong] + 1) % classes
+    return logits, labels
+
+
+def test_a_set_with_no_mistakes_keeps_temperature_one_and_says_so():
+    """Its NLL falls all the way to T = 0 and L-BFGS stops anywhere on the way (below 1):
+    kept, that temperature would make predict --calibrated surer of a model known to be perfect."""
+    logits, labels = separated(0)
+    assert fit_temperature(logits, labels) < 0.9
+    report = calibrate(logits, labels)
+    assert report.temperature == 1.0 and report.half_temperatures == [1.0, 1.0] and not report.fitted
+    assert report.fit == f"temperature 1, not fitted: 0 mistakes to fit on (needs at least {MIN_MISTAKES})"
+    assert report.ece_after_fit == report.ece_before and report.nll_after_fit == report.nll_before
+    assert json.loads(json.dumps(report.to_json()))["fitted"] is False
+
+
+def test_a_few_mistakes_are_too_few_and_enough_are_fitted():
+    assert not calibrate(*separated(MIN_MISTAKES - 1)).fitted
+    report = calibrate(*separated(MIN_MISTAKES * 4))
+    assert report.fitted and report.temperature != 1.0
+    assert report.fit == f"fitted on 200 images, {MIN_MISTAKES * 4} of them wrong"
 
 
 def test_ece_by_hand():

@@ -108,7 +108,8 @@ def test_predict_calibrated_without_a_temperature_says_to_run_inspect(run, tmp_p
             "inspect --layer 'layer9': the model has no such module; near names: layer1, layer2, layer3, layer4",
         ),
         (["--layer", "fc"], "inspect --layer fc: its output is (1, 3), not a feature map"),
-        (["--top", "0"], "inspect --top 0: must be at least 1"),
+        (["--top", "0"], "inspect --top 0: give 1 to 100; each image is drawn with its Grad-CAM"),
+        (["--top", "101"], "inspect --top 101: give 1 to 100;"),
         (["--set", "train.epochs=3"], "--set train.epochs=3: only data.*, device and precision can be changed"),
     ],
 )
@@ -146,6 +147,18 @@ def test_each_family_gets_its_usual_layer_and_maps_at_the_input_size(arch, size,
     assert chosen.name == layer
     maps = grad_cams(model, chosen, torch.randn(2, 3, size, size), [0, 2])
     assert maps.shape == (2, size, size) and np.isfinite(maps).all() and maps.min() >= 0 and maps.max() <= 1
+
+
+def test_grad_cam_in_batches_gives_the_maps_of_one_batch_and_leaves_the_weights_alone():
+    """inspect runs Grad-CAM a few images at a time, so a large --top fits a GPU: same maps;
+    the gradient is taken from the input, so no parameter is left holding one."""
+    torch.manual_seed(0)
+    model = rebuild("resnet18", 3, torchvision_weights=False).eval()
+    layer = cam_layer(model, 64)
+    inputs, classes = torch.randn(5, 3, 64, 64), [0, 1, 2, 0, 1]
+    together = grad_cams(model, layer, inputs, classes, batch_size=5)
+    assert np.allclose(grad_cams(model, layer, inputs, classes, batch_size=2), together, atol=1e-5)
+    assert all(p.requires_grad and p.grad is None for p in model.parameters())
 
 
 def test_a_vit_layer_named_by_hand_gets_its_tokens_reshaped():

@@ -117,6 +117,20 @@ def test_compare_html_is_one_page_of_tables_plots_and_noise_that_chromium_loads(
     assert_renders(page, tmp_path, least_images=len(PLOTS))
 
 
+def test_compare_html_on_a_tune_study_is_a_page_of_its_trials(runs, tmp_path):
+    """A study dir holds trial run dirs beside tune's journal and comparison/: the page is of
+    the trials, written again into comparison/ as often as asked."""
+    study = tmp_path / "tune-tiny"
+    copy_run(runs / "frozen", study / "trial-0000")
+    copy_run(runs / "frozen-seed1", study / "trial-0001")
+    (study / "study.journal").write_text("")
+    for _ in range(2):
+        assert main(["compare", str(study), "--out", str(study / "comparison"), "--html"]) == 0
+    text = (study / "comparison" / "report.html").read_text()
+    assert "finetune compare: 2 runs" in text and "trial-0000" in text and "trial-0001" in text
+    assert text.count("data:image/png;base64,") == len(PLOTS)
+
+
 def test_the_terminal_table_fits_160_columns_and_the_csv_keeps_every_value(runs, tmp_path, capsys):
     """A staged cosine run's config holds a list of stage dicts and a scheduler dict: the
     terminal shows them summarized, the CSV whole, and a column left out is named on stderr."""

@@ -6,6 +6,11 @@ One temperature divides every logit, so the predicted class never changes, only 
 confident it is. It is fitted by L-BFGS on the negative log-likelihood, the standard recipe.
 ECE after scaling on the images it was fitted on flatters it, so the held-out figure scales
 each half of the images by the temperature fitted on the other half.
+
+A set with no mistakes has no finite best temperature: its NLL keeps falling as T goes to 0,
+and L-BFGS stops wherever the gradient gets small (T = 0.33 on one such set), which would make
+`predict --calibrated` more confident for no reason. With fewer than MIN_MISTAKES wrong images
+the temperature is not fitted and stays 1, and calibration.json and the report say so.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ from finetune.errors import FinetuneError
 from finetune.files import atomic_write_text
 
 BINS = 15  # equal-width confidence bins, as Guo et al. report ECE
-T_RANGE = (0.01, 100.0)  # a perfectly separated set drives the fit toward 0; the kept value stays in here
+T_RANGE = (0.01, 100.0)  # a guard on what the fit returns; too few mistakes never reach the fit (MIN_MISTAKES)
+MIN_MISTAKES = 5  # wrong images needed to fit a temperature: fewer say too little about over-confidence
 SPLIT_SEED = 0  # draws the two halves of the held-out estimate
 
 
@@ -45,7 +51,9 @@ class CalibrationReport:
     ece_after_heldout: float  # each half scaled by the temperature fitted on the other half
     nll_before: float
     nll_after_fit: float
-    half_temperatures: list[float]  # fitted on each half, for the held-out figure
+    half_temperatures: list[float]  # fitted on each half, for the held-out figure (1 where a half has too few mistakes)
+    fitted: bool = True  # False: too few mistakes to fit on, so the temperature is 1
+    fit: str = ""  # what the temperature was fitted on, or why it was not
     bins: int = BINS
 
     def to_json(self) -> dict:
@@ -87,13 +95,24 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return min(max(math.exp(log_t.item()), T_RANGE[0]), T_RANGE[1])
 
 
+def mistakes(logits: torch.Tensor, labels: torch.Tensor) -> int:
+    return int((logits.argmax(1) != labels).sum())
+
+
+def kept_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The fitted temperature, or 1 where fewer than MIN_MISTAKES images are wrong."""
+    return fit_temperature(logits, labels) if mistakes(logits, labels) >= MIN_MISTAKES else 1.0
+
+
 def calibrate(logits: torch.Tensor, labels: torch.Tensor) -> CalibrationReport:
     """ECE and NLL before and after temperature scaling: on the fit images, and held out."""
     logits, labels = logits.double().cpu(), labels.cpu()
-    t = fit_temperature(logits, labels)
+    wrong = mistakes(logits, labels)
+    fitted = wrong >= MIN_MISTAKES
+    t = kept_temperature(logits, labels)
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(SPLIT_SEED))
     halves = order.tensor_split(2)
-    half_t = [fit_temperature(logits[h], labels[h]) for h in halves]
+    half_t = [kept_temperature(logits[h], labels[h]) for h in halves]
     held_out = torch.empty_like(logits)
     for own, other_t in zip(halves, reversed(half_t), strict=True):
         held_out[own] = (logits[own] / other_t).softmax(1)
@@ -106,6 +125,12 @@ def calibrate(logits: torch.Tensor, labels: torch.Tensor) -> CalibrationReport:
         nll_before=F.cross_entropy(logits, labels).item(),
         nll_after_fit=F.cross_entropy(logits / t, labels).item(),
         half_temperatures=half_t,
+        fitted=fitted,
+        fit=(
+            f"fitted on {len(labels)} images, {wrong} of them wrong"
+            if fitted
+            else f"temperature 1, not fitted: {wrong} mistakes to fit on (needs at least {MIN_MISTAKES})"
+        ),
     )
 
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +22,8 @@ import torch
 from torch import nn
 
 from finetune.errors import FinetuneError
+
+CAM_BATCH = 16  # images through Grad-CAM at once: its activations and gradients of a large --top would not fit a GPU
 
 Reshape = Callable[[torch.Tensor], torch.Tensor]
 
@@ -134,8 +137,13 @@ def _near(model: nn.Module, name: str) -> str:
     return f"its top-level modules: {', '.join(n for n, _ in model.named_children())}"
 
 
-def grad_cams(model: nn.Module, layer: CamLayer, inputs: torch.Tensor, classes: list[int]) -> np.ndarray:
-    """(N, H, W) maps in [0, 1] at the input's size: where evidence for each image's class lies."""
+def grad_cams(
+    model: nn.Module, layer: CamLayer, inputs: torch.Tensor, classes: list[int], batch_size: int = CAM_BATCH
+) -> np.ndarray:
+    """(N, H, W) maps in [0, 1] at the input's size: where evidence for each image's class lies,
+    `batch_size` images at a time. The gradient flows from the input, the weights frozen: Grad-CAM
+    needs it at the layer only, and weight gradients would cost a second backward's worth (2-3x
+    the time on a CPU) and leave a `.grad` the size of the model on every parameter."""
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
@@ -143,4 +151,19 @@ def grad_cams(model: nn.Module, layer: CamLayer, inputs: torch.Tensor, classes: 
         return np.zeros((0, *inputs.shape[-2:]), dtype=np.float32)
     targets = [ClassifierOutputTarget(c) for c in classes]
     with GradCAM(model=model, target_layers=[layer.module], reshape_transform=layer.reshape) as cam:
-        return cam(input_tensor=inputs.float(), targets=targets)
+        starts = range(0, len(classes), batch_size)
+        batches = [(inputs[s : s + batch_size].float().clone(), targets[s : s + batch_size]) for s in starts]
+        with _frozen(model):
+            return np.concatenate([cam(input_tensor=x.requires_grad_(), targets=t) for x, t in batches])
+
+
+@contextmanager
+def _frozen(model: nn.Module) -> Iterator[None]:
+    """The model's parameters without gradients for the block, as they were after it."""
+    wanted = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, grad in zip(model.parameters(), wanted, strict=True):
+            p.requires_grad_(grad)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,7 @@ from finetune.runs.checkpoint import checkpoint_file, load_checkpoint
 
 PAIRS = 4  # confused pairs drawn in most_confused.png
 EXAMPLES = 3  # images of each side of a pair
+MAX_TOP = 100  # --top's bound: each image is a row of a figure, and more than this no one reads
 
 
 @dataclass
@@ -50,15 +52,16 @@ class Scored:
     labels: torch.Tensor
     class_names: list[str]
 
-    @property
+    # cached: every figure reads them, and on a large validation set each is a pass over (N, C)
+    @cached_property
     def probabilities(self) -> torch.Tensor:
         return self.logits.softmax(1)
 
-    @property
+    @cached_property
     def predicted(self) -> torch.Tensor:
         return self.logits.argmax(1)
 
-    @property
+    @cached_property
     def losses(self) -> torch.Tensor:
         return F.cross_entropy(self.logits, self.labels, reduction="none")
 
@@ -84,8 +87,11 @@ def score_multiclass(predictor: Predictor, images: ImageSet, batch_size: int = 6
 def inspect_checkpoint(path: str | Path, options: InspectOptions) -> Inspection:
     """Score once, write every file of the inspection; bad input fails before data loads."""
     started = time.perf_counter()
-    if options.top < 1:
-        raise FinetuneError(f"inspect --top {options.top}: must be at least 1")
+    if not 1 <= options.top <= MAX_TOP:
+        raise FinetuneError(
+            f"inspect --top {options.top}: give 1 to {MAX_TOP}; each image is drawn with its Grad-CAM "
+            "in top_losses.png and top_correct.png, which past that are too large to read"
+        )
     require_gradcam()
     ckpt_path = checkpoint_file(path)
     ckpt = load_checkpoint(ckpt_path)
@@ -102,6 +108,7 @@ def inspect_checkpoint(path: str | Path, options: InspectOptions) -> Inspection:
     write_report(report, out)  # metrics.json, per_class.csv, confusion_matrix.csv/.png, as eval writes them
     calibration = calibrate(scored.logits, scored.labels)
     fitted_on = f"{len(val)} validation images of data.{cfg.data.dataset} at {cfg.data.root}"
+    fitted_on += "" if calibration.fitted else f"; {calibration.fit}"
     kept = save_temperature(ckpt_path, calibration.temperature, fitted_on)
     _write_views(scored, val, predictor, layer, calibration, options.top, out)
     scored_on = f"{predictor.runtime.device.type} {predictor.runtime.precision}, Grad-CAM at layer {layer.name}"

@@ -61,6 +61,8 @@ def _calibration(page: Page, c: CalibrationReport, out: Path) -> None:
         ("NLL after, on the fit images", c.nll_after_fit),
     ]
     page.table(pd.DataFrame(rows, columns=["", "value"]))
+    if not c.fitted:
+        page.text(f"{c.fit.capitalize()}: too few wrong images to say how over-confident it is.", note=True)
     page.image_file(out / "reliability.png", "reliability diagram before and after temperature scaling")
 
 
