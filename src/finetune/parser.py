@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", help="output dir (default: eval-<checkpoint name> beside the checkpoint)")
     evaluate.add_argument("--json", action="store_true", help="print the report as JSON instead of tables")
     add_tta(evaluate)
+    add_threshold(evaluate)
 
     exp = sub.add_parser("export", help="a checkpoint as ONNX or TorchScript, checked against PyTorch")
     exp.add_argument("checkpoint", help="best.pt / last.pt, or a run dir (its best.pt)")
@@ -85,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--top-k", type=int, default=3)
     pred.add_argument("--json", action="store_true", help="print JSON instead of a table")
     add_tta(pred)
+    add_threshold(pred)
     return parser
 
 
@@ -107,6 +109,15 @@ def add_tta(command: argparse.ArgumentParser) -> None:
         const="flip",
         choices=["flip", "crops"],
         help="average logits over the image and its mirror (flip, the default), or ten crops and mirrors (crops)",
+    )
+
+
+def add_threshold(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--threshold",
+        type=float,
+        metavar="T",
+        help="multilabel: predict a label at probability T or above, for every label (default: the checkpoint's own)",
     )
 
 

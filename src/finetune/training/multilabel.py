@@ -76,12 +76,12 @@ class LabelScores:
         tnr = np.divide(tn, tn + fp, out=np.full(len(tn), np.nan), where=tn + fp > 0)
         return _nanmean((self.recall + np.where(np.isnan(tnr), self.recall, tnr)) / 2)
 
-    def per_label(self, class_names: list[str]) -> dict[str, dict[str, float]]:
-        """What eval's per_class.csv and --json hold, by label."""
+    def per_label(self, class_names: list[str]) -> dict[str, dict[str, float | None]]:
+        """What eval's per_class.csv and --json hold, by label (None: undefined, no positive image)."""
         columns = {"ap": self.ap, "precision": self.precision, "recall": self.recall, "f1-score": self.f1}
         rows = {}
         for j, name in enumerate(class_names):
-            row = {key: float(values[j]) for key, values in columns.items()}
+            row = {key: None if np.isnan(values[j]) else float(values[j]) for key, values in columns.items()}
             tp, fp, fn, tn = (int(c) for c in self.counts[j])
             rows[name] = {**row, "support": tp + fn, "threshold": float(self.thresholds[j]), **_counts(tp, fp, fn, tn)}
         return rows

@@ -1,0 +1,273 @@
+"""`task: multilabel`: labels joined in a CSV cell, multi-hot targets, BCE / focal losses,
+per-label thresholds, val_map, and every command on such a run (eval, predict, export,
+compare, sweep, tune, kill -9 and resume). Tiny generated images: cat, dog and frog pictures
+labelled `cat pet`, `dog pet` and nothing."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import folder_as_csv, make_imagefolder, write_config
+from processes import Finetune, assert_same_as_reference, reference_run, resume, stop_when
+
+from finetune.cli import main
+from finetune.config.schema import AugmentConfig, DataConfig, TrainConfig
+from finetune.data.augment import Augment
+from finetune.data.csv_source import read_csv_source
+from finetune.data.sources import load_data
+from finetune.data.splits import fold_split, stratified_split
+from finetune.training.losses import POS_WEIGHT_BOUNDS, MultiLabelLoss, WeightedCrossEntropy, build_criterion
+from finetune.training.multilabel import DEFAULT_THRESHOLD, choose_thresholds
+
+LABELS = {"cat": "cat pet", "dog": "dog pet", "frog": ""}  # frog images carry no label: valid negatives
+NAMES = ["cat", "dog", "pet"]
+
+
+def labelled(root: Path, train_per_class: int = 8, val_per_class: int = 4) -> tuple[Path, Path]:
+    data = make_imagefolder(root / "data", train_per_class=train_per_class, val_per_class=val_per_class)
+    return data, folder_as_csv(data, root / "labels.csv", LABELS)
+
+
+def ml_config(root: Path, csv: Path, images: Path, name: str = "c.yaml", **sections) -> Path:
+    """A multilabel mobilenet_v2 (random init) config on the CSV: the head for an epoch, then all."""
+    base = {
+        "task": "multilabel",
+        "model": {"arch": "mobilenet_v2", "weights": "none"},
+        "data": {"dataset": "csv", "csv": str(csv), "file_col": "path", "label_col": "y", "split_col": "part"},
+        "train": {"epochs": 2, "unfreeze_epoch": 1, "lr_head": 0.01, "lr_backbone": 0.003},
+    }
+    for section, values in sections.items():
+        base[section] = {**base.get(section, {}), **values} if isinstance(values, dict) else values
+    return write_config(root / name, images, root / "runs", **base)
+
+
+def csv_data(csv: Path, root: Path, **keys) -> DataConfig:
+    return DataConfig(dataset="csv", csv=str(csv), root=str(root), file_col="path", label_col="y", **keys)
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+# ---- data ---------------------------------------------------------------------------------
+def test_labels_become_multi_hot_rows_an_empty_cell_no_label(tmp_path):
+    data, csv = labelled(tmp_path)
+    source = read_csv_source(csv_data(csv, data, split_col="part"), multilabel=True)
+    assert source.class_names == NAMES
+    frog = np.array(["frog" in str(f) for f in source.train.items])
+    assert source.train.labels.dtype == np.float32 and source.train.labels.shape == (24, 3)
+    assert (source.train.labels[frog] == 0).all()
+    assert source.train.labels[~frog].sum(1).tolist() == [2.0] * 16
+    fixed = read_csv_source(csv_data(csv, data, split_col="part", classes=["pet", "dog", "cat"]), multilabel=True)
+    assert fixed.class_names == ["pet", "dog", "cat"] and (fixed.train.labels[~frog, 0] == 1).all()
+
+
+def test_streamed_and_in_memory_sets_hold_the_same_float_targets(tmp_path):
+    data, csv = labelled(tmp_path)
+    memory = load_data(csv_data(csv, data, split_col="part", image_size=32), multilabel=True)
+    streamed = load_data(csv_data(csv, data, split_col="part", image_size=32, memory_budget_mb=0), multilabel=True)
+    assert memory.train.images is not None and streamed.train.images is None
+    assert memory.train.labels.dtype == torch.float32
+    assert torch.equal(memory.train.labels, streamed.train.labels)
+
+
+def test_split_and_folds_stratify_every_label(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = (rng.random((200, 4)) < [0.5, 0.3, 0.1, 0.05]).astype(np.float32)
+    train, val = stratified_split(labels, 0.25, seed=1)
+    assert len(np.intersect1d(train, val)) == 0 and len(train) + len(val) == 200
+    off = labels[val].sum(0) - 0.25 * labels.sum(0)
+    assert np.all(np.abs(off) <= 1.5), off  # each label's share within an image or so
+    folds = [fold_split(labels, 4, k, seed=1)[1] for k in range(4)]
+    assert sorted(np.concatenate(folds).tolist()) == list(range(200))
+    for fold in folds:
+        assert np.all(labels[fold].sum(0) > 0), "every fold sees every label"
+
+
+def test_mixup_mixes_multi_hot_targets():
+    augment = Augment(AugmentConfig(mixup=0.4), 8, num_classes=3, seed=0)
+    targets = torch.tensor([[1, 0, 1], [0, 1, 1], [0, 0, 0], [1, 1, 0]], dtype=torch.float32)
+    x, mixed = augment.mix(torch.rand(4, 3, 8, 8), targets, epoch=1, step=0)
+    lam = float(mixed[0, 2])  # image 0 carries label 2, image 3 (rolled onto it) does not
+    assert torch.allclose(mixed, lam * targets + (1 - lam) * targets.roll(1, 0))
+
+
+# ---- losses and thresholds ----------------------------------------------------------------
+def test_focal_with_gamma_0_is_the_plain_loss_and_down_weighs_easy_terms():
+    logits, index = torch.randn(6, 3), torch.tensor([0, 1, 2, 0, 1, 2])
+    plain = WeightedCrossEntropy(None)(logits, index)
+    assert torch.allclose(WeightedCrossEntropy(None, gamma=0.0)(logits, index), plain)
+    assert WeightedCrossEntropy(None, gamma=2.0)(logits, index) < plain
+    targets = (torch.rand(6, 3) < 0.5).float()
+    bce = F.binary_cross_entropy_with_logits(logits, targets)
+    assert torch.allclose(MultiLabelLoss(None)(logits, targets), bce)
+    assert MultiLabelLoss(None, gamma=2.0)(logits, targets) < bce
+    smoothed = MultiLabelLoss(None, label_smoothing=0.2)(logits, targets)
+    assert torch.allclose(smoothed, F.binary_cross_entropy_with_logits(logits, targets * 0.8 + 0.1))
+
+
+def test_auto_positive_weights_are_negatives_over_positives_clipped():
+    counts = np.array([50, 1, 0, 90])
+    with pytest.warns(UserWarning, match="no training image carries c"):
+        loss, weights = build_criterion(TrainConfig(loss="focal"), counts, 100, ["a", "b", "c", "d"], True)
+    assert isinstance(loss, MultiLabelLoss) and loss.gamma == 2.0
+    assert weights.tolist() == [1.0, min(99.0, POS_WEIGHT_BOUNDS[1]), 1.0, 1.0]
+
+
+def test_thresholds_maximize_f1_between_scores_and_rare_labels_keep_the_default():
+    probs = np.array([[0.9, 0.9], [0.8, 0.1], [0.7, 0.2], [0.6, 0.3], [0.5, 0.4], [0.3, 0.5], [0.2, 0.6]], np.float32)
+    truth = np.array([[1, 1], [1, 0], [1, 0], [1, 0], [1, 0], [0, 0], [0, 0]], np.float32)
+    thresholds = choose_thresholds(probs, truth)
+    assert thresholds[0] == pytest.approx(0.4)  # all five positives, halfway to the next score
+    assert thresholds[1] == DEFAULT_THRESHOLD  # one positive: too rare to tune
+
+
+# ---- bad input: one line, exit 2 ----------------------------------------------------------
+def test_a_row_naming_a_label_outside_data_classes_is_one_line(tmp_path, capsys):
+    data, csv = labelled(tmp_path)
+    config = ml_config(tmp_path, csv, data, data={"classes": ["cat", "pet"]})
+    assert main(["train", str(config)]) == 2
+    err = one_error_line(capsys)
+    assert "line " in err and "'dog' is not in data.classes" in err
+
+
+def test_a_validation_label_never_seen_in_training_is_one_line(tmp_path, capsys):
+    data, csv = labelled(tmp_path)
+    table = pd.read_csv(csv, keep_default_na=False)
+    table.loc[table["part"].eq("val").idxmax(), "y"] = "cat bird"
+    table.to_csv(csv, index=False)
+    assert main(["train", str(ml_config(tmp_path, csv, data))]) == 2
+    assert "label(s) bird appear in validation rows but in no training row" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (["checkpoint.monitor=val_map"], "checkpoint.monitor = val_map exists only with task: multilabel"),
+        (["task=multilabel"], "task = multilabel needs data.dataset = csv"),
+    ],
+)
+def test_a_task_mismatch_is_one_line_at_load(tmp_path, capsys, sets, message):
+    config = write_config(tmp_path / "c.yaml", make_imagefolder(tmp_path / "data"), tmp_path / "runs")
+    assert main(["plan", str(config), "--set", *sets]) == 2
+    assert message in one_error_line(capsys)
+
+
+# ---- a trained run and the commands on it --------------------------------------------------
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, Path, Path]:
+    root = tmp_path_factory.mktemp("multilabel")
+    data, csv = labelled(root, train_per_class=12, val_per_class=6)
+    config = ml_config(root, csv, data, train={"class_weights": "auto", "label_smoothing": 0.05})
+    assert main(["train", str(config), "--run-dir", str(root / "run")]) == 0
+    return root, root / "run", data
+
+
+def test_a_run_records_map_f1_thresholds_and_positive_weights(trained):
+    _, run, _ = trained
+    rows = pd.read_csv(run / "results.csv")
+    for column in ("val_map", "val_f1_micro", "val_f1_macro", "val_acc", "val_acc_pet"):
+        assert rows[column].between(0, 1).all(), column
+    summary = json.loads((run / "summary.json").read_text())
+    assert (summary["task"], summary["monitor"]) == ("multilabel", "val_map")
+    assert summary["class_weights"] == [2.0, 2.0, 1.0]  # 36 images: 12 cats (24 not), 12 dogs, 24 pets
+    best = torch.load(run / "best.pt", weights_only=True)
+    assert best["task"] == "multilabel" and len(best["thresholds"]) == 3
+    assert best["metrics"]["val_map"] == pytest.approx(rows.loc[rows["is_best"], "val_map"].item(), abs=1e-6)
+
+
+def test_eval_predict_and_the_onnx_export_agree(trained, capsys):
+    root, run, data = trained
+    assert main(["eval", str(run), "--out", str(root / "eval")]) == 0
+    per_class = pd.read_csv(root / "eval" / "per_class.csv", index_col="label")
+    assert list(per_class.columns) == ["ap", "precision", "recall", "f1-score", "support", "threshold"]
+    confusion = pd.read_csv(root / "eval" / "label_confusion.csv", index_col="label")
+    assert (confusion.sum(1) == 18).all() and confusion.loc["pet", ["tp", "fn"]].sum() == 12
+    capsys.readouterr()
+
+    val = sorted(str(p) for p in (data / "val").rglob("*.png"))
+    assert main(["predict", str(run), *val, "--json"]) == 0
+    from_pt = json.loads(capsys.readouterr().out)
+    predicted = {name: sum(name in [x["class"] for x in r["labels"]] for r in from_pt) for name in NAMES}
+    assert predicted == {name: int(confusion.loc[name, ["tp", "fp"]].sum()) for name in NAMES}
+
+    assert main(["export", str(run), "--format", "onnx"]) == 0
+    contract = json.loads((run / "best.onnx.json").read_text())
+    assert contract["class_names"] == NAMES and len(contract["thresholds"]) == 3
+    assert [o["name"] for o in contract["outputs"]] == ["logits", "probabilities"]
+    capsys.readouterr()
+    assert main(["predict", str(run / "best.onnx"), *val, "--json"]) == 0
+    from_onnx = json.loads(capsys.readouterr().out)
+    assert [r["labels"] for r in from_onnx] == [r["labels"] for r in from_pt]
+    for a, b in zip(from_onnx, from_pt, strict=True):
+        assert a["probabilities"] == pytest.approx(b["probabilities"], abs=1e-5)
+
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(run / "best.onnx"), providers=["CPUExecutionProvider"])
+    logits, probs = session.run(None, {"images": np.zeros((1, 3, 32, 32), np.float32)})
+    assert np.allclose(probs, 1 / (1 + np.exp(-logits)), atol=1e-6)
+
+
+def test_threshold_override_tta_and_torchscript(trained, capsys):
+    _, run, data = trained
+    images = [str(data / "val" / "cat")]
+    assert main(["predict", str(run), *images, "--json", "--threshold", "0.01"]) == 0
+    assert all(len(r["labels"]) == 3 for r in json.loads(capsys.readouterr().out)), "every label clears 0.01"
+    assert main(["predict", str(run), *images, "--threshold", "1.5"]) == 2
+    assert "between 0 and 1" in one_error_line(capsys)
+    assert main(["eval", str(run), "--tta", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["tta"] == "flip" and set(report["without_tta"]) == {"map", "f1_micro", "f1_macro", "exact_match"}
+    assert main(["export", str(run), "--format", "torchscript"]) == 0
+    capsys.readouterr()
+    assert main(["predict", str(run / "best.torchscript.pt"), *images, "--json"]) == 0
+    scripted = json.loads(capsys.readouterr().out)
+    assert main(["predict", str(run), *images, "--json"]) == 0
+    assert [r["labels"] for r in scripted] == [r["labels"] for r in json.loads(capsys.readouterr().out)]
+
+
+def test_compare_puts_a_multilabel_and_a_multiclass_run_side_by_side(trained, tmp_path, capsys):
+    root, run, data = trained
+    single = write_config(tmp_path / "single.yaml", data, tmp_path / "runs", train={"epochs": 1})
+    assert main(["train", str(single), "--run-dir", str(tmp_path / "single")]) == 0
+    assert main(["predict", str(tmp_path / "single"), str(data / "val"), "--threshold", "0.5"]) == 2
+    assert "multiclass model" in one_error_line(capsys)
+    assert main(["compare", str(run), str(tmp_path / "single"), "--out", str(tmp_path / "cmp")]) == 0
+    table = pd.read_csv(tmp_path / "cmp" / "comparison.csv")
+    assert sorted(table["monitor"]) == ["val_acc", "val_map"]
+
+
+def test_a_sweep_and_a_tune_on_val_map(trained, tmp_path, capsys):
+    root, _, _ = trained
+    config = str(root / "c.yaml")
+    assert main(["sweep", config, "--grid", "train.lr_head=0.01,0.003", "--out", str(tmp_path / "sweep")]) == 0
+    assert "val_map" in (tmp_path / "sweep" / "comparison" / "comparison.csv").read_text()
+    pytest.importorskip("optuna")
+    space = tmp_path / "space.yaml"
+    space.write_text("train.lr_head: {low: 1.0e-3, high: 1.0e-2, log: true}\n")
+    args = ["tune", config, "--space", str(space), "--trials", "2", "--out", str(tmp_path / "study")]
+    assert main(args) == 0
+    assert "judged by: val_map" in capsys.readouterr().out
+
+
+def test_kill_9_mid_epoch_then_resume_is_bit_identical(tmp_path):
+    data, csv = labelled(tmp_path, train_per_class=40, val_per_class=6)  # 30 steps per epoch at batch 4
+    config = ml_config(tmp_path, csv, data, data={"batch_size": 4}, train={"loss": "focal"})
+    reference = reference_run(config, tmp_path / "reference")
+    run = tmp_path / "run"
+    proc = Finetune("train", config, "--run-dir", run)
+    assert stop_when(proc, lambda: proc.bar_at("epoch 2", steps=2), signal.SIGKILL) == -signal.SIGKILL
+    resume(run)
+    assert_same_as_reference(run, reference)
+    ours, theirs = (torch.load(r / "best.pt", weights_only=True)["thresholds"] for r in (run, reference))
+    assert ours == theirs
