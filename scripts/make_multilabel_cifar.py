@@ -24,7 +24,7 @@ GREY = 128
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--src", type=Path, required=True, help="a CIFAR-10 copy holding train/<class>/ and test/<class>/")
+    parser.add_argument("--src", type=Path, required=True, help="CIFAR-10 with train/<class>/, test/<class>/")
     parser.add_argument("--out", type=Path, default=Path("data/multilabel_cifar"))
     parser.add_argument("--train", type=int, default=3000, help="training mosaics")
     parser.add_argument("--val", type=int, default=1000, help="validation mosaics")
