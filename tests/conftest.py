@@ -155,7 +155,10 @@ MODULE_TIERS = {
     "test_multilabel": TRAINING,  # mobilenet_v2 runs (test_multilabel_units: the fast parts)
 }
 TEST_TIERS = {
-    "test_multilabel": {"test_kill_9_mid_epoch_then_resume_is_bit_identical": PROCESS},
+    "test_multilabel": {
+        "test_kill_9_mid_epoch_then_resume_is_bit_identical": PROCESS,
+        "test_two_processes_under_torchrun_train_a_multilabel_run": PROCESS,
+    },
     "test_cli": {"test_train_end_to_end_in_a_real_process": PROCESS},
     "test_ecosystem": {
         "test_tensorboard_stream_continues_after_a_resume_without_duplicate_steps": PROCESS,

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 from conftest import folder_as_csv, make_imagefolder, write_config
-from processes import Finetune, assert_same_as_reference, reference_run, resume, stop_when
+from processes import Finetune, Torchrun, assert_same_as_reference, reference_run, resume, stop_when
 
 from finetune.cli import main
 from finetune.config.schema import DataConfig
@@ -160,3 +160,14 @@ def test_kill_9_mid_epoch_then_resume_is_bit_identical(tmp_path):
     assert_same_as_reference(run, reference)
     ours, theirs = (torch.load(r / "best.pt", weights_only=True)["thresholds"] for r in (run, reference))
     assert ours == theirs
+
+
+def test_two_processes_under_torchrun_train_a_multilabel_run(tmp_path):
+    data, csv = labelled(tmp_path, train_per_class=8, val_per_class=6)
+    config = ml_config(tmp_path, csv, data, data={"batch_size": 4})
+    proc = Torchrun(tmp_path / "logs", "train", config, "--run-dir", tmp_path / "run")
+    out = proc.finish()
+    assert proc.returncode == 0, out + proc.rank_log(0, "stderr") + proc.rank_log(1, "stderr")
+    assert proc.rank_log(0, "stdout").count("weights identical on 2 ranks") == 2
+    best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    assert best["task"] == "multilabel" and len(best["thresholds"]) == 3
