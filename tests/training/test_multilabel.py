@@ -134,6 +134,7 @@ def test_compare_puts_a_multilabel_and_a_multiclass_run_side_by_side(trained, tm
     assert main(["compare", str(run), str(tmp_path / "single"), "--out", str(tmp_path / "cmp")]) == 0
     table = pd.read_csv(tmp_path / "cmp" / "comparison.csv")
     assert sorted(table["monitor"]) == ["val_acc", "val_map"]
+    assert table["final_val_map"].notna().tolist() == (table["monitor"] == "val_map").tolist()
 
 
 def test_a_sweep_and_a_tune_on_val_map(trained, tmp_path, capsys):
