@@ -32,7 +32,16 @@ def ml_config(root: Path, csv: Path, images: Path, name: str = "c.yaml", **secti
     base = {
         "task": "multilabel",
         "model": {"arch": "mobilenet_v2", "weights": "none"},
-        "data": {"dataset": "csv", "csv": str(csv), "file_col": "path", "label_col": "y", "split_col": "part"},
+        # 24 px, the images' own size: eval (a set upscaled on the device) and predict (files resized
+        # by PIL) then see the same pixels, so their label decisions can be compared one for one
+        "data": {
+            "dataset": "csv",
+            "csv": str(csv),
+            "file_col": "path",
+            "label_col": "y",
+            "split_col": "part",
+            "image_size": 24,
+        },
         "train": {"epochs": 2, "unfreeze_epoch": 1, "lr_head": 0.01, "lr_backbone": 0.003},
     }
     for section, values in sections.items():
@@ -102,8 +111,9 @@ def test_eval_predict_and_the_onnx_export_agree(trained, capsys):
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(run / "best.onnx"), providers=["CPUExecutionProvider"])
-    logits, probs = session.run(None, {"images": np.zeros((1, 3, 32, 32), np.float32)})
+    logits, probs = session.run(None, {"images": np.zeros((1, 3, 24, 24), np.float32)})
     assert np.allclose(probs, 1 / (1 + np.exp(-logits)), atol=1e-6)
+    assert probs.shape == (1, 3)
 
 
 def test_threshold_override_tta_and_torchscript(trained, capsys):
