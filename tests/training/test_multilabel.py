@@ -88,7 +88,7 @@ def test_eval_predict_and_the_onnx_export_agree(trained, capsys):
     per_class = pd.read_csv(root / "eval" / "per_class.csv", index_col="label")
     assert list(per_class.columns) == ["ap", "precision", "recall", "f1-score", "support", "threshold"]
     confusion = pd.read_csv(root / "eval" / "label_confusion.csv", index_col="label")
-    assert (confusion.sum(1) == 18).all() and confusion.loc["pet", ["tp", "fn"]].sum() == 12
+    assert (confusion.sum(axis=1) == 18).all() and confusion.loc["pet", ["tp", "fn"]].sum() == 12
     capsys.readouterr()
 
     val = sorted(str(p) for p in (data / "val").rglob("*.png"))

@@ -49,7 +49,7 @@ def export(
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as staging:
         staged = Path(staging) / out.name
-        written = WithProbabilities(model) if _multilabel(ckpt) else model
+        written = WithProbabilities(model).eval() if _multilabel(ckpt) else model
         _write_model(written, images if fixed else images[:2], staged, fmt, dynamic=fixed is None)
         diff = _parity(model, staged, images)
         if diff > tolerance:
