@@ -142,6 +142,7 @@ PROCESS, TRAINING, EXTRAS = ("process",), ("training",), ("extras",)
 MODULE_TIERS = {
     "test_resume": PROCESS,  # kills and resumes `finetune train` processes
     "test_distributed": PROCESS,  # torchrun
+    "test_sampler": PROCESS,  # data.sampler balanced: kill and resume, torchrun
     "test_cli": TRAINING,
     "test_compare": TRAINING,  # its runs are trained first
     "test_cold_cost": TRAINING,  # ditto
@@ -150,6 +151,8 @@ MODULE_TIERS = {
     "test_augment": EXTRAS,  # kornia
     "test_ecosystem": EXTRAS,  # timm, onnx, tensorboard
     "test_tune": EXTRAS,  # optuna
+    "test_inspect": EXTRAS,  # grad-cam and timm; its run is trained first
+    "test_tracking": PROCESS + EXTRAS,  # mlflow server, finetune processes
     "test_plateau": TRAINING,
     "test_toolkit_training": TRAINING,
     "test_multilabel": TRAINING,  # mobilenet_v2 runs (test_multilabel_units: the fast parts)
@@ -160,6 +163,7 @@ TEST_TIERS = {
         "test_two_processes_under_torchrun_train_a_multilabel_run": PROCESS,
     },
     "test_cli": {"test_train_end_to_end_in_a_real_process": PROCESS},
+    "test_cold_cost": {"test_a_run_killed_after_computing_its_features_is_charged_them_after_resume": PROCESS},
     "test_ecosystem": {
         "test_tensorboard_stream_continues_after_a_resume_without_duplicate_steps": PROCESS,
         "test_a_timm_model_trains_in_stages_resumes_and_predicts": TRAINING,

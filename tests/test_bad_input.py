@@ -192,6 +192,10 @@ CASES = {
         lambda e: ["train", "--resume", str(e.run_copy()), "--set", "train.epoch=3"],
         r"--set train\.epoch: no such key; did you mean train\.epochs\?",
     ),
+    "sweep unknown grid key": (
+        lambda e: ["sweep", e.config(), "--grid", "train.lr_hed=1e-3,1e-4"],
+        r"--grid train\.lr_hed: no such key; did you mean train\.lr_head\?",
+    ),
     "eval unknown set key": (
         lambda e: ["eval", str(e.existing / "best.pt"), "--set", "data.rot=x"],
         r"--set data\.rot: no such key; did you mean data\.root\?",

@@ -47,9 +47,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from finetune.training.session import Session
 
     ranks = distributed.init(resolve_device(cfg.device).type)
+    link = tracking_link(args.config) if cfg.tracking.mlflow else None
     try:
         with owned_run_dir(cfg, args.run_dir, args.resume, ranks) as run_dir:  # rank 0 holds it
-            summary = Session(ranks).train(cfg, run_dir, resume=bool(args.resume))
+            summary = Session(ranks).train(cfg, run_dir, resume=bool(args.resume), link=link)
     finally:
         distributed.close()
     if summary is None:
@@ -62,6 +63,23 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"done: best {summary['monitor']} {best} at epoch {summary['best_epoch']}, {judged}"
         f"final val_acc {summary['final_val_acc']:.4f}, {summary['total_seconds']:.1f}s; files in {run_dir}"
     )
+    return 0
+
+
+def tracking_link(config: str | None):
+    """A run's tags beyond its config (machine, the config folder's git commit) and log_model's exporter."""
+    from finetune.inference.export import export_for_tracking
+    from finetune.runs.tracking import Link, source_tags
+
+    return Link(tags=source_tags(config), export=export_for_tracking)
+
+
+def cmd_track(args: argparse.Namespace) -> int:
+    """Send finished (or stopped) runs to MLflow: what the server lacks, never an epoch twice."""
+    from finetune.runs.tracking import track_run
+
+    for run_dir in args.run_dirs:
+        print(track_run(Path(run_dir), args.uri, args.experiment))
     return 0
 
 
@@ -229,12 +247,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
     """stdout holds the table (or the JSON) alone; notes and the files written go to stderr."""
     from finetune.runs.compare import compare, terminal_table
 
-    if len(args.runs) == 1 and (Path(args.runs[0]) / "tune.json").is_file():
+    if len(args.runs) == 1 and (Path(args.runs[0]) / "tune.json").is_file() and not args.html:  # --html: its trials
         return _compare_study(Path(args.runs[0]), args.json)
     out = Path(args.out)
-    result = compare(args.runs, out, args.sort)
+    result = compare(args.runs, out, args.sort, html=args.html)
     print(json.dumps(result.to_json(), indent=2) if args.json else terminal_table(result.table))
-    print(f"compare: tables and plots in {out}/", file=sys.stderr)
+    print(f"compare: tables and plots in {out}/" + (" with report.html" if args.html else ""), file=sys.stderr)
     return 0
 
 
@@ -293,6 +311,21 @@ def _print_label_report(report: dict, tta: str | None) -> int:
     return 0
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from finetune.inference.inspect import InspectOptions, inspect_checkpoint
+
+    options = InspectOptions(Path(args.out) if args.out else None, args.top, args.layer, args.overrides)
+    done = inspect_checkpoint(args.checkpoint, options)
+    c = done.calibration
+    print(
+        f"inspect: {done.images} images, accuracy {done.accuracy:.4f}, Grad-CAM at {done.layer}; "
+        f"ECE {c.ece_before:.4f} -> {c.ece_after_fit:.4f} at temperature {c.temperature:.3f} "
+        f"(held out: {c.ece_after_heldout:.4f}), kept in {done.temperature_file.name}"
+    )
+    print(f"wrote {done.out}/report.html and its files in {done.seconds:.1f} s")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from finetune.inference.export import export
 
@@ -309,7 +342,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     from finetune.inference.predict import predict
 
-    results = predict(args.checkpoint, args.images, args.top_k, tta=args.tta, threshold=args.threshold)
+    results = predict(
+        args.checkpoint, args.images, args.top_k, tta=args.tta, calibrated=args.calibrated, threshold=args.threshold
+    )
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
@@ -335,8 +370,10 @@ COMMANDS = {
     "tune": cmd_tune,
     "compare": cmd_compare,
     "eval": cmd_eval,
+    "inspect": cmd_inspect,
     "export": cmd_export,
     "predict": cmd_predict,
+    "track": cmd_track,
 }
 
 

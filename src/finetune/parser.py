@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="column to sort by (judged_val_acc: val_acc at the epoch checkpoint.judge picks)",
     )
     compare.add_argument("--json", action="store_true", help="print JSON (runs, and seeds/folds) instead of a table")
+    compare.add_argument("--html", action="store_true", help="also write report.html: one self-contained page")
 
     evaluate = sub.add_parser("eval", help="score a checkpoint: metrics, per-class report, confusion matrix")
     evaluate.add_argument("checkpoint", help="best.pt / last.pt, or a run dir (its best.pt)")
@@ -72,6 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true", help="print the report as JSON instead of tables")
     add_tta(evaluate)
     add_threshold(evaluate)
+
+    insp = sub.add_parser(
+        "inspect", help="what a checkpoint gets wrong: top losses with Grad-CAM, confusions, calibration"
+    )
+    insp.add_argument("checkpoint", help="best.pt / last.pt, or a run dir (its best.pt)")
+    add_overrides(insp, "data.KEY=VALUE")
+    insp.add_argument("--out", help="output dir (default: inspect-<checkpoint name> beside the checkpoint)")
+    insp.add_argument("--top", type=int, default=9, help="images in top_losses.png and top_correct.png (default 9)")
+    insp.add_argument("--layer", help="the module Grad-CAM reads (default: the architecture's last feature map)")
 
     exp = sub.add_parser("export", help="a checkpoint as ONNX or TorchScript, checked against PyTorch")
     exp.add_argument("checkpoint", help="best.pt / last.pt, or a run dir (its best.pt)")
@@ -85,8 +95,16 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("images", nargs="+", help="image files or folders")
     pred.add_argument("--top-k", type=int, default=3)
     pred.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    pred.add_argument(
+        "--calibrated", action="store_true", help="probabilities at the temperature finetune inspect fitted"
+    )
     add_tta(pred)
     add_threshold(pred)
+
+    track = sub.add_parser("track", help="send runs to MLflow: what the server lacks of them (tracking.mlflow)")
+    track.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run dirs, finished or stopped")
+    track.add_argument("--uri", help="tracking server (default: the run's tracking.mlflow.uri, or MLFLOW_TRACKING_URI)")
+    track.add_argument("--experiment", help="experiment of a run not tracked before (default: the run's name)")
     return parser
 
 

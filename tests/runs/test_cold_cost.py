@@ -3,11 +3,13 @@ computing them cost, and compare judges trade-offs on that cold cost, not on a r
 the queue."""
 
 import shutil
+import signal
 
 import pandas as pd
 import pytest
 import torch
 from conftest import make_imagefolder, write_config
+from processes import Finetune, resume, stop_when
 
 from finetune.cli import main
 from finetune.runs.compare import SCORE, pareto_front, plot_tradeoff
@@ -45,6 +47,24 @@ def test_a_run_reusing_cached_features_is_charged_what_computing_them_cost(tmp_p
     assert main(["compare", str(old), "--out", str(out)]) == 0
     table = pd.read_csv(out / "comparison.csv")
     assert table["cold_s"].tolist() == table["total_s"].tolist(), "a run from before the columns: as run"
+
+
+def test_a_run_killed_after_computing_its_features_is_charged_them_after_resume(tmp_path):
+    """kill -9 once the head epoch's features are on disk, before that epoch ends: the resumed
+    run finds them done, yet its row says what they cost this run, as the uninterrupted run's
+    would (before, it said 0 and compare's cold cost lost them)."""
+    data = make_imagefolder(tmp_path / "data")
+    runs = tmp_path / "runs"
+    config = write_config(tmp_path / "config.yaml", data, runs, train={"epochs": 2, "unfreeze_epoch": 1})
+    run = runs / "killed"
+    proc = Finetune("train", config, "--run-dir", run)
+    assert stop_when(proc, lambda: any((runs / ".feature_cache").glob("*.pt")), signal.SIGKILL) == -signal.SIGKILL
+    resume(run)
+    (stored,) = (runs / ".feature_cache").glob("*.pt")
+    ledger = FeatureStore(stored.parent).load(stored.stem, torch.device("cpu")).ledger
+    results = pd.read_csv(run / "results.csv")
+    assert results["feature_seconds"].tolist() == pytest.approx([float(ledger.seconds.sum()) + ledger.val_seconds, 0])
+    assert results["feature_seconds_reused"].tolist() == [0, 0], "its own features are not another run's"
 
 
 def test_trade_offs_are_judged_on_the_cold_cost():

@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from browser import assert_renders
 from conftest import make_imagefolder, write_config
 from PIL import Image
 
@@ -68,6 +69,7 @@ def others(runs, tmp_path_factory):
     pruned = {"epoch": 1, "reason": "below the median of earlier trials at epoch 1"}
     copy_run(runs / "frozen", root / "tune-tiny" / "trial-0003", summary=lambda s: s.update(pruned=pruned), rows=1)
     copy_run(runs / "frozen", root / "empty", rows=0)
+    (copy_run(runs / "frozen", root / "starting") / "results.csv").unlink()  # before its first epoch
     return root
 
 
@@ -102,6 +104,19 @@ def test_compare_writes_tables_and_plots(runs, tmp_path, capsys):
     assert list(per_class.index) == ["cat", "dog", "frog"]
 
 
+def test_compare_html_is_one_page_of_tables_plots_and_noise_that_chromium_loads(runs, tmp_path):
+    out = tmp_path / "cmp"
+    assert main(["compare", str(runs), "--out", str(out), "--html"]) == 0
+    page = out / "report.html"
+    text = page.read_text()
+    n_val = pd.read_csv(out / "comparison.csv")["n_val"].iloc[0]
+    assert f"On {n_val} validation images one image is {1 / n_val:.4f} of accuracy" in text
+    for heading in ("Runs", "Settings repeated over seeds or folds", "Curves", "Accuracy against training time"):
+        assert f"<h2>{heading}" in text
+    assert text.count("data:image/png;base64,") == len(PLOTS)
+    assert_renders(page, tmp_path, least_images=len(PLOTS))
+
+
 def test_the_terminal_table_fits_160_columns_and_the_csv_keeps_every_value(runs, tmp_path, capsys):
     """A staged cosine run's config holds a list of stage dicts and a scheduler dict: the
     terminal shows them summarized, the CSV whole, and a column left out is named on stderr."""
@@ -124,17 +139,18 @@ def test_the_terminal_table_fits_160_columns_and_the_csv_keeps_every_value(runs,
 
 
 def test_any_mix_of_runs_gives_the_table_and_every_plot(runs, others, tmp_path, capsys):
-    """Disjoint classes, another backbone, a run in progress, a pruned trial and an empty
-    results.csv: exit 0, the table, and the per-class plot left out with a note."""
+    """Disjoint classes, another backbone, a run in progress, a pruned trial, an empty
+    results.csv and none yet: exit 0, the table, and the per-class plot left out with a note."""
     out = tmp_path / "cmp"
     assert main(["compare", str(runs), str(others), "--out", str(out)]) == 0
     printed = capsys.readouterr()
     assert printed.out.startswith("| run")
     assert "skipping" in printed.err and "empty: no epoch finished yet" in printed.err
+    assert "starting: no epoch finished yet" in printed.err, "a run dir without results.csv is named, not passed over"
     assert "share no classes" in printed.err
     table = pd.read_csv(out / "comparison.csv").set_index("run")
     assert table.loc["tune-tiny/trial-0003", "epochs"] == "1/2 (pruned)"
-    assert "model.arch" in table.columns and "empty" not in table.index
+    assert "model.arch" in table.columns and not {"empty", "starting"} & set(table.index)
     for name in ("curves.png", "tradeoff.png"):
         with Image.open(out / name) as img:
             assert img.format == "PNG"

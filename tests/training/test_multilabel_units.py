@@ -81,7 +81,7 @@ def test_focal_with_gamma_0_is_the_plain_loss_and_down_weighs_easy_terms():
 def test_auto_positive_weights_are_negatives_over_positives_clipped():
     counts = np.array([50, 1, 0, 90])
     with pytest.warns(UserWarning, match="no training image carries c"):
-        loss, weights = build_criterion(TrainConfig(loss="focal"), counts, 100, ["a", "b", "c", "d"], True)
+        loss, weights = build_criterion(TrainConfig(loss="focal"), "auto", counts, 100, ["a", "b", "c", "d"], True)
     assert isinstance(loss, MultiLabelLoss) and loss.gamma == 2.0
     assert weights.tolist() == [1.0, min(99.0, POS_WEIGHT_BOUNDS[1]), 1.0, 1.0]
 

@@ -196,6 +196,10 @@ def _validate_task(cfg: Config) -> None:
         )
     if cfg.task == "multilabel" and d.train_classes is not None:
         raise FinetuneError("config: data.train_classes is for task multiclass; drop it (or fix data.classes)")
+    if cfg.task == "multilabel" and d.sampler == "balanced":
+        raise FinetuneError(
+            "config: data.sampler = balanced needs one class per image; with task multilabel use shuffle"
+        )
     if d.label_sep == "":
         raise FinetuneError("config: data.label_sep is empty; give the text that joins labels, e.g. ' ' or '|'")
     if d.classes is not None and d.dataset != "csv":

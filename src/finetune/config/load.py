@@ -64,12 +64,13 @@ def apply_overrides(raw: dict[str, Any], items: list[str]) -> None:
     """Apply `--set` items given by the user; a key the schema lacks is blamed on its --set,
     not on the config file it would otherwise be found in."""
     for item in items:
-        _check_set_key(item.partition("=")[0])
+        check_key(item.partition("=")[0])
         apply_override(raw, item)
 
 
-def _check_set_key(key: str) -> None:
-    """Walk a dotted key down the schema's sections; past a leaf (a list, a mapping) the type check takes over."""
+def check_key(key: str, flag: str = "--set") -> None:
+    """Walk a dotted key down the schema's sections; past a leaf (a list, a mapping) the type
+    check takes over. A key that is not there is blamed on the `flag` that gave it."""
     section: Any = Config
     parts = key.split(".") if key else []  # no key at all: apply_override says KEY=VALUE
     for depth, part in enumerate(parts):
@@ -78,7 +79,7 @@ def _check_set_key(key: str) -> None:
             prefix = "".join(f"{p}." for p in parts[:depth])
             close = difflib.get_close_matches(key[:200], schema_keys(Config), n=1, cutoff=0.6)
             fix = f"did you mean {close[0]}?" if close else f"valid keys: {', '.join(prefix + n for n in fields)}"
-            raise FinetuneError(f"--set {_key_text(key)}: no such key; {fix}")
+            raise FinetuneError(f"{flag} {_key_text(key)}: no such key; {fix}")
         section = _section(fields[part])
         if section is None:
             return

@@ -74,6 +74,9 @@ class DataConfig:
     # 0 = none, as in PyTorch: images load in the main process
     num_workers: int | Literal["auto"] = "auto"
     hflip: bool = True  # random horizontal flip in training
+    # shuffle: each image once per epoch; balanced: as many draws with replacement, classes
+    # equally likely (1 / class count per image), for imbalanced data; train.class_weights auto then stays off
+    sampler: Literal["shuffle", "balanced"] = "shuffle"
     memory_budget_mb: int = 4096  # image data decoded larger than this is streamed from disk instead of held
     split_seed: int = 42  # draws subsets and the digits split; the run's `seed` draws the training
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -201,6 +204,21 @@ class LogConfig:
 
 
 @dataclass
+class MlflowConfig:
+    """An MLflow tracking server that each run (and a sweep or tune study, as a parent run) logs to."""
+
+    uri: str | None = None  # the tracking server, e.g. http://mlflow:5000; null = $MLFLOW_TRACKING_URI
+    # null = $MLFLOW_EXPERIMENT_NAME, else the config's name (a sweep: its dir's name; tune: the study's)
+    experiment: str | None = None
+    log_model: bool = False  # also log best.pt exported as ONNX (finetune export) with the run's files
+
+
+@dataclass
+class TrackingConfig:
+    mlflow: MlflowConfig | None = None  # e.g. {uri: http://mlflow:5000} (or {} to read the env); null = off
+
+
+@dataclass
 class Config:
     # multiclass: one label per image (softmax); multilabel: any number (sigmoid per label, data.dataset csv)
     task: Literal["multiclass", "multilabel"] = "multiclass"
@@ -215,6 +233,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
         """`checkpoint.monitor: auto` becomes the task's metric, so config.yaml says what picked best.pt."""

@@ -1,4 +1,5 @@
-"""An epoch's order and flips, its batches, and the batch transform run on the training device."""
+"""An epoch's order (shuffled, or drawn class-balanced) and flips, its batches, and the batch
+transform run on the training device."""
 
 from __future__ import annotations
 
@@ -7,17 +8,38 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from finetune.errors import FinetuneError
 
-def epoch_plan(n: int, seed: int, epoch: int, hflip: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Shuffle order and per-sample flips for one epoch, a pure function of (seed, epoch).
+
+def epoch_plan(
+    n: int, seed: int, epoch: int, hflip: bool, weights: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Order and per-sample flips for one epoch, a pure function of (seed, epoch).
 
     Deriving them from the epoch rather than a running generator is what lets a resumed run
     replay or continue an epoch exactly, and lets cached and uncached paths draw the same flips.
+    With `weights` (sampling_weights) the order is n draws with replacement instead of a
+    shuffle. The shuffle is drawn all the same, so the flips are the shuffled epoch's: its
+    (image, flip) pairs are a subset of the shuffled epoch's, and the feature cache's budget,
+    sized for shuffling, holds for both.
     """
     gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
     order = torch.randperm(n, generator=gen)
     flips = torch.rand(n, generator=gen) < 0.5 if hflip else torch.zeros(n, dtype=torch.bool)
+    if weights is not None:
+        order = torch.multinomial(weights, n, replacement=True, generator=gen)
     return order, flips
+
+
+def sampling_weights(sampler: str, labels: torch.Tensor) -> torch.Tensor | None:
+    """Per-image draw weights for `data.sampler`: None to shuffle; `balanced`, 1 / the image's
+    class count, so every class present in training is drawn equally often in expectation."""
+    if sampler == "shuffle":
+        return None
+    if labels.ndim != 1:
+        raise FinetuneError("data.sampler balanced needs one class per image; use data.sampler: shuffle")
+    counts = torch.bincount(labels.cpu()).double()
+    return 1.0 / counts[labels.cpu()]
 
 
 def split_batches(order: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, ...]:

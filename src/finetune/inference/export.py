@@ -81,6 +81,12 @@ def _multilabel(ckpt: dict[str, Any]) -> bool:
     return ckpt.get("task", "multiclass") == "multilabel"
 
 
+def export_for_tracking(run_dir: Path) -> list[Path]:
+    """best.pt as ONNX beside it, and its contract: the model `tracking.mlflow.log_model` logs."""
+    result = export(run_dir / "best.pt", "onnx", None, "dynamic", [])
+    return [Path(result["file"]), Path(result["contract"])]
+
+
 def _write_model(model: torch.nn.Module, example: torch.Tensor, out: Path, fmt: str, dynamic: bool) -> None:
     if fmt == "onnx":
         _onnx(model, example, out, dynamic)

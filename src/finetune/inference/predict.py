@@ -26,9 +26,10 @@ from finetune.config.load import apply_overrides, from_dict, saved_config
 from finetune.config.schema import Config
 from finetune.data.batching import BatchTransform
 from finetune.data.decode import decode_file
-from finetune.data.sources import load_data
+from finetune.data.sources import DataSplits, load_data
 from finetune.errors import FinetuneError
 from finetune.files import atomic_write_text
+from finetune.inference.calibration import stored_temperature
 from finetune.inference.exported import ExportedModel, read_contract
 from finetune.inference.labels import SUMMARY_KEYS as LABEL_SUMMARY_KEYS
 from finetune.inference.labels import label_report, labels_above, thresholds_of, write_label_report
@@ -49,6 +50,7 @@ class Predictor:
     runtime: Runtime
     tta: str | None = None  # None, "flip" or "crops": see tta.py
     thresholds: list[float] | None = None  # a multilabel model's, one per label; None: multiclass
+    temperature: float = 1.0  # logits are divided by it before the softmax (predict --calibrated)
 
     @torch.inference_mode()
     def logits(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -74,7 +76,7 @@ class Predictor:
             empty = torch.zeros(0, len(self.class_names))
             return empty, empty
         activate = torch.sigmoid if self.thresholds is not None else partial(torch.softmax, dim=1)
-        plain, averaged = (activate(torch.cat(chunks)).cpu() for chunks in zip(*pairs, strict=True))
+        plain, averaged = (activate(torch.cat(chunks) / self.temperature).cpu() for chunks in zip(*pairs, strict=True))
         return plain, averaged
 
     def probabilities(self, batches: Iterable[torch.Tensor]) -> torch.Tensor:
@@ -177,14 +179,20 @@ def val_probabilities(
     """Class probabilities for the validation images eval scores, their labels, the class names."""
     cfg = checkpoint_config(ckpt, overrides)
     predictor = predictor_from(ckpt, cfg.device, cfg.precision, tta, threshold)
-    data = load_data(cfg.data, cfg.task == "multilabel")
-    if data.class_names != predictor.class_names:
-        raise FinetuneError(
-            f"eval: the data's classes ({', '.join(data.class_names)}) are not the checkpoint's "
-            f"({', '.join(predictor.class_names)}); point data.root at data with the same class folders"
-        )
+    data = val_data(cfg, predictor.class_names)
     plain, averaged = predictor.outputs(data.val.in_order(64))
     return ValOutputs(plain, averaged, data.val.labels, predictor.class_names, predictor.thresholds)
+
+
+def val_data(cfg: Config, class_names: list[str], command: str = "eval") -> DataSplits:
+    """The config's data, refused when its classes are not the checkpoint's."""
+    data = load_data(cfg.data, cfg.task == "multilabel")
+    if data.class_names != class_names:
+        raise FinetuneError(
+            f"{command}: the data's classes ({', '.join(data.class_names)}) are not the checkpoint's "
+            f"({', '.join(class_names)}); point data.root at data with the same class folders"
+        )
+    return data
 
 
 def scores(truth: np.ndarray, preds: np.ndarray, class_names: list[str]) -> dict[str, Any]:
@@ -237,18 +245,22 @@ def predict(
     top_k: int,
     batch_size: int = 64,
     tta: str | None = None,
+    calibrated: bool = False,
     threshold: float | None = None,
 ) -> list[dict[str, Any]]:
     """Top-k classes and probabilities per image file, in batches; for a multilabel model the
-    labels at or above their thresholds, and every label's probability."""
+    labels at or above their thresholds, and every label's probability. `calibrated`: the
+    probabilities of the temperature `finetune inspect` fitted for the checkpoint."""
     if top_k < 1:
         raise FinetuneError(f"predict --top-k {top_k}: must be at least 1")
     files = image_files(inputs)
     path = checkpoint_file(path)
+    temperature = stored_temperature(path) if calibrated else 1.0
     exported = path.suffix == ".onnx" or path.name.endswith(".torchscript.pt")
     predictor = (
         exported_predictor(path, tta, threshold) if exported else load_predictor(path, tta=tta, threshold=threshold)
     )
+    predictor.temperature = temperature
     k = min(top_k, len(predictor.class_names))
     results = []
     for start in range(0, len(files), batch_size):

@@ -19,6 +19,7 @@ import pandas as pd
 from finetune.config.schema import CheckpointConfig
 from finetune.errors import FinetuneError
 from finetune.files import atomic_write_text
+from finetune.runs.compare_page import write_compare_page
 from finetune.runs.compare_plots import LABEL, plot_curves, plot_per_class
 from finetune.runs.compare_text import WIDTH, canonical, cut_middle, fit, full_markdown, summarize
 from finetune.runs.compare_text import markdown as markdown  # what cli's sweep and tune print
@@ -126,6 +127,19 @@ def noise(accuracy: pd.Series | float, n_val: pd.Series | float) -> pd.Series | 
     """The binomial standard error of an accuracy measured on `n_val` images: how far another
     draw of as many validation images would move it, one time in three."""
     return np.sqrt(accuracy * (1 - accuracy) / n_val)
+
+
+def noise_note(table: pd.DataFrame) -> str | None:
+    """What one image and the binomial noise are worth at the top run's accuracy; None when the
+    validation size is unknown."""
+    top = table.dropna(subset=[SCORE, "n_val"]).nlargest(1, SCORE)
+    if top.empty:
+        return None
+    a, n = float(top[SCORE].iloc[0]), int(top["n_val"].iloc[0])
+    return (
+        f"On {n} validation images one image is {1 / n:.4f} of accuracy, and at {a:.3f} the noise (the binomial "
+        f"standard error) is ±{noise(a, n):.3f}: a smaller difference between runs is within the noise."
+    )
 
 
 def tie_note(table: pd.DataFrame) -> str | None:
@@ -259,9 +273,9 @@ def _records(table: pd.DataFrame) -> list[dict[str, Any]]:
     return json.loads(table.to_json(orient="records"))
 
 
-def compare(patterns: list[str], out: Path, sort: str = SCORE) -> Comparison:
+def compare(patterns: list[str], out: Path, sort: str = SCORE, html: bool = False) -> Comparison:
     """Write comparison.csv/.md, per_class.csv, curves.png, per_class.png, tradeoff.png and, where
-    seeds or folds repeat a setting, seeds.csv/.md (mean and std over them)."""
+    seeds or folds repeat a setting, seeds.csv/.md (mean and std over them); `html`: report.html too."""
     runs = find_runs(patterns)
     for run in runs:
         if not run.finished:
@@ -280,6 +294,8 @@ def compare(patterns: list[str], out: Path, sort: str = SCORE) -> Comparison:
     figures = {"curves.png": plot_curves(curve_lines(runs)), "tradeoff.png": tradeoff}
     for name, fig in {**figures, **_per_class(runs, out)}.items():
         fig.savefig(out / name, dpi=110)
+    if html:
+        write_compare_page(out, table, seeds, [n for n in (noise_note(table), tie) if n is not None])
     return Comparison(table, seeds)
 
 

@@ -66,14 +66,18 @@ def find_runs(patterns: list[str]) -> list[Run]:
 
 
 def run_dirs(root: Path) -> list[Path]:
-    """`root` if it is a run, else the runs below it; a run's own folders (tensorboard/) are not searched."""
-    found = []
+    """`root` if it is a run, else the runs below it; a run's own folders (tensorboard/) are not
+    searched. A folder with a config.yaml and no results.csv is a run before its first epoch
+    (load_run names it) unless runs lie below it (a folder that keeps its config beside them)."""
+    found, starting = [], []
     for folder, subfolders, files in os.walk(root):
         if all(name in files for name in RUN_FILES):
             found.append(Path(folder))
             subfolders.clear()
+        elif RUN_FILES[0] in files:
+            starting.append(Path(folder))
         subfolders.sort()
-    return found
+    return sorted(found + [s for s in starting if not any(s in run.parents for run in found)])
 
 
 def _names(roots: dict[Path, Path]) -> dict[Path, str]:
@@ -90,7 +94,7 @@ def load_run(path: Path, name: str) -> Run | None:
     """The run, or None (with a note) while its results.csv holds no epoch."""
     try:
         results = pd.read_csv(path / "results.csv")
-    except pd.errors.EmptyDataError:
+    except (FileNotFoundError, pd.errors.EmptyDataError):
         results = pd.DataFrame()
     if results.empty:
         note(f"skipping {name}: no epoch finished yet")

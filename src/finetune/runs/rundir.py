@@ -17,8 +17,15 @@ from finetune.runs.lock import RunLock, claim, hold
 if TYPE_CHECKING:
     from finetune.runtime.distributed import Ranks
 
-# how many processes load the images changes no batch
-RESUMABLE_CHANGES = {"train.epochs", "log.tensorboard", "data.num_workers", "checkpoint.keep", "checkpoint.judge"}
+# how many processes load the images changes no batch; where a run is tracked changes no weight
+RESUMABLE_CHANGES = {
+    "train.epochs",
+    "log.tensorboard",
+    "data.num_workers",
+    "checkpoint.keep",
+    "checkpoint.judge",
+    "tracking.mlflow",
+}
 
 
 def claim_new_run_dir(cfg: Config, run_dir: str | None) -> RunLock:

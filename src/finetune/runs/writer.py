@@ -1,6 +1,7 @@
 """Everything a run writes, in one place: config.yaml, best.pt, last.pt, results.csv,
-summary.json (each atomically) and, with `log.tensorboard`, a TensorBoard event stream; and
-what it drops once it ends (`checkpoint.keep`). Under DDP only rank 0 has a writer."""
+summary.json (each atomically) and, with `log.tensorboard`, a TensorBoard event stream, with
+`tracking.mlflow` each epoch to MLflow; and what it drops once it ends (`checkpoint.keep`).
+Under DDP only rank 0 has a writer."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from finetune.files import atomic_write_text
 from finetune.runs.checkpoint import save_checkpoint
 from finetune.runs.results import ResultsLog, confusion_figure
 from finetune.runs.rundir import create_run_dir, ended_for_good
+from finetune.runs.tracking import Tracker
 
 BOARD_COLUMNS = {  # results.csv column -> TensorBoard tag
     "train_loss": "train/loss",
@@ -41,9 +43,11 @@ def dropped(keep: str, summary: dict[str, Any], trial: bool) -> tuple[str, ...]:
 
 
 class RunWriter:
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, tracker: Tracker | None = None):
+        """`tracker`: the run's MLflow run (tracking.mlflow), sent each epoch once it is written."""
         self.run_dir = Path(run_dir)
         self.board = None
+        self.tracker = tracker
 
     def start(self, cfg: Config, steps_done: int) -> None:
         """Create the run dir; open the event stream, dropping the events a resume replays.
@@ -76,6 +80,8 @@ class RunWriter:
         self.last(state)
         self.results(log)
         atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        if self.tracker:
+            self.tracker.epochs(log.rows, summary)
         if self.board:
             row, before = log.rows[-1], log.rows[-2] if len(log.rows) > 1 else None
             for column, tag in BOARD_COLUMNS.items():

@@ -3,15 +3,24 @@
 A copy of the model is put in the stage that trains most (every group joined: they only join),
 so the rates are those of the run's heaviest steps, at its image size and its batch; the copy
 and a forked RNG keep the run itself untouched. Candidates are timed in interleaved rounds and
-each keeps its fastest step: another process on the machine slows every candidate of a round
-alike and only ever adds time, so the ranking an idle machine gives survives a busy one.
+each keeps its fastest step.
+
+On a CPU a step is timed as the CPU time it costs on one thread, not as wall time on the run's
+threads: other processes time-slice a team of threads unevenly (a thread waiting at a barrier
+for one that was descheduled), which once made bf16 look 3x slower than fp32 on a busy machine
+where it is 1.8x faster idle. One thread's CPU time hardly moves with load (ResNet18 at 128 px:
+bf16 1.82x fp32 idle, 1.93x under two spinning processes) and ranks the candidates as the
+run's threads do on an idle machine. On a GPU, wall time after a synchronize is the cost.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+import os
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,11 +71,38 @@ class _Times:
         return Measured(c.precision, c.memory_format, batch / step, batch / min(self.infer), setup)
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and its finished children (a compile's C++ compiler runs)."""
+    children = os.times()
+    return time.process_time() + children.children_user + children.children_system
+
+
+@contextlib.contextmanager
+def one_core(device: torch.device) -> Iterator[None]:
+    """On a CPU: torch on one thread while timing (and torch.compile's compiler in this process,
+    so `cpu_seconds` counts it), the run's settings back after."""
+    if device.type != "cpu":
+        yield
+        return
+    import torch._inductor.config as inductor
+
+    threads, compile_threads = torch.get_num_threads(), inductor.compile_threads
+    torch.set_num_threads(1)
+    inductor.compile_threads = 1
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        inductor.compile_threads = compile_threads
+
+
 class Bench:
-    """One train step and one forward of a model, timed for a candidate at a batch size."""
+    """One train step and one forward of a model, timed for a candidate at a batch size: CPU
+    seconds on one core on a CPU (see the module's docstring), wall seconds on a GPU."""
 
     def __init__(self, model: nn.Module, device: torch.device, image_size: int):
         self.model, self.device, self.size = model, device, image_size
+        self.clock: Callable[[], float] = cpu_seconds if device.type == "cpu" else time.perf_counter
         self.modes = {m: m.training for m in model.modules()}
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.generator = torch.Generator().manual_seed(0)
@@ -75,12 +111,12 @@ class Bench:
 
     def train_step(self, c: Candidate, batch: int) -> float:
         x = self._input(c, batch)
-        start = time.perf_counter()
+        start = self.clock()
         with autocast(self.device, c.precision):
             loss = self.model(x).float().logsumexp(1).mean()  # any loss: only the step's cost matters
         loss.backward()
         synchronize(self.device)
-        seconds = time.perf_counter() - start
+        seconds = self.clock() - start
         for p in self.params:
             p.grad = None
         return seconds
@@ -88,11 +124,11 @@ class Bench:
     def infer_step(self, c: Candidate, batch: int) -> float:
         x = self._input(c, batch)
         self.model.eval()
-        start = time.perf_counter()
+        start = self.clock()
         with torch.no_grad(), autocast(self.device, c.precision):
             self.model(x)
         synchronize(self.device)
-        seconds = time.perf_counter() - start
+        seconds = self.clock() - start
         for module, mode in self.modes.items():
             module.train(mode)
         return seconds
@@ -112,14 +148,22 @@ def calibrate(
     cfg: Config, model: nn.Module, head_name: str, device: torch.device, options: list[Candidate]
 ) -> Calibration:
     """Rates of every candidate on a copy of `model` in its last stage, on `device`, at the run's batch."""
+    with staged_bench(cfg, model, head_name, device) as bench:
+        return measure(bench, options, cfg.data.batch_size, BUDGET_S)
+
+
+@contextlib.contextmanager
+def staged_bench(
+    cfg: Config, model: nn.Module, head_name: str, device: torch.device, compiled: bool = False
+) -> Iterator[Bench]:
+    """A Bench on a copy of `model` in its last stage (see `stage_copy`), on a forked RNG; the
+    copy's memory freed after."""
     copied = stage_copy(cfg, model, head_name, device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        bench = Bench(copied, device, cfg.data.image_size)
-        result = measure(bench, options, cfg.data.batch_size, BUDGET_S)
+        yield Bench(torch.compile(copied) if compiled else copied, device, cfg.data.image_size)
     del copied
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return result
 
 
 def worth_compiling(work: Workload, device: torch.device) -> bool:
@@ -136,9 +180,7 @@ def measure_compiled(
     """`eager`'s candidate with its train step under torch.compile: the steady rate, and the
     compile time as its set-up (inference stays eager: it is the train step that repeats)."""
     print(f"timing torch.compile of the {eager.label} train step (it compiles first: tens of seconds)")
-    copied = stage_copy(cfg, model, head_name, device)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        bench = Bench(torch.compile(copied), device, cfg.data.image_size)
+    with staged_bench(cfg, model, head_name, device, compiled=True) as bench, one_core(device):
         try:
             first = bench.train_step(eager.candidate, batch)
         except Exception as exc:  # any backend failure (no C++ compiler, no triton): the run trains eager
@@ -165,6 +207,11 @@ def measure(bench: Bench, options: list[Candidate], batch: int, budget: float) -
     """A warm-up step of each candidate (its set-up at this shape), then timed rounds of all of
     them in turn, the order rotating so none always runs first: at least `MIN_ROUNDS`, more while
     `budget` lasts, clear losers dropped after the first rounds."""
+    with one_core(bench.device):
+        return _rounds(bench, options, batch, budget)
+
+
+def _rounds(bench: Bench, options: list[Candidate], batch: int, budget: float) -> Calibration:
     started = time.perf_counter()
     bench.train_step(options[0], batch)  # the process's first step (threads, allocator) is no candidate's set-up
     times = {c: _Times(warm=bench.train_step(c, batch)) for c in options}

@@ -112,16 +112,18 @@ class Runtime:
             "measures this model once, for every later run)",
         }[self.decided_by]
         line = f"runtime: {self.describe()}, {how}{scale}"
-        return line if self.calibration is None else f"{line} {_rates(self.calibration)}"
+        return line if self.calibration is None else f"{line} {_rates(self.calibration, self.device)}"
 
 
-def _rates(c: Calibration) -> str:
+def _rates(c: Calibration, device: torch.device) -> str:
+    """The measured rates; on a CPU those of one core (calibrate.py's docstring says why)."""
     train = ", ".join(f"{m.label} {m.train:.1f}" for m in c.measured)
     infer = ", ".join(f"{m.label} {m.infer:.1f}" for m in c.measured if not m.compiled)
     compiled = [m for m in c.measured if m.compiled]
     if compiled:
         infer += "; torch.compile failed here" if compiled[0].failed else f"; compiling took {compiled[0].setup:.0f} s"
-    return f"(in {c.seconds:.1f} s, {c.rounds} rounds at batch {c.batch}); img/s train: {train}; inference: {infer}"
+    unit = "img/s on one core" if device.type == "cpu" else "img/s"
+    return f"(in {c.seconds:.1f} s, {c.rounds} rounds at batch {c.batch}); {unit} train: {train}; inference: {infer}"
 
 
 @dataclass
@@ -224,7 +226,7 @@ def calibration_key(cfg: Config, subject: Subject, device: torch.device, labels:
         "trains": sorted(m for g in schedule.groups for m in g.modules),  # the heaviest stage: all joined
         "freeze_bn": cfg.train.freeze_bn,
         "candidates": labels,
-        "method": 2,  # interleaved rounds at the run's batch: rates measured the earlier way are measured again
+        "method": 3,  # on a CPU, one core's CPU time: rates measured an earlier way are measured again
     }
 
 

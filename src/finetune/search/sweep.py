@@ -19,11 +19,13 @@ from typing import TYPE_CHECKING
 
 import yaml
 
-from finetune.config.load import load_config
+from finetune.config.load import check_key, load_config
 from finetune.config.schema import Config
 from finetune.errors import FinetuneError, Interrupted
 from finetune.runs.lock import RunLock, claim
 from finetune.runs.rundir import check_continuation, is_finished, saved_run_config
+from finetune.runs.tracking import Link
+from finetune.search.parents import child_link, open_parent
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -66,6 +68,8 @@ def expand(configs: list[str], overrides: list[str], grid: list[str], seeds: lis
     """Every config x every grid combination x every seed, each validated now (a typo in the
     tenth run is reported before the first one trains)."""
     axes = parse_grid(grid)
+    for key, _ in axes:
+        check_key(key, "--grid")
     runs = []
     for path in configs:
         for values in itertools.product(*(v for _, v in axes)):
@@ -101,20 +105,30 @@ def run_sweep(runs: list[SweepRun], out: Path) -> list[SweepRun]:
     still held elsewhere. Runs held elsewhere are looked at again, without waiting, until a
     pass takes none: a holder that died leaves its run to be resumed here, and the last look
     comes after this process let go of its last run, so of several sweeps on one dir, the one
-    that finishes the last run sees every run finished."""
+    that finishes the last run sees every run finished. With `tracking.mlflow` the sweep is a
+    parent MLflow run, FINISHED once every run is."""
     from finetune.training.session import Session
 
     session = Session()
     labels = {run.name: f"[{i}/{len(runs)}] {run.name}" for i, run in enumerate(runs, start=1)}
-    todo = runs
-    while True:
-        held = [run for run in todo if not _take(session, run, out, labels[run.name])]
-        if len(held) == len(todo):
-            return held
-        todo = held
+    parent = open_parent(runs[0].cfg.tracking.mlflow, out, out.name, {"runs": len(runs)})
+    link, todo = child_link(parent), runs
+    try:
+        while True:
+            held = [run for run in todo if not _take(session, run, out, labels[run.name], link)]
+            if len(held) == len(todo):
+                break
+            todo = held
+    except Interrupted:
+        if parent:
+            parent.end("KILLED")
+        raise
+    if parent and not held:
+        parent.end("FINISHED")
+    return held
 
 
-def _take(session: Session, run: SweepRun, out: Path, label: str) -> bool:
+def _take(session: Session, run: SweepRun, out: Path, label: str, link: Link) -> bool:
     """Train `run` unless it is finished; False when another process holds it. A finished run is
     recognised without its lock, so looking never makes a run look held to another sweep."""
     run_dir = out / run.name
@@ -126,17 +140,17 @@ def _take(session: Session, run: SweepRun, out: Path, label: str) -> bool:
             return False
         with lock:
             if not _finished(run_dir, run.cfg):  # its holder may have finished it just before
-                _train(session, run, run_dir, label)
+                _train(session, run, run_dir, label, link)
                 return True
     print(f"{label}: finished before, skipped")
     return True
 
 
-def _train(session: Session, run: SweepRun, run_dir: Path, label: str) -> None:
+def _train(session: Session, run: SweepRun, run_dir: Path, label: str, link: Link | None = None) -> None:
     resume = (run_dir / "config.yaml").is_file()
     print(label + (": resuming" if resume else ""))
     try:
-        session.train(run.cfg, run_dir, resume=resume)
+        session.train(run.cfg, run_dir, resume=resume, link=link)
     except Interrupted as exc:
         exc.resume_hint = "rerun the same finetune sweep command"
         raise

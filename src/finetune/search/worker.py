@@ -22,9 +22,12 @@ from optuna.trial import TrialState
 from finetune.errors import FinetuneError, Interrupted
 from finetune.runs.lock import RunLock, claim
 from finetune.runs.results import Judged
+from finetune.runs.tracking import Link, Tracker
 from finetune.runtime.distributed import Ranks, from_main
+from finetune.search.parents import child_link, open_parent
+from finetune.search.report import finished
 from finetune.search.space import label
-from finetune.search.tune import Job, Tune, check_trial_dir, open_study, trial_name
+from finetune.search.tune import Job, Tune, best_trial, check_trial_dir, open_study, trial_name
 
 if TYPE_CHECKING:
     from finetune.training.loop import Judge
@@ -125,12 +128,40 @@ def run_worker(tune: Tune, ranks: Ranks) -> optuna.Study | None:
     from finetune.training.session import Session
 
     session = Session(ranks)
+    parent = open_parent(tune.base_config.tracking.mlflow, tune.study_dir, tune.info.study, _study_params(tune), ranks)
     if not ranks.main:
         while (job := _receive(ranks)) is not None:
             with contextlib.suppress(FinetuneError):  # rank 0 says it; every rank goes on to the next trial
                 _train(session, tune, job, lambda epoch, value: None)
         return None
     worker = Worker(tune, open_study(tune.study_dir, tune.info))
+    try:
+        _work(session, tune, worker, ranks, parent)
+    except Interrupted:
+        if parent:
+            parent.end("KILLED")
+        raise
+    if parent and finished(worker.study, tune.info.trials):
+        best = best_trial(worker.study)
+        parent.end("FINISHED", tags={"best_trial": str(best.number)} if best else {})
+    return worker.study
+
+
+def _study_params(tune: Tune) -> dict[str, Any]:
+    """A study's parent run's params: what the study is, and the space it searches ([low, high, log] or choices)."""
+    info = {k: getattr(tune.info, k) for k in ("study", "trials", "seed", "pruner", "monitor", "judge")}
+    space = {f"space.{p.key}": p.labels if p.choices else [p.low, p.high, p.log] for p in tune.params}
+    return {**info, **space}
+
+
+def _trial_link(parent: Tracker | None, job: Job) -> Link:
+    """A trial's child run: its number and values as tags; its end (pruned, complete) its `state` tag."""
+    tags = {"trial_number": str(job.number), **{f"trial.{k}": str(label(v)) for k, v in job.values.items()}}
+    return child_link(parent, tags)
+
+
+def _work(session: Session, tune: Tune, worker: Worker, ranks: Ranks, parent: Tracker | None) -> None:
+    """Rank 0: take trials, train them, tell the storage, until the study has its total."""
     while True:
         try:
             taken = worker.next_job()
@@ -139,11 +170,11 @@ def run_worker(tune: Tune, ranks: Ranks) -> optuna.Study | None:
             raise
         from_main(taken and ("job", taken[0]), ranks)
         if taken is None:
-            return worker.study
+            return
         job, lock, trial = taken
         with lock:  # told under the lock: no other worker takes it for an orphan meanwhile
             try:
-                summary = _train(session, tune, job, worker.judge(trial))
+                summary = _train(session, tune, job, worker.judge(trial), _trial_link(parent, job))
             except FinetuneError as exc:  # this trial's values diverged (say): it fails, the study goes on
                 worker.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
                 print(f"{trial_name(trial.number)} failed: {exc}")
@@ -161,12 +192,12 @@ def _receive(ranks: Ranks) -> Job | None:
     return message[1]
 
 
-def _train(session: Session, tune: Tune, job: Job, judge: Judge) -> dict[str, Any] | None:
+def _train(session: Session, tune: Tune, job: Job, judge: Judge, link: Link | None = None) -> dict[str, Any] | None:
     run_dir = tune.study_dir / trial_name(job.number)
     cfg = tune.config(job.number, job.values)
     print(f"{trial_name(job.number)}: " + ", ".join(f"{k}={label(v)}" for k, v in job.values.items()))
     try:
-        return session.train(cfg, run_dir, resume=job.resume, judge=judge)
+        return session.train(cfg, run_dir, resume=job.resume, judge=judge, link=link)
     except Interrupted as exc:
         exc.resume_hint = "rerun the same finetune tune command (the trial resumes from its last.pt)"
         raise

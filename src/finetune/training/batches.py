@@ -1,7 +1,8 @@
 """The epoch's batch source: (epoch, steps done, cut) -> this rank's batches as model inputs.
 
-An epoch's order and flips are a function of (seed, epoch) (data.epoch_plan), dealt to the
-ranks like DistributedSampler (distributed.shard), so a resumed epoch continues at its step.
+An epoch's order (shuffled, or drawn class-balanced) and flips are a function of (seed, epoch)
+(data.epoch_plan), dealt to the ranks like DistributedSampler (distributed.shard), so a
+resumed epoch continues at its step.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 
 from finetune.config.schema import Config
 from finetune.data.augment import Augment
-from finetune.data.batching import BatchTransform, epoch_plan, split_batches
+from finetune.data.batching import BatchTransform, epoch_plan, sampling_weights, split_batches
 from finetune.data.imageset import ImageSet
 from finetune.runtime.distributed import Ranks, shard, shard_size
 from finetune.training.features import CutModel, FeatureCache
@@ -46,11 +47,12 @@ class BatchSource:
     ):
         self.cfg, self.train_set, self.transform, self.augment = cfg, train_set, transform, augment
         self.ranks, self.device = ranks, device
+        self.weights = sampling_weights(cfg.data.sampler, train_set.labels)
 
     def epoch(self, epoch: int, done: int, cut: CutModel | None, cache: FeatureCache | None) -> EpochBatches:
         """The epoch's batches, and inputs from step `done` on: cached activations above the
         cut, else uint8 images through the batch transform (and augmentation)."""
-        order, flips = epoch_plan(len(self.train_set), self.cfg.seed, epoch, self.cfg.data.hflip)
+        order, flips = epoch_plan(len(self.train_set), self.cfg.seed, epoch, self.cfg.data.hflip, self.weights)
         order, flips = shard(order, self.ranks).to(self.device), flips.to(self.device)
         index = split_batches(order, self.cfg.data.batch_size)  # on the device: no copies per step
         todo = index[done:]

@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from finetune.config.schema import Config
-from finetune.data.batching import BatchTransform
+from finetune.data.batching import BatchTransform, sampling_weights
 from finetune.data.imageset import ImageSet
 from finetune.model.build import BuiltModel
 from finetune.runtime.distributed import Ranks
@@ -60,6 +60,7 @@ class CacheProvider:
         self.cost = FeatureCost()  # the last epoch's
         self.drawn = torch.zeros(0)  # (2, N) bool: the pairs this run drew from the cache before this epoch
         self.since = 0  # the first epoch of the cache's stage
+        self.weights = sampling_weights(cfg.data.sampler, self.train_set.labels)
 
     @property
     def decision(self) -> CacheDecision | None:
@@ -74,19 +75,18 @@ class CacheProvider:
             self.cache = None
             return None
         on_disk = cut.cut == self.built.head_name and self.ranks.main  # below the head: too big to keep
+        computed = False
         if self.cache is None or self.cache.cut != cut.cut:
             self.disk_key = self.key() if on_disk else ""
             self.cache = self.store.load(self.disk_key, self.runtime.device) if on_disk else None
-            if self.cache is None:
+            if computed := self.cache is None:
                 self.cache = self._empty(cut)
-                self.cost.paid = self.cache.ledger.val_seconds
             self.since = self.planner.current.epochs.start
             self.drawn = self._needed(range(self.since, epoch))
         needed = self._needed([epoch])
-        self.cost.paid += self._fill(cut, needed)
-        if self.cost.paid > 0 and on_disk:
+        if (self._fill(cut, needed) > 0 or computed) and on_disk:
             self.store.save(self.disk_key, self.cache)
-        self.cost.reused = self._reused(needed, epoch)
+        self.cost = self._charged(needed, epoch)
         return cut
 
     def _empty(self, cut: CutModel) -> FeatureCache:
@@ -97,7 +97,8 @@ class CacheProvider:
         return empty_cache(cut.cut, len(self.train_set), val, self.payer, time.perf_counter() - started)
 
     def _needed(self, epochs: Iterable[int]) -> torch.Tensor:
-        return needed_variants(len(self.train_set), self.cfg.seed, epochs, self.cfg.data.hflip, self.ranks)
+        cfg = self.cfg
+        return needed_variants(len(self.train_set), cfg.seed, epochs, cfg.data.hflip, self.ranks, self.weights)
 
     def _fill(self, cut: CutModel, needed: torch.Tensor) -> float:
         """Compute the pairs this epoch draws that the cache lacks, so a stage's first epoch
@@ -110,10 +111,10 @@ class CacheProvider:
 
         return self.cache.fill(needed, compute, self.payer)
 
-    def _reused(self, needed: torch.Tensor, epoch: int) -> float:
-        """What the activations this epoch uses for the first time in this run cost the other runs
-        that computed them. A function of the epochs and the ledger alone, so a resumed run is
-        charged as the uninterrupted one was."""
+    def _charged(self, needed: torch.Tensor, epoch: int) -> FeatureCost:
+        """What the activations this epoch uses for the first time in this run cost this run and
+        the others. A function of the epochs and the ledger alone, so a resumed run is charged as
+        the uninterrupted one was."""
         first_use = needed & ~self.drawn
         self.drawn |= needed
         rows = self.cache.slot[first_use.to(self.cache.slot.device)].cpu()

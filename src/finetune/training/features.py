@@ -40,8 +40,9 @@ CACHE_FORMAT = 5  # part of the disk key: a new layout or batch transform never 
 
 @dataclass
 class FeatureCost:
-    """An epoch's feature extraction: the seconds it paid, and what the cached activations it used
-    for the first time cost the runs that computed them (time as run plus those is the cold cost)."""
+    """What the cached activations an epoch uses for the first time cost: this run (`paid`, part
+    of its epoch's time unless a resume found them done) and the runs that computed the rest
+    (`reused`: time as run plus those is the cold cost)."""
 
     paid: float = 0.0
     reused: float = 0.0
@@ -69,11 +70,17 @@ class Ledger:
         self.payer = torch.cat([self.payer, torch.full((rows,), self.index(payer))])
         self.seconds = torch.cat([self.seconds, torch.full((rows,), seconds / rows, dtype=torch.float64)])
 
-    def charged(self, rows: torch.Tensor, payer: str, val: bool) -> float:
-        """Seconds other runs paid for these train rows (and the validation activations)."""
+    def charged(self, rows: torch.Tensor, payer: str, val: bool) -> FeatureCost:
+        """What these train rows (and the validation activations) cost `payer` itself and the
+        other runs that computed them: read from the ledger, not timed now, so a run resumed
+        after its features were computed is charged as the uninterrupted run was."""
         mine = self.payers.index(payer) if payer in self.payers else -1
-        seconds = float(self.seconds[rows][self.payer[rows] != mine].sum())
-        return seconds + (self.val_seconds if val and self.val_payer != mine else 0.0)
+        own = self.payer[rows] == mine
+        val_cost = self.val_seconds if val else 0.0
+        own_val, other_val = (val_cost, 0.0) if self.val_payer == mine else (0.0, val_cost)
+        return FeatureCost(
+            float(self.seconds[rows][own].sum()) + own_val, float(self.seconds[rows][~own].sum()) + other_val
+        )
 
     def state(self) -> dict[str, Any]:
         return {**vars(self), "payers": list(self.payers)}
@@ -148,7 +155,8 @@ def decide_cache(
     shape = cut.exact(cfg.data.image_size, device)
     if shape is None:
         return CacheDecision(None, epochs, f"off: the model's forward is not a chain of modules at {name}")
-    needed = needed_variants(n_train, cfg.seed, epochs, cfg.data.hflip)  # the stage's draws, for the budget
+    # the stage's draws, for the budget: shuffled ones bound a balanced sampler's too (epoch_plan)
+    needed = needed_variants(n_train, cfg.seed, epochs, cfg.data.hflip)
     megabytes = (int(needed.sum()) + n_val) * shape.numel() * (4 if runtime.infer_dtype is None else 2) / 2**20
     if megabytes > cfg.data.memory_budget_mb:
         note = f"off: {name} input needs {megabytes:.0f} MB, over data.memory_budget_mb={cfg.data.memory_budget_mb}"
@@ -178,11 +186,14 @@ class CachePlanner:
         return self.current
 
 
-def needed_variants(n: int, seed: int, epochs: Iterable[int], hflip: bool, ranks: Ranks = SINGLE) -> torch.Tensor:
-    """(2, N) mask of the (flip, image) pairs that these epochs will draw (on this rank)."""
+def needed_variants(
+    n: int, seed: int, epochs: Iterable[int], hflip: bool, ranks: Ranks = SINGLE, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(2, N) mask of the (flip, image) pairs that these epochs will draw (on this rank);
+    `weights`: the balanced sampler's (epoch_plan)."""
     needed = torch.zeros(2, n, dtype=torch.bool)
     for epoch in epochs:
-        order, flips = epoch_plan(n, seed, epoch, hflip)
+        order, flips = epoch_plan(n, seed, epoch, hflip, weights)
         mine = shard(order, ranks)
         needed[flips[mine].long(), mine] = True
     return needed

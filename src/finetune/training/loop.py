@@ -26,6 +26,7 @@ from finetune.model.schedule import Schedule
 from finetune.runs.writer import RunWriter
 from finetune.runtime.distributed import SINGLE, Ranks
 from finetune.runtime.resolve import Runtime
+from finetune.training.balance import decide_balance
 from finetune.training.batches import BatchSource, steps_per_epoch
 from finetune.training.book import EpochBook, EpochOutcome, epoch_line
 from finetune.training.cache import CacheProvider
@@ -74,8 +75,11 @@ class Trainer:
         self.optimizer = build_optimizer(cfg.train, self.model, self.schedule)
         self.scaler = runtime.grad_scaler()
         counts = class_counts(data.train.labels, data.num_classes)
+        self.balance = decide_balance(cfg)
         multilabel = cfg.task == "multilabel"
-        criterion, self.weights = build_criterion(cfg.train, counts, len(data.train), data.class_names, multilabel)
+        criterion, self.weights = build_criterion(
+            cfg.train, self.balance.class_weights, counts, len(data.train), data.class_names, multilabel
+        )
         criterion = criterion.to(device)
         self.thresholds: list[float] | None = None  # multilabel: those chosen at the last evaluation
         augment = None
@@ -235,6 +239,8 @@ class Trainer:
             "task": self.cfg.task,
             # multilabel: each label's positive weight
             "class_weights": self.weights.tolist() if self.weights is not None else None,
+            "sampler": self.balance.sampler,
+            "balance": self.balance.note,
             "class_names": list(self.data.class_names),
             "train_size": len(self.data.train),
             "val_size": len(self.data.val),

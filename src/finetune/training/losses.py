@@ -18,14 +18,20 @@ POS_WEIGHT_BOUNDS = (1.0, 100.0)  # multilabel `class_weights: auto`: negatives 
 
 
 def build_criterion(
-    cfg: TrainConfig, counts: np.ndarray, images: int, class_names: list[str], multilabel: bool
+    cfg: TrainConfig,
+    spec: str | list | dict,
+    counts: np.ndarray,
+    images: int,
+    class_names: list[str],
+    multilabel: bool,
 ) -> tuple[nn.Module, torch.Tensor | None]:
-    """The training loss and its class weights (multilabel: each label's positive weight)."""
+    """The training loss and its class weights by `spec` (train.class_weights, or what the
+    balanced sampler leaves of it); multilabel: each label's positive weight."""
     gamma = cfg.focal_gamma if cfg.loss == "focal" else 0.0
     if multilabel:
-        weights = positive_weights(cfg.class_weights, counts, images, class_names)
+        weights = positive_weights(spec, counts, images, class_names)
         return MultiLabelLoss(weights, cfg.label_smoothing, gamma), weights
-    weights = class_weights(cfg.class_weights, counts, class_names)
+    weights = class_weights(spec, counts, class_names)
     return WeightedCrossEntropy(weights, cfg.label_smoothing, gamma), weights
 
 

@@ -17,13 +17,14 @@ import torch
 
 from finetune.config.schema import Config
 from finetune.data.sources import DataSplits, load_data
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, Interrupted
 from finetune.model.build import build_model, check_model_config, skeleton
 from finetune.model.schedule import check_stages
 from finetune.runs.checkpoint import load_checkpoint
 from finetune.runs.rundir import is_finished
+from finetune.runs.tracking import Link, Tracker, open_run, sync
 from finetune.runs.writer import RunWriter, dropped
-from finetune.runtime.distributed import SINGLE, Ranks
+from finetune.runtime.distributed import SINGLE, Ranks, from_main
 from finetune.runtime.hardware import resolve_device
 from finetune.runtime.resolve import Subject, check_precision, resolve_runtime
 from finetune.training.features import FeatureStore
@@ -36,15 +37,52 @@ class Session:
         self.data: dict[str, DataSplits] = {}
         self.stores: dict[Path, FeatureStore] = {}
 
-    def train(self, cfg: Config, run_dir: Path, resume: bool, judge: Judge | None = None) -> dict[str, Any] | None:
+    def train(
+        self, cfg: Config, run_dir: Path, resume: bool, judge: Judge | None = None, link: Link | None = None
+    ) -> dict[str, Any] | None:
         """Train (or continue) one run; its summary, or None when it had nothing left to do.
         `judge`: tune's pruner, asked after each epoch of the last stage (Trainer); a run with
-        one is a trial, which nothing trains again once it ends."""
+        one is a trial, which nothing trains again once it ends. With `tracking.mlflow` the run
+        is an MLflow run (`link`: its parent, tags, the exporter), reached before any data loads."""
+        link = link or Link()
+        tracker = self._tracker(cfg, run_dir, link)
+        try:
+            summary = self._train(cfg, run_dir, resume, judge, tracker)
+        except Interrupted:
+            if tracker:
+                tracker.end("KILLED")
+            raise
+        except BaseException:
+            if tracker:
+                tracker.end("FAILED")
+            raise
+        if tracker:
+            sync(tracker, run_dir, cfg.train.epochs, link.export if cfg.tracking.mlflow.log_model else None)
+        return summary
+
+    def _tracker(self, cfg: Config, run_dir: Path, link: Link) -> Tracker | None:
+        """Rank 0's tracker; a server that does not answer stops every rank with rank 0's line."""
+        if cfg.tracking.mlflow is None:
+            return None
+        tracker, error = None, None
+        if self.ranks.main:
+            try:
+                tracker = open_run(cfg, run_dir, link)
+            except FinetuneError as exc:
+                error = str(exc)
+        error = from_main(error, self.ranks)
+        if error is not None:
+            raise FinetuneError(error)
+        return tracker
+
+    def _train(
+        self, cfg: Config, run_dir: Path, resume: bool, judge: Judge | None, tracker: Tracker | None
+    ) -> dict[str, Any] | None:
         ended = _ended_without_last(run_dir) if resume else None
         if ended is not None:
             return _complete_without_last(run_dir, ended, trial=judge is not None)
         state = _resume_state(run_dir) if resume else None
-        trainer = self.prepare(cfg, run_dir, state.get("runtime") if state else None, judge)
+        trainer = self.prepare(cfg, run_dir, state.get("runtime") if state else None, judge, tracker=tracker)
         if state is not None:
             trainer.restore(state)
             print(f"resuming {run_dir} after epoch {trainer.progress.epoch}, step {trainer.progress.step}")
@@ -74,6 +112,7 @@ class Session:
         recorded: dict[str, Any] | None = None,
         judge: Judge | None = None,
         write: bool = True,
+        tracker: Tracker | None = None,
     ) -> Trainer:
         """Validate what is cheap to check, then load data and weights: a Trainer whose writer
         (rank 0's, unless `write` is off: lr-find writes no run) writes the run dir.
@@ -101,8 +140,10 @@ class Session:
             )
         folder = Path(cfg.out_dir) / ".feature_cache"
         store = self.stores.setdefault(folder, FeatureStore(folder))
-        writer = RunWriter(run_dir) if self.ranks.main and write else None
+        writer = RunWriter(run_dir, tracker) if self.ranks.main and write else None
         trainer = Trainer(cfg, data, built, runtime, run_dir, store, writer, self.ranks, judge)
+        if trainer.balance.note:
+            print(trainer.balance.note)
         return trainer
 
     def _data(self, cfg: Config) -> DataSplits:

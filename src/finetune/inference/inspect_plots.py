@@ -1,0 +1,140 @@
+"""inspect's pictures: images with their Grad-CAM beside them, the confused pairs, the
+reliability diagram. matplotlib is imported inside each function, as the rest of finetune does."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from finetune.inference.calibration import CalibrationReport, reliability_bins
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+PER_ROW = 3  # image + overlay pairs per row
+CAM_ALPHA = 0.45
+
+
+@dataclass
+class Shown:
+    """One image as the model saw it, with its scores and, where computed, its Grad-CAM."""
+
+    image: np.ndarray  # (H, W, 3) floats in [0, 1], at the model's input size
+    cam: np.ndarray | None  # (H, W) in [0, 1] for the predicted class
+    true: str
+    predicted: str
+    probability: float  # of the predicted class
+    true_probability: float
+    loss: float
+
+    @property
+    def right(self) -> bool:
+        return self.true == self.predicted
+
+    def caption(self) -> str:
+        return (
+            f"true {self.true}, pred {self.predicted} {self.probability:.2f}\n"
+            f"loss {self.loss:.2f}, p({self.true}) {self.true_probability:.2f}"
+        )
+
+
+def _figure(width: float, height: float) -> Figure:
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), layout="constrained", dpi=100)
+
+
+def _blank(ax: Axes) -> None:
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _empty(fig: Figure, text: str) -> Figure:
+    ax = fig.subplots()
+    ax.axis("off")
+    ax.text(0.5, 0.5, text, ha="center", va="center")
+    return fig
+
+
+def shown_figure(items: list[Shown], title: str) -> Figure:
+    """Each image beside its Grad-CAM overlay, captioned with true and predicted class,
+    probability and loss; a wrong prediction's caption in red."""
+    rows = max(1, -(-len(items) // PER_ROW))
+    fig = _figure(4.4 * min(PER_ROW, max(1, len(items))), 2.5 * rows + 0.4)
+    fig.suptitle(f"{title} (right: Grad-CAM for the predicted class)")
+    if not items:
+        return _empty(fig, "no images to show")
+    axes = fig.subplots(rows, 2 * min(PER_ROW, len(items)), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, item in enumerate(items):
+        image_ax, cam_ax = axes[i // PER_ROW, 2 * (i % PER_ROW)], axes[i // PER_ROW, 2 * (i % PER_ROW) + 1]
+        image_ax.imshow(item.image)
+        image_ax.set_title(item.caption(), fontsize=8, loc="left", color="black" if item.right else "crimson")
+        if item.cam is not None:
+            cam_ax.imshow(item.image)
+            cam_ax.imshow(item.cam, cmap="jet", alpha=CAM_ALPHA, vmin=0, vmax=1)
+    return fig
+
+
+def confused_figure(pairs: list[tuple[str, list[Shown], list[Shown]]]) -> Figure:
+    """A row per confused pair: images of the true class taken for the other (worst first),
+    then images of the other class it got right, for a look at what it mixes up."""
+    examples = max([len(wrong) for _, wrong, _ in pairs] + [len(right) for _, _, right in pairs] + [1])
+    fig = _figure(1.5 * (2 * examples + 1), 1.9 * max(1, len(pairs)) + 0.3)
+    if not pairs:
+        return _empty(fig, "no confusions: every image was classified right")
+    axes = fig.subplots(len(pairs), 2 * examples + 1, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for row, (title, wrong, right) in enumerate(pairs):
+        axes[row, 0].set_title(title, loc="left", fontsize=9)
+        for column, item in enumerate(wrong):
+            _thumb(axes[row, column], item, f"{item.true} → {item.predicted} {item.probability:.2f}", "crimson")
+        for column, item in enumerate(right):
+            _thumb(axes[row, examples + 1 + column], item, f"a right {item.predicted} {item.probability:.2f}", "black")
+    return fig
+
+
+def _thumb(ax: Axes, item: Shown, label: str, color: str) -> None:
+    ax.imshow(item.image)
+    ax.set_xlabel(label, fontsize=7, color=color)
+    ax.axis("on")
+    _blank(ax)
+
+
+def reliability_figure(logits: torch.Tensor, labels: torch.Tensor, calibration: CalibrationReport) -> Figure:
+    """Accuracy against confidence per bin, before and after temperature scaling (fitted on
+    these images): bars under the diagonal are over-confidence."""
+    fig = _figure(10, 4.3)
+    panels = (
+        ("before: temperature 1", 1.0, calibration.ece_before),
+        (f"after: temperature {calibration.temperature:.3g}", calibration.temperature, calibration.ece_after_fit),
+    )
+    for ax, (title, t, ece) in zip(fig.subplots(1, 2), panels, strict=True):
+        bins = reliability_bins((logits.double() / t).softmax(1), labels, calibration.bins)
+        width = 1 / calibration.bins
+        centers = (np.arange(calibration.bins) + 0.5) * width
+        used = np.array(bins.count) > 0
+        accuracy = np.where(used, bins.accuracy, np.nan)
+        gap = np.where(used, np.array(bins.confidence) - np.array(bins.accuracy), np.nan)
+        ax.bar(centers, accuracy, width=width, edgecolor="black", alpha=0.75, label="accuracy")
+        ax.bar(
+            centers,
+            gap,
+            bottom=accuracy,
+            width=width,
+            color="crimson",
+            alpha=0.3,
+            hatch="//",
+            label="gap to confidence",
+        )
+        ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy", title=f"{title}, ECE {ece:.3f}")
+        ax.legend(fontsize="small", loc="upper left")
+    fig.suptitle(f"Reliability on {calibration.images} images ({calibration.bins} bins)")
+    return fig
