@@ -117,6 +117,10 @@ def test_a_validation_label_never_seen_in_training_is_one_line(tmp_path, capsys)
     [
         (["checkpoint.monitor=val_map"], "checkpoint.monitor = val_map exists only with task: multilabel"),
         (["task=multilabel"], "task = multilabel needs data.dataset = csv"),
+        (
+            ["task=multilabel", "data.dataset=csv", "data.csv=labels.csv", "data.sampler=balanced"],
+            "data.sampler = balanced needs one class per image",
+        ),
     ],
 )
 def test_a_task_mismatch_is_one_line_at_load(tmp_path, capsys, sets, message):
