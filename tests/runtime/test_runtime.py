@@ -332,7 +332,7 @@ def test_two_busy_processes_leave_the_choice_between_candidates_1_5x_apart_as_an
     with busy():
         loaded = measure(Bench(built.model, CPU, 128), options, 16, budget=0.0)
     assert choose(loaded.measured, work) == choose(idle.measured, work), (idle.measured, loaded.measured)
-    assert torch.get_num_threads() == threads
+    assert torch.get_num_threads() == threads == idle.threads, "the run's threads back, and the rates scaled by them"
 
 
 def test_under_load_a_config_reads_its_kept_choice_and_trains_bit_identical_weights(config_file, tmp_path, monkeypatch):

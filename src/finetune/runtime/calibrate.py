@@ -11,6 +11,10 @@ for one that was descheduled), which once made bf16 look 3x slower than fp32 on 
 where it is 1.8x faster idle. One thread's CPU time hardly moves with load (ResNet18 at 128 px:
 bf16 1.82x fp32 idle, 1.93x under two spinning processes) and ranks the candidates as the
 run's threads do on an idle machine. On a GPU, wall time after a synchronize is the cost.
+
+A one-core rate is recorded times the run's torch threads (perfect scaling, which no CPU
+reaches): set-ups (a compile, mostly serial; channels_last's first step) are then weighed
+against step times that are, if anything, too short, so a compile never looks better than it is.
 """
 
 from __future__ import annotations
@@ -48,12 +52,13 @@ class Calibration:
     batch: int  # the batch the rates were measured at
     seconds: float  # what measuring cost
     rounds: int = MIN_ROUNDS  # timed rounds of the candidates still in the running
+    threads: int = 1  # on a CPU: the one-core rates were multiplied by the run's torch threads
 
     @classmethod
     def from_dict(cls, saved: dict[str, Any]) -> Calibration:
         """As `dataclasses.asdict` wrote it (cache file, last.pt)."""
         measured = [Measured(**m) for m in saved["measured"]]
-        return cls(measured, saved["batch"], saved["seconds"], saved.get("rounds", MIN_ROUNDS))
+        return cls(measured, saved["batch"], saved["seconds"], saved.get("rounds", MIN_ROUNDS), saved.get("threads", 1))
 
 
 @dataclass
@@ -62,13 +67,13 @@ class _Times:
     train: list[float] = field(default_factory=list)
     infer: list[float] = field(default_factory=list)
 
-    def measured(self, c: Candidate, batch: int) -> Measured:
+    def measured(self, c: Candidate, batch: int, threads: int) -> Measured:
         """The fastest step of each kind: interference from other processes only adds time. The
         set-up is one sample, which load can stretch by a few steps: it counts only past
         `SETUP_STEPS` steps (cuDNN's channels_last set-up takes seconds), else it is noise."""
         step = min(self.train)
         setup = self.warm - step if self.warm > (SETUP_STEPS + 1) * step else 0.0
-        return Measured(c.precision, c.memory_format, batch / step, batch / min(self.infer), setup)
+        return Measured(c.precision, c.memory_format, threads * batch / step, threads * batch / min(self.infer), setup)
 
 
 def cpu_seconds() -> float:
@@ -159,11 +164,13 @@ def staged_bench(
     """A Bench on a copy of `model` in its last stage (see `stage_copy`), on a forked RNG; the
     copy's memory freed after."""
     copied = stage_copy(cfg, model, head_name, device)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        yield Bench(torch.compile(copied) if compiled else copied, device, cfg.data.image_size)
-    del copied
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            yield Bench(torch.compile(copied) if compiled else copied, device, cfg.data.image_size)
+    finally:
+        del copied
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def worth_compiling(work: Workload, device: torch.device) -> bool:
@@ -180,6 +187,7 @@ def measure_compiled(
     """`eager`'s candidate with its train step under torch.compile: the steady rate, and the
     compile time as its set-up (inference stays eager: it is the train step that repeats)."""
     print(f"timing torch.compile of the {eager.label} train step (it compiles first: tens of seconds)")
+    threads = run_threads(device)
     with staged_bench(cfg, model, head_name, device, compiled=True) as bench, one_core(device):
         try:
             first = bench.train_step(eager.candidate, batch)
@@ -188,7 +196,7 @@ def measure_compiled(
             return Measured(eager.precision, eager.memory_format, eager.train, eager.infer, math.inf, compiled=True)
         step = min(bench.train_step(eager.candidate, batch) for _ in range(3))
     setup = max(0.0, first - step)
-    return Measured(eager.precision, eager.memory_format, batch / step, eager.infer, setup, compiled=True)
+    return Measured(eager.precision, eager.memory_format, threads * batch / step, eager.infer, setup, compiled=True)
 
 
 def stage_copy(cfg: Config, model: nn.Module, head_name: str, device: torch.device) -> nn.Module:
@@ -207,11 +215,17 @@ def measure(bench: Bench, options: list[Candidate], batch: int, budget: float) -
     """A warm-up step of each candidate (its set-up at this shape), then timed rounds of all of
     them in turn, the order rotating so none always runs first: at least `MIN_ROUNDS`, more while
     `budget` lasts, clear losers dropped after the first rounds."""
+    threads = run_threads(bench.device)
     with one_core(bench.device):
-        return _rounds(bench, options, batch, budget)
+        return _rounds(bench, options, batch, budget, threads)
 
 
-def _rounds(bench: Bench, options: list[Candidate], batch: int, budget: float) -> Calibration:
+def run_threads(device: torch.device) -> int:
+    """What a one-core rate is multiplied by: the run's torch threads on a CPU, else 1."""
+    return torch.get_num_threads() if device.type == "cpu" else 1
+
+
+def _rounds(bench: Bench, options: list[Candidate], batch: int, budget: float, threads: int) -> Calibration:
     started = time.perf_counter()
     bench.train_step(options[0], batch)  # the process's first step (threads, allocator) is no candidate's set-up
     times = {c: _Times(warm=bench.train_step(c, batch)) for c in options}
@@ -227,8 +241,8 @@ def _rounds(bench: Bench, options: list[Candidate], batch: int, budget: float) -
         running = _contenders(times, running, LOSER if rounds >= MIN_ROUNDS else FAR_LOSER)
         if len(running) < 2 or (rounds >= MIN_ROUNDS and time.perf_counter() - started > budget):
             break
-    measured = [t.measured(c, batch) for c, t in times.items()]
-    return Calibration(measured, batch, time.perf_counter() - started, rounds)
+    measured = [t.measured(c, batch, threads) for c, t in times.items()]
+    return Calibration(measured, batch, time.perf_counter() - started, rounds, threads)
 
 
 def _contenders(times: dict[Candidate, _Times], running: list[Candidate], factor: float) -> list[Candidate]:

@@ -20,7 +20,7 @@ from finetune.config.schema import Config
 from finetune.errors import FinetuneError
 from finetune.model.schedule import Schedule
 from finetune.runtime import calibration_cache
-from finetune.runtime.calibrate import Calibration, calibrate, measure_compiled, worth_compiling
+from finetune.runtime.calibrate import Calibration, calibrate, measure_compiled, run_threads, worth_compiling
 from finetune.runtime.candidates import (
     DTYPES,
     LAYOUTS,
@@ -122,7 +122,7 @@ def _rates(c: Calibration, device: torch.device) -> str:
     compiled = [m for m in c.measured if m.compiled]
     if compiled:
         infer += "; torch.compile failed here" if compiled[0].failed else f"; compiling took {compiled[0].setup:.0f} s"
-    unit = "img/s on one core" if device.type == "cpu" else "img/s"
+    unit = f"img/s (one core's x {c.threads} threads)" if device.type == "cpu" else "img/s"
     return f"(in {c.seconds:.1f} s, {c.rounds} rounds at batch {c.batch}); {unit} train: {train}; inference: {infer}"
 
 
@@ -219,6 +219,7 @@ def calibration_key(cfg: Config, subject: Subject, device: torch.device, labels:
     schedule = Schedule(cfg.train, subject.model, subject.head_name, steps_per_epoch=1)
     return {
         "device": device_name(device),
+        "threads": run_threads(device),  # a CPU's one-core rates are recorded times these
         "torch": torch.__version__,
         "arch": cfg.model.arch,
         "image_size": cfg.data.image_size,
@@ -226,7 +227,7 @@ def calibration_key(cfg: Config, subject: Subject, device: torch.device, labels:
         "trains": sorted(m for g in schedule.groups for m in g.modules),  # the heaviest stage: all joined
         "freeze_bn": cfg.train.freeze_bn,
         "candidates": labels,
-        "method": 3,  # on a CPU, one core's CPU time: rates measured an earlier way are measured again
+        "method": 4,  # on a CPU, one core's CPU time x threads: rates measured an earlier way are measured again
     }
 
 
