@@ -155,8 +155,13 @@ MODULE_TIERS = {
     "test_tracking": PROCESS + EXTRAS,  # mlflow server, finetune processes
     "test_plateau": TRAINING,
     "test_toolkit_training": TRAINING,
+    "test_multilabel": TRAINING,  # mobilenet_v2 runs (test_multilabel_units: the fast parts)
 }
 TEST_TIERS = {
+    "test_multilabel": {
+        "test_kill_9_mid_epoch_then_resume_is_bit_identical": PROCESS,
+        "test_two_processes_under_torchrun_train_a_multilabel_run": PROCESS,
+    },
     "test_cli": {"test_train_end_to_end_in_a_real_process": PROCESS},
     "test_cold_cost": {"test_a_run_killed_after_computing_its_features_is_charged_them_after_resume": PROCESS},
     "test_ecosystem": {

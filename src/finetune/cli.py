@@ -286,10 +286,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from finetune.inference.predict import evaluate_checkpoint
 
-    report = evaluate_checkpoint(args.checkpoint, args.overrides, Path(args.out) if args.out else None, args.tta)
+    out = Path(args.out) if args.out else None
+    report = evaluate_checkpoint(args.checkpoint, args.overrides, out, args.tta, args.threshold)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
+    if report.get("task") == "multilabel":
+        return _print_label_report(report, args.tta)
     plain = report.get("without_tta")
     print(
         f"{report['images']} images: accuracy {report['accuracy']:.4f}, balanced accuracy "
@@ -298,6 +301,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
     per_class = pd.DataFrame(report["per_class"]).T
     print(per_class.to_markdown(floatfmt=".3f"))
+    return 0
+
+
+def _print_label_report(report: dict, tta: str | None) -> int:
+    import pandas as pd
+
+    plain = report.get("without_tta")
+    print(
+        f"{report['images']} images: mAP {report['map']:.4f}, micro F1 {report['f1_micro']:.4f}, macro F1 "
+        f"{report['f1_macro']:.4f}, exact match {report['exact_match']:.4f}"
+        + (f" with {tta} TTA (without: mAP {plain['map']:.4f})" if plain else "")
+    )
+    print(pd.DataFrame(report["per_class"]).T.to_markdown(floatfmt=".3f"))
     return 0
 
 
@@ -337,7 +353,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     from finetune.inference.predict import predict
 
-    results = predict(args.checkpoint, args.images, args.top_k, tta=args.tta, calibrated=args.calibrated)
+    results = predict(
+        args.checkpoint, args.images, args.top_k, tta=args.tta, calibrated=args.calibrated, threshold=args.threshold
+    )
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
@@ -345,6 +363,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for r in results:
         top = r.get("top", [])
         cells = {f"top{i + 1}": f"{t['class']} {t['probability']:.3f}" for i, t in enumerate(top)}
+        if "labels" in r:  # multilabel: every label at or above its threshold
+            cells = {"labels": ", ".join(f"{t['class']} {t['probability']:.3f}" for t in r["labels"]) or "-"}
         rows.append({"file": r["file"], **cells, **({"error": r["error"]} if "error" in r else {})})
     print(pd.DataFrame(rows).to_markdown(index=False))
     return 0

@@ -57,7 +57,7 @@ def list_modules(cfg: Config, depth: int | None = None) -> ModuleListing:
     if depth is not None and depth < 1:
         raise FinetuneError(f"modules --depth {depth}: give 1 or more (1: the model's children)")
     check_model_config(cfg.model)
-    classes = len(split_sizes(cfg.data)[0])
+    classes = len(split_sizes(cfg.data, cfg.task == "multilabel")[0])
     built = skeleton(cfg.model, classes)
     model, head = built.model, built.head_name
     schedule, problem = _schedule(cfg, model, head)

@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", help="output dir (default: eval-<checkpoint name> beside the checkpoint)")
     evaluate.add_argument("--json", action="store_true", help="print the report as JSON instead of tables")
     add_tta(evaluate)
+    add_threshold(evaluate)
 
     insp = sub.add_parser(
         "inspect", help="what a checkpoint gets wrong: top losses with Grad-CAM, confusions, calibration"
@@ -100,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--calibrated", action="store_true", help="probabilities at the temperature finetune inspect fitted"
     )
     add_tta(pred)
+    add_threshold(pred)
 
     track = sub.add_parser("track", help="send runs to MLflow: what the server lacks of them (tracking.mlflow)")
     track.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run dirs, finished or stopped")
@@ -127,6 +129,15 @@ def add_tta(command: argparse.ArgumentParser) -> None:
         const="flip",
         choices=["flip", "crops"],
         help="average logits over the image and its mirror (flip, the default), or ten crops and mirrors (crops)",
+    )
+
+
+def add_threshold(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--threshold",
+        type=float,
+        metavar="T",
+        help="multilabel: predict a label at probability T or above, for every label (default: the checkpoint's own)",
     )
 
 

@@ -50,7 +50,7 @@ class Plan:
 def subject_of(cfg: Config) -> Subject:
     """The run's model, weightless (nothing is read or downloaded), and its split sizes."""
     check_model_config(cfg.model)
-    names, n_train, n_val = split_sizes(cfg.data)
+    names, n_train, n_val = split_sizes(cfg.data, cfg.task == "multilabel")
     built = skeleton(cfg.model, len(names))
     return Subject(built.model, built.head_name, n_train, n_val)
 

@@ -15,7 +15,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from finetune.config.schema import AugmentConfig, Config, DataConfig, StageConfig, TrainConfig, stage_name
+from finetune.config.schema import (
+    MULTILABEL_MONITORS,
+    AugmentConfig,
+    Config,
+    DataConfig,
+    StageConfig,
+    TrainConfig,
+    stage_name,
+)
 from finetune.errors import FinetuneError
 
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:[0-9]{1,3})?")
@@ -100,6 +108,7 @@ RANGES: dict[str, Range] = {
     "train.unfreeze_epoch": Range(0, MAX_EPOCHS),
     "train.class_weights[]": Range(0.0, 1e6),
     "train.label_smoothing": Range(0.0, 1.0, high_open=True, interval=True),
+    "train.focal_gamma": Range(0.0, 10.0),
     "train.grad_clip_norm": Range(0.0, 1e6, low_open=True),
     "train.accumulate_steps": Range(1, 65_536),
     "train.ema.decay": Range(0.0, 1.0, low_open=True, high_open=True, interval=True),
@@ -156,6 +165,7 @@ def validate(cfg: Config) -> None:
     _validate_schedule(t)
     _validate_augment(d.augment)
     _validate_data_source(d)
+    _validate_task(cfg)
 
 
 def _problem(pattern: str, value: Any) -> str | None:
@@ -175,6 +185,32 @@ def _validate_data_source(d: DataConfig) -> None:
         raise FinetuneError(f"config: data.fold = {d.fold} needs data.folds (the number of folds, e.g. 5)")
     if d.folds is not None and not d.fold < d.folds:
         raise FinetuneError(f"config: data.fold = {d.fold} must be between 0 and data.folds - 1 = {d.folds - 1}")
+
+
+def _validate_task(cfg: Config) -> None:
+    """Multi-label labels come from a CSV; a metric only one task has is not monitored by the other."""
+    d, monitor = cfg.data, cfg.checkpoint.monitor
+    if cfg.task == "multilabel" and d.dataset != "csv":
+        raise FinetuneError(
+            f"config: task = multilabel needs data.dataset = csv (labels joined by data.label_sep), not {d.dataset}"
+        )
+    if cfg.task == "multilabel" and d.train_classes is not None:
+        raise FinetuneError("config: data.train_classes is for task multiclass; drop it (or fix data.classes)")
+    if cfg.task == "multilabel" and d.sampler == "balanced":
+        raise FinetuneError(
+            "config: data.sampler = balanced needs one class per image; with task multilabel use shuffle"
+        )
+    if d.label_sep == "":
+        raise FinetuneError("config: data.label_sep is empty; give the text that joins labels, e.g. ' ' or '|'")
+    if d.classes is not None and d.dataset != "csv":
+        raise FinetuneError(f"config: data.classes fixes the labels of a CSV; {d.dataset} names its own, drop it")
+    if cfg.task == "multiclass" and monitor in MULTILABEL_MONITORS:
+        raise FinetuneError(
+            f"config: checkpoint.monitor = {monitor} exists only with task: multilabel; "
+            "use val_acc, val_balanced_acc or val_loss (or auto)"
+        )
+    if d.classes is not None and (len(set(d.classes)) != len(d.classes) or not all(c.strip() for c in d.classes)):
+        raise FinetuneError(f"config: data.classes = {show(d.classes)} must list distinct, non-empty names")
 
 
 def _validate_augment(a: AugmentConfig) -> None:

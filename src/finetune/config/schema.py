@@ -55,6 +55,9 @@ class DataConfig:
     csv: str | None = None  # dataset csv: a CSV of image paths (relative to root) and labels
     file_col: str = "file"  # csv: column of image paths, relative to root (absolute paths work too)
     label_col: str = "label"  # csv: column of labels, names or integers (read as text)
+    label_sep: str = " "  # csv with task multilabel: what joins an image's labels in label_col; an empty cell: no label
+    # csv: the class list, fixing its order; null = every label seen in training, sorted
+    classes: list[str] | None = None
     split_col: str | None = None  # values train / val; null = a stratified split by val_fraction
     val_fraction: float = 0.2  # csv without split_col: share of each class that validates, drawn by split_seed
     folds: int | None = None  # k-fold: validate on fold `fold` of the training images
@@ -147,9 +150,13 @@ class TrainConfig:
     freeze_backbone: bool = True  # shorthand for one `backbone` stage (leave out with `unfreeze`)
     unfreeze_epoch: int | None = None  # the backbone trains from epoch unfreeze_epoch + 1; null = never unfreeze
     freeze_bn: bool = True  # BatchNorm (and dropout) of a frozen module stay in eval mode until its stage
-    # auto = inverse class frequency of the training split; or [w0, ...] or {class: w}
+    # auto = inverse class frequency of the training split (multilabel: each label's positive weight,
+    # negatives / positives clipped to [1, 100]); or [w0, ...] or {class: w}
     class_weights: Literal["none", "auto"] | list[float] | dict[str | int, float] = "auto"
-    label_smoothing: float = 0.0  # cross-entropy label smoothing
+    label_smoothing: float = 0.0  # cross-entropy label smoothing (multilabel: each target moves eps/2 toward 0.5)
+    # cross_entropy (multilabel: binary cross-entropy on each label); focal: its focal form (focal_gamma)
+    loss: Literal["cross_entropy", "focal"] = "cross_entropy"
+    focal_gamma: float = 2.0  # loss focal: (1 - p_t)^gamma scales each term; 0 = the plain loss
     grad_clip_norm: float | None = None  # clip the trainable parameters' global grad norm; null = off
     accumulate_steps: int = 1  # batches whose gradients make one optimizer step
     ema: EmaConfig | None = None  # e.g. {decay: 0.999}: validation and best.pt use the weight average; null = off
@@ -167,6 +174,9 @@ class TrainConfig:
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
 
 
+Monitor = Literal["auto", "val_acc", "val_loss", "val_balanced_acc", "val_map", "val_f1_micro", "val_f1_macro"]
+
+
 @dataclass
 class CheckpointConfig:
     """`monitor` picks best.pt's epoch (val_loss: lowest wins). `judge` says what a run is judged
@@ -179,7 +189,9 @@ class CheckpointConfig:
     compare and tune's report read); `auto` is `best` where nothing could continue the run (a
     tune trial, a pruned or early-stopped run), else `all`."""
 
-    monitor: Literal["val_acc", "val_loss", "val_balanced_acc"] = "val_acc"
+    # what picks best.pt (lowest val_loss, else highest); auto: val_acc, multilabel val_map;
+    # val_map / val_f1_micro / val_f1_macro: multilabel only
+    monitor: Monitor = "auto"
     # what tune and compare judge a run by: last_stage (its best epoch where every stage trains), best, final
     judge: Literal["last_stage", "best", "final"] = "last_stage"
     # what a run keeps once it ends: auto, all, best (drops last.pt), results (drops best.pt too)
@@ -208,6 +220,8 @@ class TrackingConfig:
 
 @dataclass
 class Config:
+    # multiclass: one label per image (softmax); multilabel: any number (sigmoid per label, data.dataset csv)
+    task: Literal["multiclass", "multilabel"] = "multiclass"
     name: str = "run"  # the run's name: its folder is <out_dir>/<name> (-2, -3 ... if taken)
     seed: int = 42  # draws the head's init, shuffling, flips, dropout, augmentation
     out_dir: str = "runs"  # where run dirs (and the feature cache) go
@@ -221,6 +235,11 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
+    def __post_init__(self) -> None:
+        """`checkpoint.monitor: auto` becomes the task's metric, so config.yaml says what picked best.pt."""
+        if self.checkpoint.monitor == "auto":
+            self.checkpoint.monitor = default_monitor(self.task)
+
     def to_dict(self) -> dict[str, Any]:
         """Plain dict; with `train.unfreeze` the shorthand keys it replaces are left out."""
         raw = dataclasses.asdict(self)
@@ -233,6 +252,12 @@ class Config:
 
 
 SHORTHAND_KEYS = ("freeze_backbone", "unfreeze_epoch")
+MULTILABEL_MONITORS = ("val_map", "val_f1_micro", "val_f1_macro")  # metrics only a multilabel run has
+
+
+def default_monitor(task: str) -> str:
+    """`checkpoint.monitor: auto` for the task."""
+    return "val_map" if task == "multilabel" else "val_acc"
 
 
 def stage_name(stage: StageConfig) -> str:

@@ -1,7 +1,9 @@
 """`data.dataset: csv`: image files and their labels listed in a CSV file.
 
 Paths are relative to `data.root`. Labels are read as text, so integer labels and names
-alike become class names sorted as strings, as image folders sort theirs. Every row is
+alike become class names sorted as strings, as image folders sort theirs (or, with
+`data.classes`, in its order). With `task: multilabel` a cell holds an image's labels joined
+by `data.label_sep`, an empty cell meaning no label, and they become multi-hot rows. Every row is
 checked before any image is decoded: a missing file, an empty label or an unknown split is
 one line naming the row (its line in the file, the header being line 1).
 """
@@ -28,24 +30,59 @@ class CsvSource:
     val: Pool
 
 
-def read_csv_source(cfg: DataConfig) -> CsvSource:
+def read_csv_source(cfg: DataConfig, multilabel: bool = False) -> CsvSource:
     """The CSV's rows as a training and a validation pool of files, split by `data.split_col`
-    or, without one, by a stratified `data.val_fraction` drawn by `data.split_seed`."""
+    or, without one, by a stratified `data.val_fraction` drawn by `data.split_seed`. Labels are
+    class indices, or with `multilabel` multi-hot rows (N, classes) of float32."""
     path = Path(cfg.csv)
     table = _read_table(path)
     _require_columns(table, cfg, path)
-    labels = _column(table, cfg.label_col, "label", path)
+    if multilabel:
+        rows = [_split_labels(cell, cfg.label_sep) for cell in table[cfg.label_col].str.strip()]
+    else:
+        rows = [[label] for label in _column(table, cfg.label_col, "label", path)]
     files = _files(_column(table, cfg.file_col, "file path", path), Path(cfg.root), cfg, path)
-    class_names = sorted(set(labels))
-    index = np.searchsorted(np.array(class_names), np.array(labels))
+    class_names = list(cfg.classes) if cfg.classes is not None else sorted({x for row in rows for x in row})
+    _require_known(rows, class_names, path)
+    targets = _targets(rows, class_names, multilabel)
     if cfg.split_col is None:
-        train, val = stratified_split(index, cfg.val_fraction, cfg.split_seed)
+        train, val = stratified_split(targets, cfg.val_fraction, cfg.split_seed)
     else:
         is_val = _split_values(table[cfg.split_col], cfg.split_col, path)
         train, val = np.flatnonzero(~is_val), np.flatnonzero(is_val)
-    pool = Pool(np.array(files, dtype=object), index)
-    _require_training_rows(class_names, index[train], path)
+    pool = Pool(np.array(files, dtype=object), targets)
+    if multilabel:
+        _require_trained_labels(class_names, targets[train], targets[val], path)
+    else:
+        _require_training_rows(class_names, targets[train], path)
     return CsvSource(class_names, pool.take(train), pool.take(val))
+
+
+def _split_labels(cell: str, sep: str) -> list[str]:
+    """An image's labels: the cell split at `sep`, blanks dropped (an empty cell: no label)."""
+    return list(dict.fromkeys(x.strip() for x in cell.split(sep) if x.strip()))
+
+
+def _require_known(rows: list[list[str]], class_names: list[str], path: Path) -> None:
+    """With `data.classes` every label a row names is one of them."""
+    known = set(class_names)
+    for i, row in enumerate(rows):
+        unknown = [x for x in row if x not in known]
+        if unknown:
+            raise FinetuneError(
+                f"{path} line {i + 2}: label {unknown[0]!r} is not in data.classes ({', '.join(class_names)}); "
+                "add it there or fix the row"
+            )
+
+
+def _targets(rows: list[list[str]], class_names: list[str], multilabel: bool) -> np.ndarray:
+    position = {name: i for i, name in enumerate(class_names)}
+    if not multilabel:
+        return np.array([position[row[0]] for row in rows], dtype=np.int64)
+    hot = np.zeros((len(rows), len(class_names)), dtype=np.float32)
+    for i, row in enumerate(rows):
+        hot[i, [position[x] for x in row]] = 1.0
+    return hot
 
 
 def _read_table(path: Path) -> pd.DataFrame:
@@ -105,6 +142,17 @@ def _split_values(column: pd.Series, name: str, path: Path) -> np.ndarray:
             f"{path} line {bad[0] + 2}: {column.iloc[bad[0]]!r} in column {name!r} is not a split; use train or val"
         )
     return values.map(SPLITS).to_numpy(dtype=bool)
+
+
+def _require_trained_labels(class_names: list[str], train: np.ndarray, val: np.ndarray, path: Path) -> None:
+    """A label that validation images carry and no training image does could never be learnt."""
+    unseen = np.flatnonzero((val.sum(0) > 0) & (train.sum(0) == 0))
+    if len(unseen):
+        names = ", ".join(class_names[i] for i in unseen)
+        raise FinetuneError(
+            f"{path}: label(s) {names} appear in validation rows but in no training row; "
+            "add training rows that carry them or drop them from the validation rows"
+        )
 
 
 def _require_training_rows(class_names: list[str], train_labels: np.ndarray, path: Path) -> None:

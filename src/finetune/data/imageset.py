@@ -152,9 +152,14 @@ class ImageFiles:
             ok = list(pool.map(header_size, self.files))
         _warn_skipped([f for f, size in zip(self.files, ok, strict=True) if size is None])
         keep = [i for i, size in enumerate(ok) if size is not None]
-        labels = torch.as_tensor(self.labels[keep], dtype=torch.long)
+        labels = label_tensor(self.labels[keep])
         files = [self.files[i] for i in keep]
         return ImageSet(labels, files=files, size=cfg.image_size, workers=worker_count(cfg.num_workers))
+
+
+def label_tensor(labels: np.ndarray) -> torch.Tensor:
+    """Class indices as int64, multi-hot rows as float32 (the loss's target type)."""
+    return torch.as_tensor(labels, dtype=torch.float32 if labels.ndim == 2 else torch.long)
 
 
 def scan_folder(folder: Path) -> tuple[list[str], list[Path], np.ndarray]:
@@ -221,7 +226,7 @@ def decode_images(found: ImageFiles, cfg: DataConfig) -> ImageSet:
     _warn_skipped([f for f, good in zip(found.files, ok.tolist(), strict=True) if not good])
     if odd:
         images = _resize_all(images, odd, ok, size)
-    labels = torch.as_tensor(found.labels, dtype=torch.long)
+    labels = label_tensor(found.labels)
     return ImageSet(labels, images) if ok.all() else ImageSet(labels[ok], images[ok])
 
 

@@ -16,7 +16,7 @@ import torch
 from finetune.config.schema import DataConfig
 from finetune.data.csv_source import read_csv_source
 from finetune.data.imageset import ImageFiles, ImageSet, decode_images, scan_folder
-from finetune.data.splits import Pool, fold_pools
+from finetune.data.splits import Pool, fold_pools, strata
 from finetune.errors import FinetuneError
 from finetune.files import removed_on_failure
 
@@ -38,10 +38,13 @@ class DataSplits:
         return len(self.class_names)
 
 
-def load_data(cfg: DataConfig) -> DataSplits:
+def load_data(cfg: DataConfig, multilabel: bool = False) -> DataSplits:
     """Build the train and val sets the config asks for, subsets and splits drawn by
-    `data.split_seed` (not the run's `seed`: runs over seeds are scored on the same images)."""
-    loader = {"cifar10": _load_cifar10, "imagefolder": _load_imagefolder, "digits": _load_digits, "csv": _load_csv}
+    `data.split_seed` (not the run's `seed`: runs over seeds are scored on the same images).
+    `multilabel` (a CSV only): labels are multi-hot float rows."""
+    if cfg.dataset == "csv":
+        return _load_csv(cfg, multilabel)
+    loader = {"cifar10": _load_cifar10, "imagefolder": _load_imagefolder, "digits": _load_digits}
     return loader[cfg.dataset](cfg)
 
 
@@ -59,7 +62,7 @@ def select(train: Pool, val: Pool, cfg: DataConfig, class_names: list[str]) -> t
 
 def choose_subset(labels: np.ndarray, size: int | None, how: str, seed: int) -> np.ndarray:
     """Sorted indices of a seeded subset; `stratified` keeps class proportions."""
-    n = len(labels)
+    n, labels = len(labels), strata(labels)
     if size is None or size >= n:
         return np.arange(n)
     if how == "first":
@@ -98,7 +101,10 @@ def class_index(item: str | int, class_names: list[str], key: str) -> int:
 
 
 def _train_indices(labels: np.ndarray, cfg: DataConfig, class_names: list[str], seed: int) -> np.ndarray:
-    keep = np.flatnonzero(np.isin(labels, resolve_classes(cfg.train_classes, class_names)))
+    if cfg.train_classes is None:
+        keep = np.arange(len(labels))
+    else:
+        keep = np.flatnonzero(np.isin(labels, resolve_classes(cfg.train_classes, class_names)))
     return keep[choose_subset(labels[keep], cfg.train_size, cfg.subset, seed)]
 
 
@@ -170,7 +176,7 @@ def _digits_pools(pool: Pool, seed: int) -> tuple[Pool, Pool]:
     return pool.take(train_all), pool.take(val_all)
 
 
-def split_sizes(cfg: DataConfig) -> tuple[list[str], int, int]:
+def split_sizes(cfg: DataConfig, multilabel: bool = False) -> tuple[list[str], int, int]:
     """(class names, train size, val size) from labels alone, no image decoded: what `plan`
     needs to count steps. Unreadable images, found only when decoding, are not subtracted."""
     if cfg.dataset == "digits":
@@ -181,7 +187,7 @@ def split_sizes(cfg: DataConfig) -> tuple[list[str], int, int]:
         names = CIFAR10_CLASSES
         pools = Pool.of_labels(np.repeat(np.arange(10), 5000)), Pool.of_labels(np.repeat(np.arange(10), 1000))
     elif cfg.dataset == "csv":
-        source = read_csv_source(cfg)
+        source = read_csv_source(cfg, multilabel)
         names, pools = source.class_names, (source.train, source.val)
     else:
         names, pools = _imagefolder_pools(Path(cfg.root), cfg.folds)
@@ -195,8 +201,8 @@ def _load_imagefolder(cfg: DataConfig) -> DataSplits:
     return _from_files(select(*pools, cfg, class_names), class_names, cfg, root / "train")
 
 
-def _load_csv(cfg: DataConfig) -> DataSplits:
-    source = read_csv_source(cfg)
+def _load_csv(cfg: DataConfig, multilabel: bool) -> DataSplits:
+    source = read_csv_source(cfg, multilabel)
     pools = select(source.train, source.val, cfg, source.class_names)
     return _from_files(pools, source.class_names, cfg, Path(cfg.csv))
 
@@ -226,7 +232,7 @@ def _from_files(pools: tuple[Pool, Pool], class_names: list[str], cfg: DataConfi
         splits = DataSplits(decode_images(train, cfg), decode_images(val, cfg), class_names)
     else:
         splits = DataSplits(train.streamed(cfg), val.streamed(cfg), class_names)
-    _require_all_classes(set(train.labels.tolist()), splits.train, class_names, source)
+    _require_all_classes(present(train.labels), splits.train, class_names, source)
     return splits
 
 
@@ -244,11 +250,19 @@ def _imagefolder_dirs(root: Path, need_val: bool) -> Path | None:
 
 def _require_all_classes(wanted: set[int], train: ImageSet, class_names: list[str], folder: Path) -> None:
     """A class chosen for training that lost every image to unreadable files is an error."""
-    lost = sorted(wanted - set(train.labels.tolist()))
+    lost = sorted(wanted - present(train.labels.numpy()))
     if lost:
         names = ", ".join(class_names[i] for i in lost)
         raise FinetuneError(f"no readable images left for class(es) {names} in {folder}; replace the corrupt files")
 
 
+def present(labels: np.ndarray) -> set[int]:
+    """The classes at least one image carries."""
+    return set(np.flatnonzero(labels.sum(0) > 0).tolist()) if labels.ndim == 2 else set(labels.tolist())
+
+
 def class_counts(labels: torch.Tensor, num_classes: int) -> np.ndarray:
+    """Images per class (multi-hot: per label)."""
+    if labels.ndim == 2:
+        return labels.sum(0).round().long().numpy()
     return np.bincount(labels.numpy(), minlength=num_classes)

@@ -35,7 +35,14 @@ class Pool:
 
 def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(train, val) sorted indices with `fraction` of each class, rounded, in val: at least one
-    image of a class that has two, never a class's only image."""
+    image of a class that has two, never a class's only image. Multi-hot labels are split by
+    iterative stratification (iterstrat), which keeps each label's share close to `fraction`."""
+    if labels.ndim == 2:
+        from iterstrat.ml_stratifiers import MultilabelStratifiedShuffleSplit
+
+        splitter = MultilabelStratifiedShuffleSplit(n_splits=1, test_size=fraction, random_state=seed)
+        train, val = next(splitter.split(np.zeros(len(labels)), labels))
+        return np.sort(train), np.sort(val)
     rng = np.random.default_rng(seed)
     val = []
     for label in np.unique(labels):
@@ -49,6 +56,8 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
 def fold_split(labels: np.ndarray, folds: int, fold: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(train, val) sorted indices: fold `fold` of `folds` stratified folds validates, the rest
     train (scikit-learn's StratifiedKFold, shuffled by `seed`)."""
+    if labels.ndim == 2:
+        return _multilabel_fold(labels, folds, fold, seed)
     from sklearn.model_selection import StratifiedKFold
 
     largest = int(np.unique(labels, return_counts=True)[1].max()) if len(labels) else 0
@@ -59,6 +68,27 @@ def fold_split(labels: np.ndarray, folds: int, fold: int, seed: int) -> tuple[np
         )
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     return next(itertools.islice(splitter.split(np.zeros(len(labels)), labels), fold, None))
+
+
+def _multilabel_fold(labels: np.ndarray, folds: int, fold: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Folds of multi-hot labels by iterative stratification (Sechidis et al., 2011; iterstrat)."""
+    from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
+
+    if len(labels) < folds:
+        raise FinetuneError(f"config: data.folds = {folds} is more than the {len(labels)} training images; use fewer")
+    splitter = MultilabelStratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    train, val = next(itertools.islice(splitter.split(np.zeros(len(labels)), labels), fold, None))
+    return np.sort(train), np.sort(val)
+
+
+def strata(labels: np.ndarray) -> np.ndarray:
+    """A class per image to stratify subsets by: its label, or for multi-hot rows its rarest
+    label (images without one form a stratum of their own)."""
+    if labels.ndim == 1:
+        return labels
+    counts = labels.sum(0)
+    rarity = np.where(labels > 0, counts, np.inf)
+    return np.where(np.isfinite(rarity.min(1)), rarity.argmin(1), labels.shape[1]) if len(labels) else labels[:, 0]
 
 
 def fold_pools(pool: Pool, folds: int, fold: int, seed: int) -> tuple[Pool, Pool]:

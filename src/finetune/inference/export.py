@@ -1,6 +1,8 @@
 """`finetune export`: a checkpoint's model as ONNX or TorchScript, its preprocessing contract in
 a JSON file beside it, and a check that the exported model gives PyTorch's logits on a batch
-of the run's own validation images. onnx, onnxscript and onnxruntime are an optional extra."""
+of the run's own validation images. A multilabel model has a second output, the sigmoid
+probabilities, and its contract carries the label names and per-label thresholds. onnx,
+onnxscript and onnxruntime are an optional extra."""
 
 from __future__ import annotations
 
@@ -47,7 +49,8 @@ def export(
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as staging:
         staged = Path(staging) / out.name
-        _write_model(model, images if fixed else images[:2], staged, fmt, dynamic=fixed is None)
+        written = WithProbabilities(model).eval() if _multilabel(ckpt) else model
+        _write_model(written, images if fixed else images[:2], staged, fmt, dynamic=fixed is None)
         diff = _parity(model, staged, images)
         if diff > tolerance:
             other = next(f for f in SUFFIXES if f != fmt)
@@ -60,6 +63,22 @@ def export(
         os.replace(staged, out)
         os.replace(contract_path(staged), contract_path(out))
     return {"file": str(out), "contract": str(contract_path(out)), "max_abs_diff": diff, "images": len(images)}
+
+
+class WithProbabilities(torch.nn.Module):
+    """A multilabel model as exported: (logits, sigmoid probabilities)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model(x)
+        return logits, torch.sigmoid(logits)
+
+
+def _multilabel(ckpt: dict[str, Any]) -> bool:
+    return ckpt.get("task", "multiclass") == "multilabel"
 
 
 def export_for_tracking(run_dir: Path) -> list[Path]:
@@ -98,7 +117,7 @@ def _batch_size(batch: str) -> int | None:
 def _check_batch(ckpt: dict[str, Any], overrides: list[str], predictor) -> torch.Tensor:
     """A few of the run's validation images, preprocessed as in training."""
     cfg = checkpoint_config(ckpt, overrides)
-    data = load_data(dataclasses.replace(cfg.data, train_size=1, val_size=CHECK_IMAGES))
+    data = load_data(dataclasses.replace(cfg.data, train_size=1, val_size=CHECK_IMAGES), cfg.task == "multilabel")
     return predictor.transform(torch.cat(list(data.val.in_order(CHECK_IMAGES)))).contiguous()
 
 
@@ -108,8 +127,9 @@ def _onnx(model: torch.nn.Module, example: torch.Tensor, out: Path, dynamic: boo
     except ImportError:
         raise FinetuneError("export --format onnx: onnx is not installed; pip install 'finetune[export]'") from None
     shapes = {"x": {0: torch.export.Dim("batch", min=1)}} if dynamic else None
+    outputs = ["logits", "probabilities"] if isinstance(model, WithProbabilities) else ["logits"]
     program = torch.onnx.export(
-        model, (example,), input_names=["images"], output_names=["logits"], dynamic_shapes=shapes, dynamo=True
+        model, (example,), input_names=["images"], output_names=outputs, dynamic_shapes=shapes, dynamo=True
     )
     program.save(str(out))
 
@@ -121,6 +141,24 @@ def _torchscript(model: torch.nn.Module, example: torch.Tensor, out: Path) -> No
 
 
 def _contract(ckpt: dict[str, Any], fmt: str, fixed: int | None) -> dict[str, Any]:
+    contract = _base_contract(ckpt, fmt, fixed)
+    if not _multilabel(ckpt):
+        return contract
+    batch, labels = fixed or "batch", len(ckpt["class_names"])
+    return {
+        **contract,
+        "task": "multilabel",
+        "output": {"name": "logits", "shape": [batch, labels]},
+        "outputs": [
+            {"name": "logits", "shape": [batch, labels]},
+            {"name": "probabilities", "shape": [batch, labels], "meaning": "sigmoid(logits), one per label"},
+        ],
+        "thresholds": list(ckpt["thresholds"]),
+        "prediction": "the labels whose probability is at or above their threshold (in class_names order)",
+    }
+
+
+def _base_contract(ckpt: dict[str, Any], fmt: str, fixed: int | None) -> dict[str, Any]:
     size = ckpt["image_size"]
     return {
         "format": fmt,

@@ -31,7 +31,8 @@ def read_contract(exported: Path) -> dict[str, Any]:
 
 
 class ExportedModel:
-    """An exported file called like the model: float32 NCHW batch in, logits out. The file
+    """An exported file called like the model: float32 NCHW batch in, logits out (a multilabel
+    export's first output; its second, the probabilities, is for other readers). The file
     is loaded once (an onnxruntime session or a TorchScript module), not per batch."""
 
     def __init__(self, path: Path):
@@ -51,7 +52,8 @@ class ExportedModel:
         x = inputs.float().contiguous()
         if not self.onnx:
             with torch.no_grad(), _quiet_jit():
-                return self.module(x)
+                out = self.module(x)
+            return out[0] if isinstance(out, tuple) else out
         if self.batch is None:
             return self._run(x)
         return torch.cat([self._run(_padded(chunk, self.batch))[: len(chunk)] for chunk in x.split(self.batch)])

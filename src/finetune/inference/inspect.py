@@ -96,6 +96,8 @@ def inspect_checkpoint(path: str | Path, options: InspectOptions) -> Inspection:
     ckpt_path = checkpoint_file(path)
     ckpt = load_checkpoint(ckpt_path)
     cfg = checkpoint_config(ckpt, options.overrides)
+    if cfg.task == "multilabel":
+        raise FinetuneError(f"inspect: {ckpt_path} is a multilabel model; inspect reads multiclass ones (use eval)")
     predictor = predictor_from(ckpt, cfg.device, cfg.precision)
     layer = cam_layer(predictor.model, predictor.transform.size, options.layer)
     val = val_data(cfg, predictor.class_names, "inspect").val

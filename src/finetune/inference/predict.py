@@ -3,7 +3,8 @@
 A checkpoint is self-describing (arch, classes, image size, normalization), so images are
 preprocessed exactly as in training: decoded to uint8 at the image size by the same
 `decode_file`, then normalized as a batch by the same BatchTransform. Test-time augmentation
-(tta.py) averages the logits over views of each image before the softmax.
+(tta.py) averages the logits over views of each image before the softmax (a multilabel
+model's sigmoid, whose labels at or above their thresholds are its prediction: labels.py).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,8 @@ from finetune.errors import FinetuneError
 from finetune.files import atomic_write_text
 from finetune.inference.calibration import stored_temperature
 from finetune.inference.exported import ExportedModel, read_contract
+from finetune.inference.labels import SUMMARY_KEYS as LABEL_SUMMARY_KEYS
+from finetune.inference.labels import label_report, labels_above, thresholds_of, write_label_report
 from finetune.inference.tta import tta_views
 from finetune.model.build import rebuild
 from finetune.runs.checkpoint import checkpoint_file, load_checkpoint
@@ -45,6 +49,7 @@ class Predictor:
     transform: BatchTransform
     runtime: Runtime
     tta: str | None = None  # None, "flip" or "crops": see tta.py
+    thresholds: list[float] | None = None  # a multilabel model's, one per label; None: multiclass
     temperature: float = 1.0  # logits are divided by it before the softmax (predict --calibrated)
 
     @torch.inference_mode()
@@ -65,14 +70,13 @@ class Predictor:
         return plain, torch.stack(logits).mean(0)
 
     def outputs(self, batches: Iterable[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Class probabilities of uint8 image batches without and with test-time augmentation."""
+        """Class (multilabel: label) probabilities of uint8 image batches without and with test-time augmentation."""
         pairs = [self.batch_logits(batch) for batch in batches]
         if not pairs:
             empty = torch.zeros(0, len(self.class_names))
             return empty, empty
-        plain, averaged = (
-            (torch.cat(chunks) / self.temperature).softmax(1).cpu() for chunks in zip(*pairs, strict=True)
-        )
+        activate = torch.sigmoid if self.thresholds is not None else partial(torch.softmax, dim=1)
+        plain, averaged = (activate(torch.cat(chunks) / self.temperature).cpu() for chunks in zip(*pairs, strict=True))
         return plain, averaged
 
     def probabilities(self, batches: Iterable[torch.Tensor]) -> torch.Tensor:
@@ -81,12 +85,18 @@ class Predictor:
 
 
 def load_predictor(
-    path: str | Path, device: str = "auto", precision: str = "auto", tta: str | None = None
+    path: str | Path,
+    device: str = "auto",
+    precision: str = "auto",
+    tta: str | None = None,
+    threshold: float | None = None,
 ) -> Predictor:
-    return predictor_from(load_checkpoint(checkpoint_file(path)), device, precision, tta)
+    return predictor_from(load_checkpoint(checkpoint_file(path)), device, precision, tta, threshold)
 
 
-def predictor_from(ckpt: dict[str, Any], device: str, precision: str, tta: str | None = None) -> Predictor:
+def predictor_from(
+    ckpt: dict[str, Any], device: str, precision: str, tta: str | None = None, threshold: float | None = None
+) -> Predictor:
     model = rebuild(ckpt["arch"], len(ckpt["class_names"]), ckpt.get("torchvision_weights", False))
     model.load_state_dict(ckpt["model"])
     runtime = inference_runtime(device, precision, model)
@@ -94,7 +104,8 @@ def predictor_from(ckpt: dict[str, Any], device: str, precision: str, tta: str |
     transform = BatchTransform(
         ckpt["image_size"], tuple(ckpt["mean"]), tuple(ckpt["std"]), runtime.device, runtime.layout
     )
-    return Predictor(model, list(ckpt["class_names"]), transform, runtime, tta)
+    thresholds = thresholds_of(ckpt, threshold, "the checkpoint")
+    return Predictor(model, list(ckpt["class_names"]), transform, runtime, tta, thresholds)
 
 
 def checkpoint_config(ckpt: dict[str, Any], overrides: list[str]) -> Config:
@@ -107,7 +118,7 @@ def checkpoint_config(ckpt: dict[str, Any], overrides: list[str]) -> Config:
     return from_dict(raw, source="the checkpoint's config")
 
 
-def exported_predictor(path: Path, tta: str | None = None) -> Predictor:
+def exported_predictor(path: Path, tta: str | None = None, threshold: float | None = None) -> Predictor:
     """A predictor for an exported model, preprocessing as its contract JSON says."""
     contract = read_contract(path)
     prep = contract["preprocessing"]
@@ -115,7 +126,8 @@ def exported_predictor(path: Path, tta: str | None = None) -> Predictor:
     transform = BatchTransform(
         prep["image_size"], tuple(prep["mean"]), tuple(prep["std"]), runtime.device, runtime.layout
     )
-    return Predictor(ExportedModel(path), list(contract["class_names"]), transform, runtime, tta)
+    thresholds = thresholds_of(contract, threshold, str(path))
+    return Predictor(ExportedModel(path), list(contract["class_names"]), transform, runtime, tta, thresholds)
 
 
 # ---- eval --------------------------------------------------------------------------------
@@ -127,38 +139,54 @@ class ValOutputs:
     tta_probabilities: torch.Tensor  # the same as `probabilities` without TTA
     labels: torch.Tensor
     class_names: list[str]
+    thresholds: list[float] | None = None  # multilabel
 
 
 def evaluate_checkpoint(
-    path: str | Path, overrides: list[str], out: Path | None, tta: str | None = None
+    path: str | Path, overrides: list[str], out: Path | None, tta: str | None = None, threshold: float | None = None
 ) -> dict[str, Any]:
     """Score a checkpoint on its run's validation data (or the data given by `--set data.*`);
     with TTA the report scores the augmented predictions and keeps the plain ones' summary."""
     ckpt_path = checkpoint_file(path)
-    val = val_probabilities(load_checkpoint(ckpt_path), overrides, tta)
+    val = val_probabilities(load_checkpoint(ckpt_path), overrides, tta, threshold)
+    out = out or ckpt_path.parent / f"eval-{ckpt_path.stem}"
+    if val.thresholds is not None:
+        return _evaluate_labels(val, tta, out)
     truth = val.labels.numpy()
     report = scores(truth, val.tta_probabilities.argmax(1).numpy(), val.class_names)
     report["tta"] = tta
     if tta is not None:
         plain = scores(truth, val.probabilities.argmax(1).numpy(), val.class_names)
         report["without_tta"] = {key: plain[key] for key in SUMMARY_KEYS}
-    out = out or ckpt_path.parent / f"eval-{ckpt_path.stem}"
     write_report(report, out)
     return report
 
 
-def val_probabilities(ckpt: dict[str, Any], overrides: list[str], tta: str | None = None) -> ValOutputs:
+def _evaluate_labels(val: ValOutputs, tta: str | None, out: Path) -> dict[str, Any]:
+    """eval of a multilabel model: labels.py's report at the thresholds."""
+    report = label_report(val.tta_probabilities, val.labels, val.class_names, val.thresholds)
+    report["tta"] = tta
+    if tta is not None:
+        plain = label_report(val.probabilities, val.labels, val.class_names, val.thresholds)
+        report["without_tta"] = {key: plain[key] for key in LABEL_SUMMARY_KEYS}
+    write_label_report(report, out)
+    return report
+
+
+def val_probabilities(
+    ckpt: dict[str, Any], overrides: list[str], tta: str | None = None, threshold: float | None = None
+) -> ValOutputs:
     """Class probabilities for the validation images eval scores, their labels, the class names."""
     cfg = checkpoint_config(ckpt, overrides)
-    predictor = predictor_from(ckpt, cfg.device, cfg.precision, tta)
+    predictor = predictor_from(ckpt, cfg.device, cfg.precision, tta, threshold)
     data = val_data(cfg, predictor.class_names)
     plain, averaged = predictor.outputs(data.val.in_order(64))
-    return ValOutputs(plain, averaged, data.val.labels, predictor.class_names)
+    return ValOutputs(plain, averaged, data.val.labels, predictor.class_names, predictor.thresholds)
 
 
 def val_data(cfg: Config, class_names: list[str], command: str = "eval") -> DataSplits:
     """The config's data, refused when its classes are not the checkpoint's."""
-    data = load_data(cfg.data)
+    data = load_data(cfg.data, cfg.task == "multilabel")
     if data.class_names != class_names:
         raise FinetuneError(
             f"{command}: the data's classes ({', '.join(data.class_names)}) are not the checkpoint's "
@@ -218,16 +246,20 @@ def predict(
     batch_size: int = 64,
     tta: str | None = None,
     calibrated: bool = False,
+    threshold: float | None = None,
 ) -> list[dict[str, Any]]:
-    """Top-k classes and probabilities per image file, in batches; `calibrated`: the probabilities
-    of the temperature `finetune inspect` fitted for the checkpoint."""
+    """Top-k classes and probabilities per image file, in batches; for a multilabel model the
+    labels at or above their thresholds, and every label's probability. `calibrated`: the
+    probabilities of the temperature `finetune inspect` fitted for the checkpoint."""
     if top_k < 1:
         raise FinetuneError(f"predict --top-k {top_k}: must be at least 1")
     files = image_files(inputs)
     path = checkpoint_file(path)
     temperature = stored_temperature(path) if calibrated else 1.0
     exported = path.suffix == ".onnx" or path.name.endswith(".torchscript.pt")
-    predictor = exported_predictor(path, tta) if exported else load_predictor(path, tta=tta)
+    predictor = (
+        exported_predictor(path, tta, threshold) if exported else load_predictor(path, tta=tta, threshold=threshold)
+    )
     predictor.temperature = temperature
     k = min(top_k, len(predictor.class_names))
     results = []
@@ -246,8 +278,17 @@ def _predict_batch(files: list[Path], predictor: Predictor, k: int) -> list[dict
         if image is None:
             results.append({"file": str(file), "error": "unreadable image"})
             continue
+        if predictor.thresholds is not None:
+            results.append(_labelled(file, next(probs), predictor))
+            continue
         values, index = next(probs).topk(k)
         pairs = zip(values.tolist(), index.tolist(), strict=True)
         top = [{"class": predictor.class_names[i], "probability": round(p, 6)} for p, i in pairs]
         results.append({"file": str(file), "top": top})
     return results
+
+
+def _labelled(file: Path, probs: torch.Tensor, predictor: Predictor) -> dict[str, Any]:
+    names = predictor.class_names
+    every = {name: round(float(p), 6) for name, p in zip(names, probs, strict=True)}
+    return {"file": str(file), "labels": labels_above(probs, names, predictor.thresholds), "probabilities": every}

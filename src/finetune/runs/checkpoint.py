@@ -12,7 +12,14 @@ import torch
 from finetune.errors import FinetuneError
 from finetune.files import atomic_write_bytes
 
-MAXIMIZE = {"val_acc": True, "val_balanced_acc": True, "val_loss": False}
+MAXIMIZE = {
+    "val_acc": True,
+    "val_balanced_acc": True,
+    "val_loss": False,
+    "val_map": True,
+    "val_f1_micro": True,
+    "val_f1_macro": True,
+}
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:

@@ -99,6 +99,7 @@ def _row(run: Run, keys: list[str]) -> dict[str, Any]:
         SCORE: judged_row["val_acc"],
         "n_val": run.n_val,
         "final_val_balanced_acc": r["val_balanced_acc"].iloc[-1] if "val_balanced_acc" in r else None,
+        "final_val_map": r["val_map"].iloc[-1] if "val_map" in r else None,  # multilabel runs
         "monitor": run.monitor,
         "judged": judged,
         "best_epoch": int(best["epoch"]),

@@ -19,6 +19,7 @@ SPARE = (
     "device",
     "s_per_epoch_",
     "final_val_balanced_acc",
+    "final_val_map",
     "best_epoch",
     "best_stage",
     "n_val",

@@ -32,9 +32,11 @@ class EpochRecord:
     is_best: bool = False
     lrs: dict[str, float] = field(default_factory=dict)  # each group's LR at the epoch's last step
     val_acc_per_class: dict[str, float] = field(default_factory=dict)
+    val_extra: dict[str, float] = field(default_factory=dict)  # multilabel: val_map, val_f1_micro, val_f1_macro
 
     def to_row(self) -> dict[str, Any]:
         row = asdict(self)
+        row.update(row.pop("val_extra"))
         row.update({f"lr_{name}": lr for name, lr in row.pop("lrs").items()})
         row.update({f"val_acc_{name}": acc for name, acc in row.pop("val_acc_per_class").items()})
         return row

@@ -25,6 +25,9 @@ BOARD_COLUMNS = {  # results.csv column -> TensorBoard tag
     "val_loss": "val/loss",
     "val_acc": "val/acc",
     "val_balanced_acc": "val/balanced_acc",
+    "val_map": "val/map",  # multilabel's
+    "val_f1_micro": "val/f1_micro",
+    "val_f1_macro": "val/f1_macro",
     "epoch_seconds": "time/epoch_seconds",
 }
 DROPPED = {"all": (), "best": ("last.pt",), "results": ("last.pt", "best.pt")}  # checkpoint.keep -> files
@@ -57,9 +60,9 @@ class RunWriter:
         if cfg.log.tensorboard:
             self.board = _summary_writer(self.run_dir / "tensorboard", steps_done + 1)
 
-    def best(self, portable: dict[str, Any], confusion: np.ndarray, step: int) -> None:
+    def best(self, portable: dict[str, Any], confusion: np.ndarray | None, step: int) -> None:
         save_checkpoint(self.run_dir / "best.pt", portable)
-        if self.board:
+        if self.board and confusion is not None:  # multilabel has none
             figure = confusion_figure(confusion, portable["class_names"])
             self.board.add_figure("val/confusion_matrix_at_best", figure, step)
 
@@ -82,7 +85,8 @@ class RunWriter:
         if self.board:
             row, before = log.rows[-1], log.rows[-2] if len(log.rows) > 1 else None
             for column, tag in BOARD_COLUMNS.items():
-                self.board.add_scalar(tag, row[column], step)
+                if column in row:
+                    self.board.add_scalar(tag, row[column], step)
             if before is None or before["stage"] != row["stage"]:
                 self.board.add_text("stage", f"epoch {row['epoch']}: stage {row['stage']} starts", step)
             self.board.flush()

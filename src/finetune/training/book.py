@@ -71,6 +71,7 @@ class EpochBook:
             next_stage=next_stage,
             lrs=lrs,
             val_acc_per_class=result.per_class,
+            val_extra=result.extra,
         )
         self.log.append(record, self.best.best_epoch)
         return EpochOutcome(record, metrics, is_best, stopped, result.confusion)
@@ -105,6 +106,7 @@ class EpochBook:
             "best_val_acc": max((r["val_acc"] for r in rows), default=None),
             "final_val_acc": rows[-1]["val_acc"] if rows else None,
             "final_val_balanced_acc": rows[-1]["val_balanced_acc"] if rows else None,
+            **({"final_val_map": rows[-1]["val_map"]} if rows and "val_map" in rows[-1] else {}),
             "stopped_early": self.stopped_early(),
             "pruned": self.pruned,
             "time_per_epoch": float(np.mean(seconds)) if seconds else None,
@@ -121,8 +123,11 @@ class EpochBook:
 
 
 def epoch_line(r: EpochRecord, epochs: int, is_best: bool) -> str:
+    """Multilabel: exact-match acc, then mAP and micro F1 in place of balanced accuracy."""
+    extra = r.val_extra
+    scores = f"map {extra['val_map']:.3f} f1 {extra['val_f1_micro']:.3f}" if extra else f"bal {r.val_balanced_acc:.3f}"
     return (
         f"epoch {r.epoch}/{epochs} {r.stage} | train loss {r.train_loss:.4f} acc {r.train_acc:.3f} | "
-        f"val loss {r.val_loss:.4f} acc {r.val_acc:.3f} bal {r.val_balanced_acc:.3f} | "
+        f"val loss {r.val_loss:.4f} acc {r.val_acc:.3f} {scores} | "
         f"{r.epoch_seconds:.1f}s" + (" | best" if is_best else "")
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -18,19 +18,26 @@ from finetune.errors import FinetuneError
 from finetune.runtime.resolve import Runtime
 from finetune.training.ema import WeightAverage, averaged
 from finetune.training.features import CutModel
+from finetune.training.multilabel import choose_thresholds, exact_match, score_labels
 from finetune.training.replicas import Replicas
 
 
 @dataclass
 class EvalResult:
+    """`acc` is multilabel's exact match, `per_class` each class's (label's) recall;
+    `extra` holds multilabel's val_map / val_f1_micro / val_f1_macro, `thresholds` its
+    per-label thresholds chosen on these images."""
+
     loss: float
     acc: float
     balanced_acc: float
     per_class: dict[str, float]
-    confusion: np.ndarray  # rows: true class
+    confusion: np.ndarray | None  # rows: true class; None for multilabel
+    extra: dict[str, float] = field(default_factory=dict)
+    thresholds: list[float] | None = None
 
     def metrics(self) -> dict[str, float]:
-        return {"val_acc": self.acc, "val_loss": self.loss, "val_balanced_acc": self.balanced_acc}
+        return {"val_acc": self.acc, "val_loss": self.loss, "val_balanced_acc": self.balanced_acc, **self.extra}
 
 
 class Evaluator:
@@ -65,7 +72,9 @@ class Evaluator:
         with averaged(self.ema), self.runtime.autocast(inference=True):
             chunks = [forward(x).float() for x in self.guard(shown)]
         logits = torch.cat(chunks).cpu()
-        return self.replicas.from_main(score(logits, self.val_set.labels, self.class_names))
+        labels, names = self.val_set.labels, self.class_names
+        scored = score_multilabel(logits, labels, names) if labels.ndim == 2 else score(logits, labels, names)
+        return self.replicas.from_main(scored)
 
 
 def score(logits: torch.Tensor, labels: torch.Tensor, class_names: list[str]) -> EvalResult:
@@ -81,6 +90,23 @@ def score(logits: torch.Tensor, labels: torch.Tensor, class_names: list[str]) ->
         balanced_acc=float(np.nanmean(recall)),  # sklearn's balanced accuracy: over the classes present
         per_class=dict(zip(class_names, recall.tolist(), strict=True)),
         confusion=confusion,
+    )
+
+
+def score_multilabel(logits: torch.Tensor, labels: torch.Tensor, class_names: list[str]) -> EvalResult:
+    """Loss (unweighted BCE), then each label's threshold chosen on these images and the scores
+    at them: exact match as acc, mean per-label balanced accuracy, mAP, micro and macro F1."""
+    probs, truth = logits.sigmoid().numpy(), labels.numpy()
+    thresholds = choose_thresholds(probs, truth)
+    scores = score_labels(probs, truth, thresholds)
+    return EvalResult(
+        loss=float(F.binary_cross_entropy_with_logits(logits, labels)),
+        acc=exact_match(probs, truth, thresholds),
+        balanced_acc=scores.balanced_accuracy,
+        per_class=dict(zip(class_names, scores.recall.tolist(), strict=True)),
+        confusion=None,
+        extra={"val_map": scores.mean_ap, "val_f1_micro": scores.f1_micro, "val_f1_macro": scores.f1_macro},
+        thresholds=thresholds.tolist(),
     )
 
 

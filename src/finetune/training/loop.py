@@ -33,7 +33,7 @@ from finetune.training.cache import CacheProvider
 from finetune.training.ema import WeightAverage, evaluated_weights
 from finetune.training.evaluator import Evaluator, require_finite
 from finetune.training.features import CachePlanner, CutModel, FeatureStore
-from finetune.training.losses import WeightedCrossEntropy, class_weights
+from finetune.training.losses import build_criterion
 from finetune.training.replicas import Replicas, buffers, replicated
 from finetune.training.stages import StageSwitch
 from finetune.training.state import Progress, portable_state, restore_training, resume_state
@@ -76,8 +76,12 @@ class Trainer:
         self.scaler = runtime.grad_scaler()
         counts = class_counts(data.train.labels, data.num_classes)
         self.balance = decide_balance(cfg)
-        self.weights = class_weights(self.balance.class_weights, counts, data.class_names)
-        criterion = WeightedCrossEntropy(self.weights, cfg.train.label_smoothing).to(device)
+        multilabel = cfg.task == "multilabel"
+        criterion, self.weights = build_criterion(
+            cfg.train, self.balance.class_weights, counts, len(data.train), data.class_names, multilabel
+        )
+        criterion = criterion.to(device)
+        self.thresholds: list[float] | None = None  # multilabel: those chosen at the last evaluation
         augment = None
         if cfg.data.augment.active:
             augment = Augment(cfg.data.augment, cfg.data.image_size, data.num_classes, cfg.seed, ranks.rank)
@@ -105,6 +109,7 @@ class Trainer:
         restore_training(state, self.model, self.optimizer, self.scaler, self.ema)
         self.book = EpochBook(self.cfg, state)
         self.stages.restore(state.get("stages"))
+        self.thresholds = state.get("thresholds")
         if self.writer:
             self.writer.results(self.book.log)
 
@@ -148,6 +153,7 @@ class Trainer:
         except StopRequested:  # the steps are done: keep them, evaluate again on resume
             self._interrupt(epoch, stats, started)
         require_finite(result, self.head, epoch)
+        self.thresholds = result.thresholds
         change = self.stages.after_epoch(epoch, result.metrics()[self.cfg.checkpoint.monitor])
         seconds = time.perf_counter() - started + self.progress.seconds
         last_stage = len(self.schedule.active(epoch)) == len(self.schedule.groups)
@@ -211,7 +217,8 @@ class Trainer:
         raise StopRequested
 
     def portable_state(self, metrics: dict[str, float], weights: dict[str, torch.Tensor]) -> dict[str, Any]:
-        return portable_state(self.cfg, self.built, self.data.class_names, self.progress.epoch, metrics, weights)
+        portable = portable_state(self.cfg, self.built, self.data.class_names, self.progress.epoch, metrics, weights)
+        return {**portable, "thresholds": self.thresholds}
 
     def resume_state(self, metrics: dict[str, float]) -> dict[str, Any]:
         return resume_state(
@@ -229,6 +236,8 @@ class Trainer:
         return {
             "name": self.cfg.name,
             **self.book.summary(),
+            "task": self.cfg.task,
+            # multilabel: each label's positive weight
             "class_weights": self.weights.tolist() if self.weights is not None else None,
             "sampler": self.balance.sampler,
             "balance": self.balance.note,

@@ -1,4 +1,5 @@
-"""Class weights and the class-weighted cross-entropy loss."""
+"""Class weights and the losses: class-weighted (focal) cross-entropy for one label per image,
+binary cross-entropy (or its focal form) per label for multi-label images."""
 
 from __future__ import annotations
 
@@ -9,8 +10,55 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from finetune.config.schema import TrainConfig
 from finetune.data.sources import class_index
 from finetune.errors import FinetuneError
+
+POS_WEIGHT_BOUNDS = (1.0, 100.0)  # multilabel `class_weights: auto`: negatives / positives, clipped to this
+
+
+def build_criterion(
+    cfg: TrainConfig,
+    spec: str | list | dict,
+    counts: np.ndarray,
+    images: int,
+    class_names: list[str],
+    multilabel: bool,
+) -> tuple[nn.Module, torch.Tensor | None]:
+    """The training loss and its class weights by `spec` (train.class_weights, or what the
+    balanced sampler leaves of it); multilabel: each label's positive weight."""
+    gamma = cfg.focal_gamma if cfg.loss == "focal" else 0.0
+    if multilabel:
+        weights = positive_weights(spec, counts, images, class_names)
+        return MultiLabelLoss(weights, cfg.label_smoothing, gamma), weights
+    weights = class_weights(spec, counts, class_names)
+    return WeightedCrossEntropy(weights, cfg.label_smoothing, gamma), weights
+
+
+def positive_weights(
+    spec: str | list | dict, counts: np.ndarray, images: int, class_names: list[str]
+) -> torch.Tensor | None:
+    """BCE's `pos_weight` per label: `auto` is negatives / positives in training, clipped to
+    POS_WEIGHT_BOUNDS so that a label seen twice does not swamp the gradient; a label with
+    no positive image gets 1 (and a warning). A list or mapping gives the weights as is."""
+    if spec != "auto":
+        return class_weights(spec, counts, class_names)
+    low, high = POS_WEIGHT_BOUNDS
+    ratio = np.divide(images - counts, counts, out=np.ones(len(counts)), where=counts > 0)
+    missing = [class_names[i] for i in np.flatnonzero(counts == 0)]
+    if missing:
+        warnings.warn(
+            f"class_weights auto: no training image carries {', '.join(missing)}; their positive weight is 1",
+            stacklevel=3,
+        )
+    return torch.tensor(np.clip(ratio, low, high), dtype=torch.float32)
+
+
+def correct(logits: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """Images predicted right: the class (argmax), or for multi-hot truth every label (logit > 0)."""
+    if truth.ndim == 2:
+        return ((logits > 0) == (truth > 0.5)).all(1).sum()
+    return (logits.argmax(1) == truth).sum()
 
 
 def class_weights(spec: str | list | dict, counts: np.ndarray, class_names: list[str]) -> torch.Tensor | None:
@@ -64,12 +112,14 @@ class WeightedCrossEntropy(nn.Module):
     (to rounding), and a one-hot target the same value as its index. Label smoothing applies to the
     numerator only, as torch does for class indices: the smoothed target (1 - eps) * t + eps / C
     weighs each class's log-probability, while the sample still weighs sum_c t_c * w_c.
+    `gamma` > 0 makes it the focal loss (Lin et al., 2017): each log-probability term is scaled
+    by (1 - p_c)^gamma, so confidently right images count less.
     """
 
-    def __init__(self, weight: torch.Tensor | None, label_smoothing: float = 0.0):
+    def __init__(self, weight: torch.Tensor | None, label_smoothing: float = 0.0, gamma: float = 0.0):
         super().__init__()
         self.register_buffer("weight", weight)
-        self.label_smoothing = label_smoothing
+        self.label_smoothing, self.gamma = label_smoothing, gamma
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean loss over the batch; `targets` are class indices (N,) or probabilities (N, C)."""
@@ -79,5 +129,30 @@ class WeightedCrossEntropy(nn.Module):
         targets = targets.float()
         weight = self.weight if self.weight is not None else logits.new_ones(classes, dtype=torch.float32)
         smoothed = targets * (1 - self.label_smoothing) + self.label_smoothing / classes
-        per_sample = -(F.log_softmax(logits.float(), dim=1) * smoothed * weight).sum(1)
+        log_p = F.log_softmax(logits.float(), dim=1)
+        if self.gamma:
+            log_p = log_p * (1 - log_p.exp()).pow(self.gamma)
+        per_sample = -(log_p * smoothed * weight).sum(1)
         return per_sample.sum() / (targets * weight).sum()
+
+
+class MultiLabelLoss(nn.Module):
+    """Binary cross-entropy with logits on every label of multi-hot (or MixUp-mixed) targets,
+    averaged over images and labels. `pos_weight` weighs each label's positive term; label
+    smoothing moves each target eps/2 toward 0.5; `gamma` > 0 scales each term by
+    (1 - p_t)^gamma, the sigmoid focal loss (p_t: the probability given to the target)."""
+
+    def __init__(self, pos_weight: torch.Tensor | None, label_smoothing: float = 0.0, gamma: float = 0.0):
+        super().__init__()
+        self.register_buffer("pos_weight", pos_weight)
+        self.label_smoothing, self.gamma = label_smoothing, gamma
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        targets = targets.float() * (1 - self.label_smoothing) + self.label_smoothing / 2
+        logits = logits.float()
+        loss = F.binary_cross_entropy_with_logits(logits, targets, pos_weight=self.pos_weight, reduction="none")
+        if self.gamma:
+            p = logits.sigmoid()
+            p_t = p * targets + (1 - p) * (1 - targets)
+            loss = loss * (1 - p_t).pow(self.gamma)
+        return loss.mean()

@@ -124,9 +124,9 @@ class Session:
         return trainer
 
     def _data(self, cfg: Config) -> DataSplits:
-        key = repr(cfg.data)
+        key = repr((cfg.data, cfg.task))
         if key not in self.data:
-            self.data[key] = load_data(cfg.data)
+            self.data[key] = load_data(cfg.data, cfg.task == "multilabel")
         return self.data[key]
 
 

@@ -63,6 +63,7 @@ def portable_state(
     """
     return {
         "format": 1,
+        "task": cfg.task,
         "arch": cfg.model.arch,
         "torchvision_weights": built.torchvision_weights,
         "head_name": built.head_name,

@@ -24,6 +24,7 @@ from finetune.runs.writer import RunWriter
 from finetune.runtime.resolve import Runtime
 from finetune.training.batches import EpochBatches
 from finetune.training.ema import WeightAverage
+from finetune.training.losses import correct
 from finetune.training.replicas import Replicas
 from finetune.training.state import Progress
 from finetune.training.stop import StopSignal
@@ -134,7 +135,7 @@ class StepRunner:
                 logits = forward(inputs)
             loss = self.criterion(logits.float(), targets)
             self.scaler.scale(loss * share).backward()
-        return loss.detach(), (logits.argmax(1) == truth).sum()
+        return loss.detach(), correct(logits, truth)
 
     def _update(self, stats: StepStats, epoch: int, global_step: int, bar: tqdm) -> bool:
         """The optimizer step (gradients clipped after fp16's unscaling), the weight average,
