@@ -152,6 +152,7 @@ MODULE_TIERS = {
     "test_ecosystem": EXTRAS,  # timm, onnx, tensorboard
     "test_tune": EXTRAS,  # optuna
     "test_inspect": EXTRAS,  # grad-cam and timm; its run is trained first
+    "test_inspect_multilabel": EXTRAS,  # grad-cam; its multilabel run is trained first
     "test_tracking": PROCESS + EXTRAS,  # mlflow server, finetune processes
     "test_plateau": TRAINING,
     "test_toolkit_training": TRAINING,

@@ -330,7 +330,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         else f"ECE {c.ece_before:.4f}, {c.fit}"
     )
     print(
-        f"inspect: {done.images} images, accuracy {done.accuracy:.4f}, Grad-CAM at {done.layer}; "
+        f"inspect: {done.images} images, {done.measure} {done.score:.4f}, Grad-CAM at {done.layer}; "
         f"{temperature}, kept in {done.temperature_file.name}"
     )
     print(f"wrote {done.out}/report.html and its files in {done.seconds:.1f} s")

@@ -24,10 +24,17 @@ import torch.nn.functional as F
 from finetune.data.imageset import ImageSet
 from finetune.errors import FinetuneError
 from finetune.files import atomic_write_text
-from finetune.inference.calibration import CalibrationReport, calibrate, save_temperature
+from finetune.inference.calibration import Bins, CalibrationReport, calibrate, reliability_bins, save_temperature
 from finetune.inference.gradcam import CamLayer, cam_layer, grad_cams, require_gradcam
-from finetune.inference.inspect_plots import Shown, confused_figure, reliability_figure, shown_figure
-from finetune.inference.inspect_report import write_report_page
+from finetune.inference.inspect_multilabel import inspect_labels
+from finetune.inference.inspect_plots import (
+    Shown,
+    confused_figure,
+    model_view,
+    reliability_figure,
+    shown_figure,
+)
+from finetune.inference.inspect_report import scored_on, write_report_page
 from finetune.inference.predict import Predictor, checkpoint_config, predictor_from, scores, val_data, write_report
 from finetune.runs.checkpoint import checkpoint_file, load_checkpoint
 
@@ -70,7 +77,8 @@ class Scored:
 class Inspection:
     out: Path
     images: int
-    accuracy: float
+    measure: str  # "accuracy", or a multilabel model's "mAP"
+    score: float
     layer: str
     calibration: CalibrationReport
     temperature_file: Path
@@ -96,27 +104,33 @@ def inspect_checkpoint(path: str | Path, options: InspectOptions) -> Inspection:
     ckpt_path = checkpoint_file(path)
     ckpt = load_checkpoint(ckpt_path)
     cfg = checkpoint_config(ckpt, options.overrides)
-    if cfg.task == "multilabel":
-        raise FinetuneError(f"inspect: {ckpt_path} is a multilabel model; inspect reads multiclass ones (use eval)")
     predictor = predictor_from(ckpt, cfg.device, cfg.precision)
     layer = cam_layer(predictor.model, predictor.transform.size, options.layer)
     val = val_data(cfg, predictor.class_names, "inspect").val
     if len(val) < 2:
         raise FinetuneError(f"inspect: {len(val)} validation image(s); calibration needs at least 2")
-    scored = score_multiclass(predictor, val)
     out = options.out or ckpt_path.parent / f"inspect-{ckpt_path.stem}"
     out.mkdir(parents=True, exist_ok=True)
-    report = scores(scored.labels.numpy(), scored.predicted.numpy(), scored.class_names)
-    write_report(report, out)  # metrics.json, per_class.csv, confusion_matrix.csv/.png, as eval writes them
-    calibration = calibrate(scored.logits, scored.labels)
+    inspect_task = inspect_labels if cfg.task == "multilabel" else _inspect_classes
+    measure, score, calibration = inspect_task(ckpt_path, ckpt, predictor, val, layer, options.top, out)
     fitted_on = f"{len(val)} validation images of data.{cfg.data.dataset} at {cfg.data.root}"
     fitted_on += "" if calibration.fitted else f"; {calibration.fit}"
     kept = save_temperature(ckpt_path, calibration.temperature, fitted_on)
-    _write_views(scored, val, predictor, layer, calibration, options.top, out)
-    scored_on = f"{predictor.runtime.device.type} {predictor.runtime.precision}, Grad-CAM at layer {layer.name}"
-    write_report_page(out, ckpt_path, ckpt, report, calibration, scored_on)
-    accuracy = float(report["accuracy"])
-    return Inspection(out, len(val), accuracy, layer.name, calibration, kept, time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    return Inspection(out, len(val), measure, score, layer.name, calibration, kept, seconds)
+
+
+def _inspect_classes(
+    ckpt_path: Path, ckpt: dict, predictor: Predictor, val: ImageSet, layer: CamLayer, top: int, out: Path
+) -> tuple[str, float, CalibrationReport]:
+    """A single-label model's files and page; its accuracy and calibration."""
+    scored = score_multiclass(predictor, val)
+    report = scores(scored.labels.numpy(), scored.predicted.numpy(), scored.class_names)
+    write_report(report, out)  # metrics.json, per_class.csv, confusion_matrix.csv/.png, as eval writes them
+    calibration = calibrate(scored.logits, scored.labels)
+    _write_views(scored, val, predictor, layer, calibration, top, out)
+    write_report_page(out, ckpt_path, ckpt, report, calibration, scored_on(predictor, layer))
+    return "accuracy", float(report["accuracy"]), calibration
 
 
 def _write_views(
@@ -140,7 +154,11 @@ def _write_views(
     atomic_write_text(out / "most_confused.csv", confused.to_csv(index=False, float_format="%.4f"))
     pairs = [_pair_examples(scored, val, predictor, row) for row in confused.head(PAIRS).itertuples()]
     confused_figure(pairs).savefig(out / "most_confused.png")
-    reliability_figure(scored.logits, scored.labels, calibration).savefig(out / "reliability.png")
+
+    def bins_at(t: float) -> Bins:
+        return reliability_bins((scored.logits.double() / t).softmax(1), scored.labels, calibration.bins)
+
+    reliability_figure(bins_at, calibration).savefig(out / "reliability.png")
     atomic_write_text(out / "calibration.json", json.dumps(calibration.to_json(), indent=2) + "\n")
 
 
@@ -184,10 +202,7 @@ def shown(
     their Grad-CAM for the class predicted."""
     if not indices:
         return []
-    images = next(iter(val.batches([torch.tensor(indices)])))
-    inputs = predictor.transform(images)
-    mean, std = predictor.transform.mean, predictor.transform.std
-    pixels = (inputs * std + mean).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
+    inputs, pixels = model_view(val, predictor, indices)
     predicted = scored.predicted[indices].tolist()
     cams = grad_cams(predictor.model, layer, inputs, predicted) if layer else [None] * len(indices)
     probabilities, losses = scored.probabilities, scored.losses

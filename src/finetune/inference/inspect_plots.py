@@ -3,17 +3,21 @@ reliability diagram. matplotlib is imported inside each function, as the rest of
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from finetune.inference.calibration import CalibrationReport, reliability_bins
+from finetune.inference.calibration import Bins, CalibrationReport
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
+
+    from finetune.data.imageset import ImageSet
+    from finetune.inference.predict import Predictor
 
 PER_ROW = 3  # image + overlay pairs per row
 CAM_ALPHA = 0.45
@@ -42,6 +46,35 @@ class Shown:
         )
 
 
+@dataclass
+class ShownLabels:
+    """One image of a multilabel model: its labels, the ones predicted (with probabilities), and
+    the Grad-CAM of the one label `cam_for` says why it was drawn for."""
+
+    image: np.ndarray
+    cam: np.ndarray | None
+    true: list[str]
+    predicted: list[tuple[str, float]]  # at or above their thresholds, most probable first
+    cam_for: str  # e.g. "missed pet 0.04": the label the map is for, and why
+    loss: float  # binary cross-entropy, the mean over labels
+
+    @property
+    def right(self) -> bool:
+        return sorted(self.true) == sorted(name for name, _ in self.predicted)
+
+    def caption(self) -> str:
+        predicted = ", ".join(f"{name} {p:.2f}" for name, p in self.predicted) or "none"
+        return f"true {', '.join(self.true) or 'none'}\npred {predicted}\nloss {self.loss:.2f}; CAM: {self.cam_for}"
+
+
+def model_view(val: ImageSet, predictor: Predictor, indices: list[int]) -> tuple[torch.Tensor, np.ndarray]:
+    """The images at `indices` as the model takes them (inputs) and as they are drawn (pixels)."""
+    images = next(iter(val.batches([torch.tensor(indices)])))
+    inputs = predictor.transform(images)
+    mean, std = predictor.transform.mean, predictor.transform.std
+    return inputs, (inputs * std + mean).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
+
+
 def _figure(width: float, height: float) -> Figure:
     from matplotlib.figure import Figure
 
@@ -60,12 +93,14 @@ def _empty(fig: Figure, text: str) -> Figure:
     return fig
 
 
-def shown_figure(items: list[Shown], title: str) -> Figure:
+def shown_figure(
+    items: list[Shown] | list[ShownLabels], title: str, cam_note: str = "Grad-CAM for the predicted class"
+) -> Figure:
     """Each image beside its Grad-CAM overlay, captioned with true and predicted class,
     probability and loss; a wrong prediction's caption in red."""
     rows = max(1, -(-len(items) // PER_ROW))
     fig = _figure(4.4 * min(PER_ROW, max(1, len(items))), 2.5 * rows + 0.4)
-    fig.suptitle(f"{title} (right: Grad-CAM for the predicted class)")
+    fig.suptitle(f"{title} (right: {cam_note})")
     if not items:
         return _empty(fig, "no images to show")
     axes = fig.subplots(rows, 2 * min(PER_ROW, len(items)), squeeze=False)
@@ -107,22 +142,25 @@ def _thumb(ax: Axes, item: Shown, label: str, color: str) -> None:
     _blank(ax)
 
 
-def reliability_figure(logits: torch.Tensor, labels: torch.Tensor, calibration: CalibrationReport) -> Figure:
-    """Accuracy against confidence per bin, before and after temperature scaling (fitted on
-    these images): bars under the diagonal are over-confidence."""
+def reliability_figure(
+    bins_at: Callable[[float], Bins], calibration: CalibrationReport, axes: tuple[str, str] = ("confidence", "accuracy")
+) -> Figure:
+    """Accuracy against confidence per bin (`axes` names them), before and after temperature
+    scaling (fitted on these images), `bins_at(T)` giving the bins: bars under the diagonal are
+    over-confidence."""
     fig = _figure(10, 4.3)
     panels = (
         ("before: temperature 1", 1.0, calibration.ece_before),
         (f"after: temperature {calibration.temperature:.3g}", calibration.temperature, calibration.ece_after_fit),
     )
     for ax, (title, t, ece) in zip(fig.subplots(1, 2), panels, strict=True):
-        bins = reliability_bins((logits.double() / t).softmax(1), labels, calibration.bins)
+        bins = bins_at(t)
         width = 1 / calibration.bins
         centers = (np.arange(calibration.bins) + 0.5) * width
         used = np.array(bins.count) > 0
         accuracy = np.where(used, bins.accuracy, np.nan)
         gap = np.where(used, np.array(bins.confidence) - np.array(bins.accuracy), np.nan)
-        ax.bar(centers, accuracy, width=width, edgecolor="black", alpha=0.75, label="accuracy")
+        ax.bar(centers, accuracy, width=width, edgecolor="black", alpha=0.75, label=axes[1])
         ax.bar(
             centers,
             gap,
@@ -134,7 +172,7 @@ def reliability_figure(logits: torch.Tensor, labels: torch.Tensor, calibration: 
             label="gap to confidence",
         )
         ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
-        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy", title=f"{title}, ECE {ece:.3f}")
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel=axes[0], ylabel=axes[1], title=f"{title}, ECE {ece:.3f}")
         ax.legend(fontsize="small", loc="upper left")
     fig.suptitle(f"Reliability on {calibration.images} images ({calibration.bins} bins)")
     return fig

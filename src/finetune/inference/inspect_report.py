@@ -13,6 +13,8 @@ import pandas as pd
 import yaml
 
 from finetune.inference.calibration import CalibrationReport
+from finetune.inference.gradcam import CamLayer
+from finetune.inference.predict import Predictor
 from finetune.runs.compare_plots import plot_curves
 from finetune.runs.discover import RUN_FILES, load_run
 from finetune.runs.html_page import Page
@@ -36,7 +38,7 @@ def write_report_page(
         f"{report['accuracy']:.4f}, balanced accuracy {report['balanced_accuracy']:.4f}, "
         f"macro F1 {report['macro_f1']:.4f}."
     )
-    _calibration(page, calibration, out)
+    calibration_section(page, calibration, out)
     page.heading("Most wrong")
     page.image_file(out / "top_losses.png", "the images with the highest loss, each beside its Grad-CAM")
     page.image_file(out / "top_correct.png", "right and most sure: where the model looked when it was right")
@@ -44,13 +46,13 @@ def write_report_page(
     page.heading("Per class")
     page.table(pd.read_csv(out / "per_class.csv"))
     page.image_file(out / "confusion_matrix.png", "confusion matrix (rows: true class)")
-    _run(page, ckpt_path.parent)
+    run_section(page, ckpt_path.parent)
     page.heading("Config")
     page.code(yaml.safe_dump(ckpt["config"], sort_keys=False))
     return page.write(out / "report.html")
 
 
-def _calibration(page: Page, c: CalibrationReport, out: Path) -> None:
+def calibration_section(page: Page, c: CalibrationReport, out: Path) -> None:
     page.heading("Calibration")
     rows = [
         ("temperature (fitted on all images; predict --calibrated uses it)", c.temperature),
@@ -76,7 +78,7 @@ def _confused(page: Page, out: Path) -> None:
     page.image_file(out / "most_confused.png", "worst pairs: images taken for the other class, then right ones of it")
 
 
-def _run(page: Page, run_dir: Path) -> None:
+def run_section(page: Page, run_dir: Path) -> None:
     """Curves and runtime, where the checkpoint sits in the run dir that train wrote."""
     page.heading("Training curves")
     if not all((run_dir / name).is_file() for name in RUN_FILES):
@@ -102,3 +104,7 @@ def _cell(value: Any) -> str:
     if value is None:
         return "-"
     return f"{value:.1f}" if isinstance(value, float) else str(value)
+
+
+def scored_on(predictor: Predictor, layer: CamLayer) -> str:
+    return f"{predictor.runtime.device.type} {predictor.runtime.precision}, Grad-CAM at layer {layer.name}"

@@ -30,6 +30,7 @@ from finetune.data.sources import DataSplits, load_data
 from finetune.errors import FinetuneError
 from finetune.files import atomic_write_text
 from finetune.inference.calibration import stored_temperature
+from finetune.inference.calibration_multilabel import calibrated_thresholds
 from finetune.inference.exported import ExportedModel, read_contract
 from finetune.inference.labels import SUMMARY_KEYS as LABEL_SUMMARY_KEYS
 from finetune.inference.labels import label_report, labels_above, thresholds_of, write_label_report
@@ -261,6 +262,8 @@ def predict(
         exported_predictor(path, tta, threshold) if exported else load_predictor(path, tta=tta, threshold=threshold)
     )
     predictor.temperature = temperature
+    if predictor.thresholds is not None and threshold is None:  # the labels named stay the uncalibrated decision
+        predictor.thresholds = calibrated_thresholds(predictor.thresholds, temperature)
     k = min(top_k, len(predictor.class_names))
     results = []
     for start in range(0, len(files), batch_size):
