@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from finetune.config.schema import AugmentConfig
+from finetune.config.schema import AugmentConfig, Config
 from finetune.errors import FinetuneError
 
 
@@ -29,6 +29,13 @@ class Augment:
         self.seed, self.rank = seed, rank
         self.pixels = _pixel_ops(cfg, size)
         self.mixer = _mixer(cfg, num_classes)
+
+    @classmethod
+    def for_run(cls, cfg: Config, num_classes: int, rank: int) -> Augment | None:
+        """The run's augmentation, or None when the config asks for none."""
+        if not cfg.data.augment.active:
+            return None
+        return cls(cfg.data.augment, cfg.data.image_size, num_classes, cfg.seed, rank)
 
     def images(self, x: torch.Tensor, epoch: int, step: int) -> torch.Tensor:
         """Per-image augmentation of a float batch in [0, 1]."""

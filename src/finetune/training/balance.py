@@ -10,7 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+from torch import nn
+
 from finetune.config.schema import Config
+from finetune.data.sources import DataSplits, class_counts
+from finetune.training.losses import build_criterion
 
 
 @dataclass(frozen=True)
@@ -30,3 +35,14 @@ def decide_balance(cfg: Config) -> Balance:
     if spec == "none":
         return Balance(sampler, spec, f"{drawn}; the loss is unweighted")
     return Balance(sampler, spec, f"{drawn}; the given train.class_weights weigh the loss too")
+
+
+def balanced_loss(cfg: Config, data: DataSplits) -> tuple[nn.Module, torch.Tensor | None, Balance]:
+    """The run's criterion and the class (or label) weights it applies, once the sampler has had
+    its say."""
+    balance = decide_balance(cfg)
+    counts = class_counts(data.train.labels, data.num_classes)
+    multilabel = cfg.task == "multilabel"
+    names = data.class_names
+    criterion, weights = build_criterion(cfg.train, balance.class_weights, counts, len(data.train), names, multilabel)
+    return criterion, weights, balance

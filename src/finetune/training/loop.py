@@ -18,7 +18,7 @@ from tqdm import tqdm
 from finetune.config.schema import Config
 from finetune.data.augment import Augment
 from finetune.data.batching import BatchTransform
-from finetune.data.sources import DataSplits, class_counts
+from finetune.data.sources import DataSplits
 from finetune.errors import Interrupted
 from finetune.model.build import BuiltModel
 from finetune.model.freezing import apply_stage, build_optimizer, group_lrs, set_train_mode, trainable_count
@@ -26,14 +26,13 @@ from finetune.model.schedule import Schedule
 from finetune.runs.writer import RunWriter
 from finetune.runtime.distributed import SINGLE, Ranks
 from finetune.runtime.resolve import Runtime
-from finetune.training.balance import decide_balance
+from finetune.training.balance import balanced_loss
 from finetune.training.batches import BatchSource, steps_per_epoch
 from finetune.training.book import EpochBook, EpochOutcome, epoch_line
 from finetune.training.cache import CacheProvider
 from finetune.training.ema import WeightAverage, evaluated_weights
 from finetune.training.evaluator import Evaluator, require_finite
 from finetune.training.features import CachePlanner, CutModel, FeatureStore
-from finetune.training.losses import build_criterion
 from finetune.training.replicas import Replicas, buffers, replicated
 from finetune.training.stages import StageSwitch
 from finetune.training.state import Progress, portable_state, restore_training, resume_state
@@ -74,17 +73,10 @@ class Trainer:
         self.schedule = Schedule(cfg.train, self.model, built.head_name, steps, runtime.lr_scale)
         self.optimizer = build_optimizer(cfg.train, self.model, self.schedule)
         self.scaler = runtime.grad_scaler()
-        counts = class_counts(data.train.labels, data.num_classes)
-        self.balance = decide_balance(cfg)
-        multilabel = cfg.task == "multilabel"
-        criterion, self.weights = build_criterion(
-            cfg.train, self.balance.class_weights, counts, len(data.train), data.class_names, multilabel
-        )
+        criterion, self.weights, self.balance = balanced_loss(cfg, data)
         criterion = criterion.to(device)
         self.thresholds: list[float] | None = None  # multilabel: those chosen at the last evaluation
-        augment = None
-        if cfg.data.augment.active:
-            augment = Augment(cfg.data.augment, cfg.data.image_size, data.num_classes, cfg.seed, ranks.rank)
+        augment = Augment.for_run(cfg, data.num_classes, ranks.rank)
         planner = CachePlanner(cfg, self.schedule, self.model, len(train_set), len(val_set), runtime)
         store = store or FeatureStore(Path(cfg.out_dir) / ".feature_cache")
         sets, payer = (train_set, val_set), str(self.run_dir.resolve())  # payer: the run, in the caches' ledgers
@@ -221,15 +213,10 @@ class Trainer:
         return {**portable, "thresholds": self.thresholds}
 
     def resume_state(self, metrics: dict[str, float]) -> dict[str, Any]:
+        portable = self.portable_state(metrics, self.model.state_dict())
+        book, run = {**self.book.state(), "stages": self.stages.state()}, self.runtime
         return resume_state(
-            self.portable_state(metrics, self.model.state_dict()),
-            self.optimizer,
-            self.scaler,
-            self.progress,
-            {**self.book.state(), "stages": self.stages.state()},
-            self.runtime.record(),
-            self.runtime.device,
-            self.ema,
+            portable, self.optimizer, self.scaler, self.progress, book, run.record(), run.device, self.ema
         )
 
     def summary(self) -> dict[str, Any]:
