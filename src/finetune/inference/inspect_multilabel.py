@@ -100,7 +100,7 @@ def _write_views(
     """top_losses.png, top_correct.png, most_missed.csv/.png, pr_curves.png, reliability.png, calibration.json."""
     worst = top_label_losses(scored, top)
     targets = [worst_label(scored, i) for i in worst]
-    note = "Grad-CAM for the label named after CAM:"
+    note = "Grad-CAM for the label its caption names after CAM"
     items = shown_labels(scored, val, predictor, worst, targets, layer)
     shown_figure(items, "Most wrong: highest loss", note).savefig(out / "top_losses.png")
     sure = top_exact(scored, top)

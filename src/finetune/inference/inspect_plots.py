@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 PER_ROW = 3  # image + overlay pairs per row
 CAM_ALPHA = 0.45
+NAMED = 4  # predicted labels a caption names: more run into the next image
 
 
 @dataclass
@@ -63,7 +64,9 @@ class ShownLabels:
         return sorted(self.true) == sorted(name for name, _ in self.predicted)
 
     def caption(self) -> str:
-        predicted = ", ".join(f"{name} {p:.2f}" for name, p in self.predicted) or "none"
+        named = [f"{name} {p:.2f}" for name, p in self.predicted[:NAMED]]
+        more = len(self.predicted) - NAMED
+        predicted = ", ".join(named + ([f"+{more} more"] if more > 0 else [])) or "none"
         return f"true {', '.join(self.true) or 'none'}\npred {predicted}\nloss {self.loss:.2f}; CAM: {self.cam_for}"
 
 
@@ -169,7 +172,7 @@ def reliability_figure(
             color="crimson",
             alpha=0.3,
             hatch="//",
-            label="gap to confidence",
+            label=f"gap to {axes[0]}",
         )
         ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
         ax.set(xlim=(0, 1), ylim=(0, 1), xlabel=axes[0], ylabel=axes[1], title=f"{title}, ECE {ece:.3f}")
