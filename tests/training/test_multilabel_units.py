@@ -17,6 +17,8 @@ from finetune.data.augment import Augment
 from finetune.data.csv_source import read_csv_source
 from finetune.data.sources import load_data
 from finetune.data.splits import fold_split, stratified_split
+from finetune.errors import FinetuneError
+from finetune.inference.labels import thresholds_of
 from finetune.training.losses import POS_WEIGHT_BOUNDS, MultiLabelLoss, WeightedCrossEntropy, build_criterion
 from finetune.training.multilabel import DEFAULT_THRESHOLD, choose_thresholds
 
@@ -112,10 +114,38 @@ def test_a_validation_label_never_seen_in_training_is_one_line(tmp_path, capsys)
     assert "label(s) bird appear in validation rows but in no training row" in one_error_line(capsys)
 
 
+def test_a_label_that_only_a_fold_s_validation_images_carry_is_refused(tmp_path):
+    """Checked on the images that finally train and validate: one row carries `bird`, so the
+    fold that validates on it leaves training without one."""
+    data, csv = labelled(tmp_path)
+    table = pd.read_csv(csv, keep_default_na=False)
+    table.loc[table["part"].eq("train").idxmax(), "y"] = "cat bird"
+    table.drop(columns="part").to_csv(csv, index=False)
+    refused = []
+    for fold in range(4):
+        try:
+            load_data(csv_data(csv, data, folds=4, fold=fold, image_size=24), multilabel=True)
+        except FinetuneError as exc:
+            refused.append(str(exc))
+    assert len(refused) == 1 and "label(s) bird appear in validation rows but in no training row" in refused[0]
+
+
+def test_a_label_column_with_no_label_in_any_row_is_one_line(tmp_path, capsys):
+    data, csv = labelled(tmp_path)
+    table = pd.read_csv(csv, keep_default_na=False)
+    table.assign(y="").to_csv(csv, index=False)
+    assert main(["train", str(ml_config(tmp_path, csv, data))]) == 2
+    assert "column 'y' holds no label in any row" in one_error_line(capsys)
+
+
 @pytest.mark.parametrize(
     ("sets", "message"),
     [
         (["checkpoint.monitor=val_map"], "checkpoint.monitor = val_map exists only with task: multilabel"),
+        (
+            ["task=multilabel", "data.dataset=csv", "data.csv=labels.csv", "data.classes=[traffic light, car]"],
+            "data.classes name 'traffic light', which holds data.label_sep ' '",
+        ),
         (["task=multilabel"], "task = multilabel needs data.dataset = csv"),
         (
             ["task=multilabel", "data.dataset=csv", "data.csv=labels.csv", "data.sampler=balanced"],
@@ -127,3 +157,20 @@ def test_a_task_mismatch_is_one_line_at_load(tmp_path, capsys, sets, message):
     config = write_config(tmp_path / "c.yaml", make_imagefolder(tmp_path / "data"), tmp_path / "runs")
     assert main(["plan", str(config), "--set", *sets]) == 2
     assert message in one_error_line(capsys)
+
+
+def test_focal_loss_with_gamma_below_1_keeps_gradients_finite_at_a_certain_prediction():
+    """(1 - p_t)^gamma has an infinite slope at p_t = 1 for gamma < 1: floored, the gradient of
+    a confident, right prediction is a number (it was NaN, and the run died after the epoch)."""
+    logits = torch.tensor([[40.0, -40.0, 0.3]], requires_grad=True)
+    for loss in (MultiLabelLoss(None, gamma=0.5), WeightedCrossEntropy(None, gamma=0.5)):
+        targets = torch.tensor([[1.0, 0.0, 1.0]]) if isinstance(loss, MultiLabelLoss) else torch.tensor([0])
+        (grad,) = torch.autograd.grad(loss(logits, targets), logits)
+        assert torch.isfinite(grad).all(), (type(loss).__name__, grad)
+
+
+def test_a_last_pt_saved_before_any_evaluation_predicts_at_the_default_threshold():
+    saved = {"task": "multilabel", "class_names": NAMES, "thresholds": None}
+    with pytest.warns(UserWarning, match="before an evaluation chose its thresholds"):
+        assert thresholds_of(saved, None, "last.pt") == [DEFAULT_THRESHOLD] * len(NAMES)
+    assert thresholds_of(saved, 0.3, "last.pt") == [0.3] * len(NAMES)

@@ -211,6 +211,12 @@ def _validate_task(cfg: Config) -> None:
         )
     if d.classes is not None and (len(set(d.classes)) != len(d.classes) or not all(c.strip() for c in d.classes)):
         raise FinetuneError(f"config: data.classes = {show(d.classes)} must list distinct, non-empty names")
+    joined = [c for c in d.classes or [] if d.label_sep in c]
+    if cfg.task == "multilabel" and joined:
+        raise FinetuneError(
+            f"config: data.classes name {joined[0]!r}, which holds data.label_sep {d.label_sep!r}, so no cell can "
+            "name it; join the CSV's labels with another data.label_sep (e.g. '|')"
+        )
 
 
 def _validate_augment(a: AugmentConfig) -> None:

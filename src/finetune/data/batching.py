@@ -8,8 +8,6 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from finetune.errors import FinetuneError
-
 
 def epoch_plan(
     n: int, seed: int, epoch: int, hflip: bool, weights: torch.Tensor | None = None
@@ -36,8 +34,6 @@ def sampling_weights(sampler: str, labels: torch.Tensor) -> torch.Tensor | None:
     class count, so every class present in training is drawn equally often in expectation."""
     if sampler == "shuffle":
         return None
-    if labels.ndim != 1:
-        raise FinetuneError("data.sampler balanced needs one class per image; use data.sampler: shuffle")
     counts = torch.bincount(labels.cpu()).double()
     return 1.0 / counts[labels.cpu()]
 

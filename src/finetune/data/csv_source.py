@@ -43,6 +43,8 @@ def read_csv_source(cfg: DataConfig, multilabel: bool = False) -> CsvSource:
         rows = [[label] for label in _column(table, cfg.label_col, "label", path)]
     files = _files(_column(table, cfg.file_col, "file path", path), Path(cfg.root), cfg, path)
     class_names = list(cfg.classes) if cfg.classes is not None else sorted({x for row in rows for x in row})
+    if not class_names:
+        raise FinetuneError(f"{path}: column {cfg.label_col!r} holds no label in any row; name the labels' column")
     _require_known(rows, class_names, path)
     targets = _targets(rows, class_names, multilabel)
     if cfg.split_col is None:
@@ -51,9 +53,7 @@ def read_csv_source(cfg: DataConfig, multilabel: bool = False) -> CsvSource:
         is_val = _split_values(table[cfg.split_col], cfg.split_col, path)
         train, val = np.flatnonzero(~is_val), np.flatnonzero(is_val)
     pool = Pool(np.array(files, dtype=object), targets)
-    if multilabel:
-        _require_trained_labels(class_names, targets[train], targets[val], path)
-    else:
+    if not multilabel:
         _require_training_rows(class_names, targets[train], path)
     return CsvSource(class_names, pool.take(train), pool.take(val))
 
@@ -144,14 +144,16 @@ def _split_values(column: pd.Series, name: str, path: Path) -> np.ndarray:
     return values.map(SPLITS).to_numpy(dtype=bool)
 
 
-def _require_trained_labels(class_names: list[str], train: np.ndarray, val: np.ndarray, path: Path) -> None:
-    """A label that validation images carry and no training image does could never be learnt."""
+def require_trained_labels(class_names: list[str], train: np.ndarray, val: np.ndarray, path: Path) -> None:
+    """A label that validation images carry and no training image does could never be learnt:
+    asked of the images that finally train and validate (after folds and subsets)."""
     unseen = np.flatnonzero((val.sum(0) > 0) & (train.sum(0) == 0))
     if len(unseen):
         names = ", ".join(class_names[i] for i in unseen)
         raise FinetuneError(
             f"{path}: label(s) {names} appear in validation rows but in no training row; "
-            "add training rows that carry them or drop them from the validation rows"
+            "add training rows that carry them, drop them from the validation rows, or draw the split, "
+            "fold or subset another way (data.split_seed)"
         )
 
 

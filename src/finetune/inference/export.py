@@ -20,6 +20,7 @@ from finetune.data.sources import load_data
 from finetune.errors import FinetuneError
 from finetune.files import atomic_write_text
 from finetune.inference.exported import ExportedModel, contract_path
+from finetune.inference.labels import saved_thresholds
 from finetune.inference.predict import checkpoint_config, predictor_from
 from finetune.runs.checkpoint import checkpoint_file, load_checkpoint
 
@@ -153,7 +154,7 @@ def _contract(ckpt: dict[str, Any], fmt: str, fixed: int | None) -> dict[str, An
             {"name": "logits", "shape": [batch, labels]},
             {"name": "probabilities", "shape": [batch, labels], "meaning": "sigmoid(logits), one per label"},
         ],
-        "thresholds": list(ckpt["thresholds"]),
+        "thresholds": saved_thresholds(ckpt, "the checkpoint"),
         "prediction": "the labels whose probability is at or above their threshold (in class_names order)",
     }
 

@@ -9,6 +9,7 @@ place of every one of them.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +19,9 @@ import torch
 
 from finetune.errors import FinetuneError
 from finetune.files import atomic_write_text
-from finetune.training.multilabel import exact_match, score_labels
+from finetune.training.multilabel import COUNTS, DEFAULT_THRESHOLD, exact_match, score_labels
 
 SUMMARY_KEYS = ("map", "f1_micro", "f1_macro", "exact_match")
-COUNTS = ("tp", "fp", "fn", "tn")
 
 
 def thresholds_of(saved: dict[str, Any], override: float | None, where: str) -> list[float] | None:
@@ -32,10 +32,23 @@ def thresholds_of(saved: dict[str, Any], override: float | None, where: str) -> 
             raise FinetuneError(f"--threshold {override:g}: {where} is a multiclass model; drop --threshold")
         return None
     if override is None:
-        return [float(t) for t in saved["thresholds"]]
+        return saved_thresholds(saved, where)
     if not 0.0 < override < 1.0:
         raise FinetuneError(f"--threshold {override:g}: give a probability between 0 and 1, e.g. 0.5")
     return [float(override)] * len(saved["class_names"])
+
+
+def saved_thresholds(saved: dict[str, Any], where: str) -> list[float]:
+    """The checkpoint's per-label thresholds; a last.pt written before its first evaluation chose
+    any (a run stopped in epoch 1) has none, and takes DEFAULT_THRESHOLD for every label."""
+    if saved.get("thresholds") is None:
+        warnings.warn(
+            f"{where} was saved before an evaluation chose its thresholds; every label uses "
+            f"{DEFAULT_THRESHOLD} (give --threshold T, or use best.pt)",
+            stacklevel=2,
+        )
+        return [DEFAULT_THRESHOLD] * len(saved["class_names"])
+    return [float(t) for t in saved["thresholds"]]
 
 
 def label_report(

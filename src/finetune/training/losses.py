@@ -14,6 +14,8 @@ from finetune.config.schema import TrainConfig
 from finetune.data.sources import class_index
 from finetune.errors import FinetuneError
 
+# focal loss: (1 - p_t) is floored here, where (1 - p_t)^gamma with gamma < 1 has an infinite slope
+FOCAL_FLOOR = 1e-6
 POS_WEIGHT_BOUNDS = (1.0, 100.0)  # multilabel `class_weights: auto`: negatives / positives, clipped to this
 
 
@@ -131,7 +133,7 @@ class WeightedCrossEntropy(nn.Module):
         smoothed = targets * (1 - self.label_smoothing) + self.label_smoothing / classes
         log_p = F.log_softmax(logits.float(), dim=1)
         if self.gamma:
-            log_p = log_p * (1 - log_p.exp()).pow(self.gamma)
+            log_p = log_p * (1 - log_p.exp()).clamp_min(FOCAL_FLOOR).pow(self.gamma)
         per_sample = -(log_p * smoothed * weight).sum(1)
         return per_sample.sum() / (targets * weight).sum()
 
@@ -154,5 +156,5 @@ class MultiLabelLoss(nn.Module):
         if self.gamma:
             p = logits.sigmoid()
             p_t = p * targets + (1 - p) * (1 - targets)
-            loss = loss * (1 - p_t).pow(self.gamma)
+            loss = loss * (1 - p_t).clamp_min(FOCAL_FLOOR).pow(self.gamma)
         return loss.mean()

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 DEFAULT_THRESHOLD = 0.5
+COUNTS = ("tp", "fp", "fn", "tn")  # the columns of a label's confusion counts
 MIN_POSITIVES = 5  # positive validation images a label needs before its threshold is tuned
 
 
@@ -52,10 +53,6 @@ class LabelScores:
     counts: np.ndarray  # (labels, 4): TP, FP, FN, TN
 
     @property
-    def support(self) -> np.ndarray:
-        return self.counts[:, 0] + self.counts[:, 2]
-
-    @property
     def mean_ap(self) -> float:
         """Macro average precision over the labels present in validation."""
         return _nanmean(self.ap)
@@ -82,13 +79,10 @@ class LabelScores:
         rows = {}
         for j, name in enumerate(class_names):
             row = {key: None if np.isnan(values[j]) else float(values[j]) for key, values in columns.items()}
-            tp, fp, fn, tn = (int(c) for c in self.counts[j])
-            rows[name] = {**row, "support": tp + fn, "threshold": float(self.thresholds[j]), **_counts(tp, fp, fn, tn)}
+            counts = dict(zip(COUNTS, (int(c) for c in self.counts[j]), strict=True))
+            support = counts["tp"] + counts["fn"]
+            rows[name] = {**row, "support": support, "threshold": float(self.thresholds[j]), **counts}
         return rows
-
-
-def _counts(tp: int, fp: int, fn: int, tn: int) -> dict[str, int]:
-    return {"tp": tp, "fp": fp, "fn": fn, "tn": tn}
 
 
 def score_labels(probs: np.ndarray, truth: np.ndarray, thresholds: np.ndarray) -> LabelScores:
