@@ -190,7 +190,7 @@ def most_missed(scored: ScoredLabels) -> pd.DataFrame:
     table = pd.DataFrame(
         {
             "label": scored.class_names,
-            "support": s.support.astype(int),
+            "support": (s.counts[:, 0] + s.counts[:, 2]).astype(int),  # TP + FN
             "fn": s.counts[:, 2].astype(int),
             "fp": s.counts[:, 1].astype(int),
             "recall": s.recall,
