@@ -50,6 +50,17 @@ def test_a_calibrated_model_keeps_a_temperature_near_one_and_its_nll():
     assert report.nll_after_fit <= report.nll_before
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_the_kept_temperature_never_raises_ece_on_the_images_it_was_fitted_on(seed):
+    """A model calibrated already: the NLL fit lands near 1 on either side, and where it would
+    raise ECE on its own images it is not kept (issue 27: ECE after scaling not worse)."""
+    logits, labels = drawn(1.0, n=300, seed=seed)
+    report = calibrate(logits, labels)
+    assert report.ece_after_fit <= report.ece_before
+    assert report.fitted == (report.temperature != 1.0)
+    assert report.fitted or "raised ECE" in report.fit
+
+
 def separated(wrong: int, n: int = 200, classes: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     """Confident logits, right on every image but the first `wrong`."""
     logits, labels = drawn(1.0, n, classes, seed=1)
@@ -65,7 +76,7 @@ def test_a_set_with_no_mistakes_keeps_temperature_one_and_says_so():
     assert fit_temperature(logits, labels) < 0.9
     report = calibrate(logits, labels)
     assert report.temperature == 1.0 and report.half_temperatures == [1.0, 1.0] and not report.fitted
-    assert report.fit == f"temperature 1, not fitted: 0 mistakes to fit on (needs at least {MIN_MISTAKES})"
+    assert report.fit == f"temperature 1, not fitted: 0 wrong images to fit on (needs at least {MIN_MISTAKES})"
     assert report.ece_after_fit == report.ece_before and report.nll_after_fit == report.nll_before
     assert json.loads(json.dumps(report.to_json()))["fitted"] is False
 

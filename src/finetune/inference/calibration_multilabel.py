@@ -19,7 +19,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from finetune.inference.calibration import BINS, MIN_MISTAKES, SPLIT_SEED, T_RANGE, Bins, CalibrationReport
+from finetune.inference.calibration import BINS, SPLIT_SEED, T_RANGE, Bins, CalibrationReport, Kept, keep_temperature
+
+PAIRS = "(image, label) decisions"
 
 
 def label_bins(probabilities: torch.Tensor, truth: torch.Tensor, bins: int = BINS) -> Bins:
@@ -65,19 +67,22 @@ def calibrate_labels(logits: torch.Tensor, truth: torch.Tensor, thresholds: list
     logits, truth = logits.double().cpu(), truth.double().cpu()
     limits = torch.tensor(thresholds, dtype=torch.float32)
 
-    def kept(rows: torch.Tensor) -> float:
-        enough = wrong_decisions(logits[rows], truth[rows], limits) >= MIN_MISTAKES
-        return fit_label_temperature(logits[rows], truth[rows]) if enough else 1.0
+    def kept(rows: torch.Tensor) -> Kept:
+        z, y = logits[rows], truth[rows]
 
-    everyone = torch.arange(len(truth))
-    wrong = wrong_decisions(logits, truth, limits)
-    t = kept(everyone)
+        def ece(t: float) -> float:
+            return label_ece(torch.sigmoid(z / t), y)
+
+        wrong, fit = wrong_decisions(z, y, limits), lambda: fit_label_temperature(z, y)
+        return keep_temperature(wrong, y.numel(), PAIRS, fit, ece)
+
+    whole = kept(torch.arange(len(truth)))
+    t = whole.temperature
     halves = torch.randperm(len(truth), generator=torch.Generator().manual_seed(SPLIT_SEED)).tensor_split(2)
-    half_t = [kept(h) for h in halves]
+    half_t = [kept(h).temperature for h in halves]
     held_out = torch.empty_like(logits)
     for own, other_t in zip(halves, reversed(half_t), strict=True):
         held_out[own] = torch.sigmoid(logits[own] / other_t)
-    pairs, fitted = truth.numel(), wrong >= MIN_MISTAKES
     return CalibrationReport(
         images=len(truth),
         temperature=t,
@@ -87,13 +92,8 @@ def calibrate_labels(logits: torch.Tensor, truth: torch.Tensor, thresholds: list
         nll_before=F.binary_cross_entropy_with_logits(logits, truth).item(),
         nll_after_fit=F.binary_cross_entropy_with_logits(logits / t, truth).item(),
         half_temperatures=half_t,
-        fitted=fitted,
-        fit=(
-            f"fitted on {pairs} (image, label) pairs, {wrong} of them decided wrong"
-            if fitted
-            else f"temperature 1, not fitted: {wrong} wrong (image, label) decisions to fit on "
-            f"(needs at least {MIN_MISTAKES})"
-        ),
+        fitted=whole.fitted,
+        fit=whole.why,
     )
 
 

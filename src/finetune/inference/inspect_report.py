@@ -64,7 +64,7 @@ def calibration_section(page: Page, c: CalibrationReport, out: Path) -> None:
     ]
     page.table(pd.DataFrame(rows, columns=["", "value"]))
     if not c.fitted:
-        page.text(f"{c.fit.capitalize()}: too few wrong images to say how over-confident it is.", note=True)
+        page.text(f"{c.fit.capitalize()}.", note=True)
     page.image_file(out / "reliability.png", "reliability diagram before and after temperature scaling")
 
 
