@@ -319,8 +319,9 @@ SEPARATED = [  # fp32 against bf16 where the CPU has it: 1.7-1.9x apart at this 
 
 
 def test_two_busy_processes_leave_the_choice_between_candidates_1_5x_apart_as_an_idle_machine_makes_it(config):
-    """On a CPU each step is timed as one thread's CPU time: under load, wall time on two threads
-    once ranked bf16 3x slower than fp32 (1.8x faster idle). The run's thread count is put back."""
+    """A step counts only where the run's threads had the cores to themselves, else every
+    candidate is timed as one thread's CPU time: under load, wall time on two threads once
+    ranked bf16 3x slower than fp32 (1.8x faster idle). The run's thread count is put back."""
     threads = torch.get_num_threads()
     cfg = config(*SEPARATED)
     built = skeleton(cfg.model, 3)
@@ -332,7 +333,7 @@ def test_two_busy_processes_leave_the_choice_between_candidates_1_5x_apart_as_an
     with busy():
         loaded = measure(Bench(built.model, CPU, 128), options, 16, budget=0.0)
     assert choose(loaded.measured, work) == choose(idle.measured, work), (idle.measured, loaded.measured)
-    assert torch.get_num_threads() == threads == idle.threads, "the run's threads back, and the rates scaled by them"
+    assert torch.get_num_threads() == threads, "the run's threads are back"
 
 
 def test_under_load_a_config_reads_its_kept_choice_and_trains_bit_identical_weights(config_file, tmp_path, monkeypatch):

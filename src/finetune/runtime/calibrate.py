@@ -24,7 +24,7 @@ import copy
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +43,9 @@ MAX_ROUNDS = 5  # enough for the fastest step of each to settle
 LOSER = 1.5  # a candidate this much slower than the best on both paths after `MIN_ROUNDS` is not re-timed
 SETUP_STEPS = 5  # a first step longer than this many steady ones pays a real set-up (not load's noise)
 FAR_LOSER = 3.0  # nor one this much slower after the first round (bf16 depthwise convolutions on a CPU, say)
+# a CPU step counts on the run's threads when they were on a core this share of its wall time
+# (idle: about all of it, waiting threads spin; beside two busy processes on 2 cores: about half)
+UNDISTURBED = 0.8
 COMPILE_IMAGES = {"cpu": 50_000, "cuda": 500_000}  # whole-forward train images a run needs for a compile timing
 
 
@@ -53,12 +56,14 @@ class Calibration:
     seconds: float  # what measuring cost
     rounds: int = MIN_ROUNDS  # timed rounds of the candidates still in the running
     threads: int = 1  # on a CPU: the one-core rates were multiplied by the run's torch threads
+    one_core: bool = False  # the machine was busy: rates from one thread's CPU time (the module's docstring)
 
     @classmethod
     def from_dict(cls, saved: dict[str, Any]) -> Calibration:
         """As `dataclasses.asdict` wrote it (cache file, last.pt)."""
         measured = [Measured(**m) for m in saved["measured"]]
-        return cls(measured, saved["batch"], saved["seconds"], saved.get("rounds", MIN_ROUNDS), saved.get("threads", 1))
+        rounds, threads = saved.get("rounds", MIN_ROUNDS), saved.get("threads", 1)
+        return cls(measured, saved["batch"], saved["seconds"], rounds, threads, saved.get("one_core", False))
 
 
 @dataclass
@@ -66,6 +71,12 @@ class _Times:
     warm: float  # the first train step at this shape and format
     train: list[float] = field(default_factory=list)
     infer: list[float] = field(default_factory=list)
+
+    @staticmethod
+    def keep(seconds: float, undisturbed: bool, into: list[float]) -> None:
+        """A step's time counts where it had the run's threads to itself: load only adds time."""
+        if undisturbed:
+            into.append(seconds)
 
     def measured(self, c: Candidate, batch: int, threads: int) -> Measured:
         """The fastest step of each kind: interference from other processes only adds time. The
@@ -102,12 +113,14 @@ def one_core(device: torch.device) -> Iterator[None]:
 
 
 class Bench:
-    """One train step and one forward of a model, timed for a candidate at a batch size: CPU
-    seconds on one core on a CPU (see the module's docstring), wall seconds on a GPU."""
+    """One train step and one forward of a model, timed for a candidate at a batch size: wall
+    seconds, noting on a CPU whether the step had the run's threads to itself (`undisturbed`),
+    or with `on_one_core` the CPU seconds of one thread (see the module's docstring)."""
 
     def __init__(self, model: nn.Module, device: torch.device, image_size: int):
         self.model, self.device, self.size = model, device, image_size
-        self.clock: Callable[[], float] = cpu_seconds if device.type == "cpu" else time.perf_counter
+        self.on_one_core = False
+        self.undisturbed = True  # the last step's threads were on a core for all of it
         self.modes = {m: m.training for m in model.modules()}
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.generator = torch.Generator().manual_seed(0)
@@ -116,27 +129,33 @@ class Bench:
 
     def train_step(self, c: Candidate, batch: int) -> float:
         x = self._input(c, batch)
-        start = self.clock()
-        with autocast(self.device, c.precision):
-            loss = self.model(x).float().logsumexp(1).mean()  # any loss: only the step's cost matters
-        loss.backward()
-        synchronize(self.device)
-        seconds = self.clock() - start
+        with self._timed() as seconds:
+            with autocast(self.device, c.precision):
+                loss = self.model(x).float().logsumexp(1).mean()  # any loss: only the step's cost matters
+            loss.backward()
         for p in self.params:
             p.grad = None
-        return seconds
+        return seconds[0]
+
+    @contextlib.contextmanager
+    def _timed(self) -> Iterator[list[float]]:
+        """The block's cost, in the list it yields once the block ends (the device synchronized)."""
+        wall, cpu, cost = time.perf_counter(), cpu_seconds(), [0.0]
+        yield cost
+        synchronize(self.device)
+        wall, cpu = time.perf_counter() - wall, cpu_seconds() - cpu
+        cost[0] = cpu if self.on_one_core else wall
+        on_threads = self.device.type == "cpu" and not self.on_one_core
+        self.undisturbed = not on_threads or cpu >= UNDISTURBED * torch.get_num_threads() * wall
 
     def infer_step(self, c: Candidate, batch: int) -> float:
         x = self._input(c, batch)
         self.model.eval()
-        start = self.clock()
-        with torch.no_grad(), autocast(self.device, c.precision):
+        with self._timed() as seconds, torch.no_grad(), autocast(self.device, c.precision):
             self.model(x)
-        synchronize(self.device)
-        seconds = self.clock() - start
         for module, mode in self.modes.items():
             module.train(mode)
-        return seconds
+        return seconds[0]
 
     def _input(self, c: Candidate, batch: int) -> torch.Tensor:
         if self.format != c.memory_format:
@@ -182,13 +201,16 @@ def worth_compiling(work: Workload, device: torch.device) -> bool:
 
 
 def measure_compiled(
-    cfg: Config, model: nn.Module, head_name: str, device: torch.device, eager: Measured, batch: int
+    cfg: Config, model: nn.Module, head_name: str, device: torch.device, eager: Measured, calibration: Calibration
 ) -> Measured:
     """`eager`'s candidate with its train step under torch.compile: the steady rate, and the
-    compile time as its set-up (inference stays eager: it is the train step that repeats)."""
+    compile time as its set-up (inference stays eager: it is the train step that repeats),
+    timed as the eager rates were (on the run's threads, or on one core)."""
     print(f"timing torch.compile of the {eager.label} train step (it compiles first: tens of seconds)")
-    threads = run_threads(device)
-    with staged_bench(cfg, model, head_name, device, compiled=True) as bench, one_core(device):
+    threads, batch = calibration.threads, calibration.batch
+    alone = one_core(device) if calibration.one_core else contextlib.nullcontext()
+    with staged_bench(cfg, model, head_name, device, compiled=True) as bench, alone:
+        bench.on_one_core = calibration.one_core
         try:
             first = bench.train_step(eager.candidate, batch)
         except Exception as exc:  # any backend failure (no C++ compiler, no triton): the run trains eager
@@ -215,9 +237,14 @@ def measure(bench: Bench, options: list[Candidate], batch: int, budget: float) -
     """A warm-up step of each candidate (its set-up at this shape), then timed rounds of all of
     them in turn, the order rotating so none always runs first: at least `MIN_ROUNDS`, more while
     `budget` lasts, clear losers dropped after the first rounds."""
-    threads = run_threads(bench.device)
-    with one_core(bench.device):
-        return _rounds(bench, options, batch, budget, threads)
+    if (on_threads := _rounds(bench, options, batch, budget, 1)) is not None:
+        return on_threads
+    bench.on_one_core = True
+    try:
+        with one_core(bench.device):
+            return _rounds(bench, options, batch, budget, run_threads(bench.device))
+    finally:
+        bench.on_one_core = False
 
 
 def run_threads(device: torch.device) -> int:
@@ -225,7 +252,8 @@ def run_threads(device: torch.device) -> int:
     return torch.get_num_threads() if device.type == "cpu" else 1
 
 
-def _rounds(bench: Bench, options: list[Candidate], batch: int, budget: float, threads: int) -> Calibration:
+def _rounds(bench: Bench, options: list[Candidate], batch: int, budget: float, threads: int) -> Calibration | None:
+    """The timed rounds; None where a candidate got no step with the run's threads to itself."""
     started = time.perf_counter()
     bench.train_step(options[0], batch)  # the process's first step (threads, allocator) is no candidate's set-up
     times = {c: _Times(warm=bench.train_step(c, batch)) for c in options}
@@ -235,17 +263,20 @@ def _rounds(bench: Bench, options: list[Candidate], batch: int, budget: float, t
     while rounds < MAX_ROUNDS:
         shift = rounds % len(running)
         for c in running[shift:] + running[:shift]:
-            times[c].train.append(bench.train_step(c, batch))
-            times[c].infer.append(bench.infer_step(c, batch))
+            times[c].keep(bench.train_step(c, batch), bench.undisturbed, times[c].train)
+            times[c].keep(bench.infer_step(c, batch), bench.undisturbed, times[c].infer)
         rounds += 1
         running = _contenders(times, running, LOSER if rounds >= MIN_ROUNDS else FAR_LOSER)
         if len(running) < 2 or (rounds >= MIN_ROUNDS and time.perf_counter() - started > budget):
             break
+    if any(not t.train or not t.infer for t in times.values()):
+        return None
     measured = [t.measured(c, batch, threads) for c, t in times.items()]
-    return Calibration(measured, batch, time.perf_counter() - started, rounds, threads)
+    return Calibration(measured, batch, time.perf_counter() - started, rounds, threads, bench.on_one_core)
 
 
 def _contenders(times: dict[Candidate, _Times], running: list[Candidate], factor: float) -> list[Candidate]:
     """The candidates not `factor` times slower than the best on both the train and the inference step."""
-    train, infer = min(min(times[c].train) for c in running), min(min(times[c].infer) for c in running)
-    return [c for c in running if min(times[c].train) < factor * train or min(times[c].infer) < factor * infer]
+    fastest = {c: (min(times[c].train, default=math.inf), min(times[c].infer, default=math.inf)) for c in running}
+    train, infer = min(f[0] for f in fastest.values()), min(f[1] for f in fastest.values())
+    return [c for c in running if fastest[c][0] <= factor * train or fastest[c][1] <= factor * infer]

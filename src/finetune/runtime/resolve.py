@@ -112,17 +112,17 @@ class Runtime:
             "measures this model once, for every later run)",
         }[self.decided_by]
         line = f"runtime: {self.describe()}, {how}{scale}"
-        return line if self.calibration is None else f"{line} {_rates(self.calibration, self.device)}"
+        return line if self.calibration is None else f"{line} {_rates(self.calibration)}"
 
 
-def _rates(c: Calibration, device: torch.device) -> str:
-    """The measured rates; on a CPU those of one core (calibrate.py's docstring says why)."""
+def _rates(c: Calibration) -> str:
+    """The measured rates; on a busy CPU those of one core (calibrate.py's docstring says why)."""
     train = ", ".join(f"{m.label} {m.train:.1f}" for m in c.measured)
     infer = ", ".join(f"{m.label} {m.infer:.1f}" for m in c.measured if not m.compiled)
     compiled = [m for m in c.measured if m.compiled]
     if compiled:
         infer += "; torch.compile failed here" if compiled[0].failed else f"; compiling took {compiled[0].setup:.0f} s"
-    unit = f"img/s (one core's x {c.threads} threads)" if device.type == "cpu" else "img/s"
+    unit = f"img/s (one core's x {c.threads} threads: the machine was busy)" if c.one_core else "img/s"
     return f"(in {c.seconds:.1f} s, {c.rounds} rounds at batch {c.batch}); {unit} train: {train}; inference: {infer}"
 
 
@@ -227,7 +227,7 @@ def calibration_key(cfg: Config, subject: Subject, device: torch.device, labels:
         "trains": sorted(m for g in schedule.groups for m in g.modules),  # the heaviest stage: all joined
         "freeze_bn": cfg.train.freeze_bn,
         "candidates": labels,
-        "method": 4,  # on a CPU, one core's CPU time x threads: rates measured an earlier way are measured again
+        "method": 5,  # undisturbed steps on the run's threads, else one core: earlier rates are measured again
     }
 
 
@@ -270,7 +270,7 @@ def _find_or_measure(
     eager = _train_rate(calibration, work)
     timed = any(m.compiled and m.candidate == eager.candidate for m in calibration.measured)
     if cfg.train.compile == "auto" and not timed and worth_compiling(work, device):
-        compiled = measure_compiled(cfg, subject.model, subject.head_name, device, eager, calibration.batch)
+        compiled = measure_compiled(cfg, subject.model, subject.head_name, device, eager, calibration)
         calibration.measured.append(compiled)
         how = "measured"
     if how == "measured":
