@@ -12,6 +12,7 @@ from conftest import make_imagefolder, write_config
 from test_multilabel import NAMES, csv_data, labelled, ml_config, one_error_line
 
 from finetune.cli import main
+from finetune.config.load import load_config
 from finetune.config.schema import AugmentConfig, TrainConfig
 from finetune.data.augment import Augment
 from finetune.data.csv_source import read_csv_source
@@ -21,6 +22,7 @@ from finetune.errors import FinetuneError
 from finetune.inference.labels import thresholds_of
 from finetune.training.losses import POS_WEIGHT_BOUNDS, MultiLabelLoss, WeightedCrossEntropy, build_criterion
 from finetune.training.multilabel import DEFAULT_THRESHOLD, choose_thresholds
+from finetune.training.session import training_data
 
 
 # ---- data ---------------------------------------------------------------------------------
@@ -123,8 +125,9 @@ def test_a_label_that_only_a_fold_s_validation_images_carry_is_refused(tmp_path)
     table.drop(columns="part").to_csv(csv, index=False)
     refused = []
     for fold in range(4):
+        cfg = load_config(str(ml_config(tmp_path, csv, data, data={"split_col": None, "folds": 4, "fold": fold})))
         try:
-            load_data(csv_data(csv, data, folds=4, fold=fold, image_size=24), multilabel=True)
+            training_data(cfg)
         except FinetuneError as exc:
             refused.append(str(exc))
     assert len(refused) == 1 and "label(s) bird appear in validation rows but in no training row" in refused[0]

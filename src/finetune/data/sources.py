@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 
 from finetune.config.schema import DataConfig
-from finetune.data.csv_source import read_csv_source, require_trained_labels
+from finetune.data.csv_source import read_csv_source
 from finetune.data.imageset import ImageFiles, ImageSet, decode_images, scan_folder
 from finetune.data.splits import Pool, fold_pools, strata
 from finetune.errors import FinetuneError
@@ -204,8 +204,6 @@ def _load_imagefolder(cfg: DataConfig) -> DataSplits:
 def _load_csv(cfg: DataConfig, multilabel: bool) -> DataSplits:
     source = read_csv_source(cfg, multilabel)
     pools = select(source.train, source.val, cfg, source.class_names)
-    if multilabel:
-        require_trained_labels(source.class_names, pools[0].labels, pools[1].labels, Path(cfg.csv))
     return _from_files(pools, source.class_names, cfg, Path(cfg.csv))
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from finetune.config.schema import Config
+from finetune.data.csv_source import require_trained_labels
 from finetune.data.sources import DataSplits, load_data
 from finetune.errors import FinetuneError
 from finetune.model.build import build_model, check_model_config, skeleton
@@ -126,8 +127,19 @@ class Session:
     def _data(self, cfg: Config) -> DataSplits:
         key = repr((cfg.data, cfg.task))
         if key not in self.data:
-            self.data[key] = load_data(cfg.data, cfg.task == "multilabel")
+            self.data[key] = training_data(cfg)
         return self.data[key]
+
+
+def training_data(cfg: Config) -> DataSplits:
+    """The images a run trains and validates on. A multilabel run's validation labels must each
+    be carried by a training image too, after folds and subsets (eval and export, which load a
+    token training set, do not ask)."""
+    data = load_data(cfg.data, cfg.task == "multilabel")
+    if cfg.task == "multilabel":
+        labels = data.train.labels.numpy(), data.val.labels.numpy()
+        require_trained_labels(data.class_names, *labels, Path(str(cfg.data.csv)))
+    return data
 
 
 def _end_reason(stopped: dict[str, Any] | None, pruned: dict[str, Any] | None) -> str | None:
